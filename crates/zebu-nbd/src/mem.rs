@@ -14,7 +14,9 @@ pub struct MemDevice {
 
 impl MemDevice {
     pub fn new(size: usize) -> Self {
-        Self { data: Mutex::new(vec![0; size]) }
+        Self {
+            data: Mutex::new(vec![0; size]),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
@@ -29,7 +31,9 @@ impl BlockDevice for MemDevice {
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, DeviceError> {
         let d = self.lock();
-        Ok(Bytes::copy_from_slice(&d[offset as usize..offset as usize + len as usize]))
+        Ok(Bytes::copy_from_slice(
+            &d[offset as usize..offset as usize + len as usize],
+        ))
     }
 
     async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), DeviceError> {
@@ -37,7 +41,13 @@ impl BlockDevice for MemDevice {
         Ok(())
     }
 
-    async fn zero(&self, offset: u64, len: u32, _fua: bool, _trim: bool) -> Result<(), DeviceError> {
+    async fn zero(
+        &self,
+        offset: u64,
+        len: u32,
+        _fua: bool,
+        _trim: bool,
+    ) -> Result<(), DeviceError> {
         self.lock()[offset as usize..offset as usize + len as usize].fill(0);
         Ok(())
     }
@@ -57,7 +67,10 @@ impl BlockDevice for MemDevice {
             let flags = if zero { STATE_HOLE | STATE_ZERO } else { 0 };
             match out.last_mut() {
                 Some(e) if e.flags == flags => e.len += stop - pos,
-                _ => out.push(Extent { len: stop - pos, flags }),
+                _ => out.push(Extent {
+                    len: stop - pos,
+                    flags,
+                }),
             }
             pos = stop;
         }

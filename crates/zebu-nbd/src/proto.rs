@@ -225,12 +225,20 @@ pub fn parse_request(b: &[u8; REQUEST_LEN]) -> Result<RequestHeader, Malformed> 
 /// matches (a LIST query of `base:` lists it too).
 pub fn match_contexts(queries: &[String], listing: bool) -> Vec<(u32, &'static str)> {
     if queries.is_empty() {
-        return if listing { vec![(1, BASE_ALLOCATION)] } else { Vec::new() };
+        return if listing {
+            vec![(1, BASE_ALLOCATION)]
+        } else {
+            Vec::new()
+        };
     }
     let hit = queries
         .iter()
         .any(|q| q == BASE_ALLOCATION || (listing && (q == "base:" || q == "base")));
-    if hit { vec![(1, BASE_ALLOCATION)] } else { Vec::new() }
+    if hit {
+        vec![(1, BASE_ALLOCATION)]
+    } else {
+        Vec::new()
+    }
 }
 
 #[cfg(test)]
@@ -260,7 +268,10 @@ mod tests {
         d.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
         assert_eq!(
             parse_info_request(&d),
-            Ok(InfoRequest { name: "v1".into(), infos: vec![INFO_BLOCK_SIZE] })
+            Ok(InfoRequest {
+                name: "v1".into(),
+                infos: vec![INFO_BLOCK_SIZE]
+            })
         );
         d.push(0);
         assert!(parse_info_request(&d).is_err());

@@ -35,14 +35,21 @@ pub struct DeviceError {
 
 impl DeviceError {
     pub fn io(message: impl Into<String>) -> Self {
-        Self { errno: EIO, message: message.into() }
+        Self {
+            errno: EIO,
+            message: message.into(),
+        }
     }
 }
 
 /// What an export serves. Offsets and lengths arrive already checked against `size()`.
 pub trait BlockDevice: Send + Sync + 'static {
     fn size(&self) -> u64;
-    fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<Bytes, DeviceError>> + Send;
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<Bytes, DeviceError>> + Send;
     fn write(
         &self,
         offset: u64,
@@ -72,7 +79,9 @@ pub struct Exports<D> {
 
 impl<D> Default for Exports<D> {
     fn default() -> Self {
-        Self { inner: RwLock::new(BTreeMap::new()) }
+        Self {
+            inner: RwLock::new(BTreeMap::new()),
+        }
     }
 }
 
@@ -82,19 +91,34 @@ impl<D> Exports<D> {
     }
 
     pub fn insert(&self, name: &str, dev: Arc<D>) {
-        self.inner.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), dev);
+        self.inner
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), dev);
     }
 
     pub fn remove(&self, name: &str) -> Option<Arc<D>> {
-        self.inner.write().unwrap_or_else(|p| p.into_inner()).remove(name)
+        self.inner
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<D>> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     pub fn names(&self) -> Vec<String> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 }
 
@@ -114,7 +138,10 @@ impl From<Malformed> for ConnError {
 }
 
 /// Accepts connections forever, serving each on its own task.
-pub async fn serve<D: BlockDevice>(listener: TcpListener, exports: Arc<Exports<D>>) -> io::Result<()> {
+pub async fn serve<D: BlockDevice>(
+    listener: TcpListener,
+    exports: Arc<Exports<D>>,
+) -> io::Result<()> {
     loop {
         let (sock, peer) = listener.accept().await?;
         let _ = sock.set_nodelay(true);
@@ -133,7 +160,12 @@ struct Negotiated<D> {
     base_allocation: bool,
 }
 
-async fn opt_reply<W: AsyncWrite + Unpin>(w: &mut W, opt: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+async fn opt_reply<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    opt: u32,
+    kind: u32,
+    data: &[u8],
+) -> io::Result<()> {
     let mut b = BytesMut::with_capacity(20 + data.len());
     b.put_u64(OPT_REPLY_MAGIC);
     b.put_u32(opt);
@@ -144,12 +176,22 @@ async fn opt_reply<W: AsyncWrite + Unpin>(w: &mut W, opt: u32, kind: u32, data: 
     w.flush().await
 }
 
-async fn opt_error<W: AsyncWrite + Unpin>(w: &mut W, opt: u32, kind: u32, msg: &str) -> io::Result<()> {
+async fn opt_error<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    opt: u32,
+    kind: u32,
+    msg: &str,
+) -> io::Result<()> {
     opt_reply(w, opt, kind, msg.as_bytes()).await
 }
 
 fn transmission_flags() -> u16 {
-    TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_CAN_MULTI_CONN
+    TF_HAS_FLAGS
+        | TF_SEND_FLUSH
+        | TF_SEND_FUA
+        | TF_SEND_TRIM
+        | TF_SEND_WRITE_ZEROES
+        | TF_CAN_MULTI_CONN
 }
 
 /// Runs the handshake; returns the export to serve, or `None` when the client ended it.
@@ -171,7 +213,9 @@ where
     w.flush().await?;
     let cflags = r.read_u32().await?;
     if cflags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
-        return Err(ConnError::Protocol(format!("unknown client flags {cflags:#x}")));
+        return Err(ConnError::Protocol(format!(
+            "unknown client flags {cflags:#x}"
+        )));
     }
     let no_zeroes = cflags & CLIENT_NO_ZEROES != 0;
     let mut structured = false;
@@ -214,7 +258,11 @@ where
                 }
                 w.write_all(&b).await?;
                 w.flush().await?;
-                return Ok(Some(Negotiated { dev, structured, base_allocation: false }));
+                return Ok(Some(Negotiated {
+                    dev,
+                    structured,
+                    base_allocation: false,
+                }));
             }
             OPT_ABORT => {
                 let _ = opt_reply(w, opt, REP_ACK, &[]).await;
@@ -244,7 +292,13 @@ where
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 let listing = opt == OPT_LIST_META_CONTEXT;
                 if !structured {
-                    opt_error(w, opt, REP_ERR_INVALID, "negotiate structured replies first").await?;
+                    opt_error(
+                        w,
+                        opt,
+                        REP_ERR_INVALID,
+                        "negotiate structured replies first",
+                    )
+                    .await?;
                     continue;
                 }
                 let req = match parse_meta_request(&data) {
@@ -304,7 +358,11 @@ where
                 opt_reply(w, opt, REP_ACK, &[]).await?;
                 if opt == OPT_GO {
                     let base_allocation = meta.as_deref() == Some(req.name.as_str());
-                    return Ok(Some(Negotiated { dev, structured, base_allocation }));
+                    return Ok(Some(Negotiated {
+                        dev,
+                        structured,
+                        base_allocation,
+                    }));
                 }
             }
             OPT_STARTTLS => {
@@ -364,7 +422,12 @@ fn ok_reply(structured: bool, cookie: u64) -> Reply {
 
 fn read_reply(structured: bool, cookie: u64, offset: u64, data: Bytes) -> Reply {
     if structured {
-        let mut h = chunk_header(CHUNK_FLAG_DONE, CHUNK_OFFSET_DATA, cookie, 8 + data.len() as u32);
+        let mut h = chunk_header(
+            CHUNK_FLAG_DONE,
+            CHUNK_OFFSET_DATA,
+            cookie,
+            8 + data.len() as u32,
+        );
         h.put_u64(offset);
         vec![h.freeze(), data]
     } else {
@@ -388,7 +451,12 @@ fn status_reply(cookie: u64, extents: &[Extent], limit: u64, one: bool) -> Reply
             break;
         }
     }
-    let mut h = chunk_header(CHUNK_FLAG_DONE, CHUNK_BLOCK_STATUS, cookie, body.len() as u32);
+    let mut h = chunk_header(
+        CHUNK_FLAG_DONE,
+        CHUNK_BLOCK_STATUS,
+        cookie,
+        body.len() as u32,
+    );
     h.put_slice(&body);
     vec![h.freeze()]
 }
@@ -449,13 +517,19 @@ where
         }
         let h = parse_request(&hb)?;
         let size = neg.dev.size();
-        let in_range = h.offset.checked_add(h.length as u64).is_some_and(|e| e <= size);
+        let in_range = h
+            .offset
+            .checked_add(h.length as u64)
+            .is_some_and(|e| e <= size);
         let fua = h.flags & CMD_FLAG_FUA != 0;
         let cookie = h.cookie;
         // Payload of a WRITE is read before anything else, to keep the stream in step.
         let payload = if h.kind == CMD_WRITE {
             if h.length > MAX_PAYLOAD {
-                return Err(ConnError::Protocol(format!("write of {} bytes exceeds the maximum", h.length)));
+                return Err(ConnError::Protocol(format!(
+                    "write of {} bytes exceeds the maximum",
+                    h.length
+                )));
             }
             let mut buf = BytesMut::zeroed(h.length as usize);
             r.read_exact(&mut buf).await?;
@@ -480,7 +554,9 @@ where
                 // Zeroing is always fast here, but the flag was not advertised.
                 Some(immediate(EINVAL, "FAST_ZERO was not negotiated"))
             }
-            CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS => None,
+            CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS => {
+                None
+            }
             CMD_CACHE => Some(immediate(EINVAL, "CACHE is not supported")),
             _ => Some(immediate(EINVAL, "unknown command")),
         };

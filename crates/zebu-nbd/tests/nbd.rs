@@ -25,7 +25,10 @@ fn start(rt: &tokio::runtime::Runtime, size: usize) -> u16 {
 }
 
 fn run(cmd: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -49,19 +52,33 @@ fn real_clients_round_trip() {
     let (ok, out) = run(
         "qemu-io",
         &[
-            "-f", "raw", &uri,
-            "-c", "write -P 0xab 0 1M",
-            "-c", "write -P 0xcd 4097 5000",
-            "-c", "read -P 0xab 0 4097",
-            "-c", "read -P 0xcd 4097 5000",
-            "-c", "write -z 2M 1M",
-            "-c", "read -P 0 2M 1M",
-            "-c", "write -P 0x11 3M 64k",
-            "-c", "discard 3M 64k",
-            "-c", "read -P 0 3M 64k",
-            "-c", "write -P 0x22 -f 7M 64k",
-            "-c", "flush",
-            "-c", "read -P 0x22 7M 64k",
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0xab 0 1M",
+            "-c",
+            "write -P 0xcd 4097 5000",
+            "-c",
+            "read -P 0xab 0 4097",
+            "-c",
+            "read -P 0xcd 4097 5000",
+            "-c",
+            "write -z 2M 1M",
+            "-c",
+            "read -P 0 2M 1M",
+            "-c",
+            "write -P 0x11 3M 64k",
+            "-c",
+            "discard 3M 64k",
+            "-c",
+            "read -P 0 3M 64k",
+            "-c",
+            "write -P 0x22 -f 7M 64k",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0x22 7M 64k",
         ],
     );
     assert!(ok && !out.contains("Pattern verification failed"), "{out}");
@@ -75,11 +92,18 @@ fn real_clients_round_trip() {
 }
 
 async fn raw_go(port: u16, name: &str, structured: bool) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
     let mut hello = [0u8; 18];
     s.read_exact(&mut hello).await.expect("hello");
-    assert_eq!(u64::from_be_bytes(hello[..8].try_into().expect("8")), NBDMAGIC);
-    s.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes()).await.expect("flags");
+    assert_eq!(
+        u64::from_be_bytes(hello[..8].try_into().expect("8")),
+        NBDMAGIC
+    );
+    s.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes())
+        .await
+        .expect("flags");
     if structured {
         send_opt(&mut s, OPT_STRUCTURED_REPLY, &[]).await;
         assert_eq!(read_opt_reply(&mut s).await.0, REP_ACK);
@@ -131,7 +155,10 @@ async fn request(s: &mut TcpStream, kind: u16, cookie: u64, offset: u64, len: u3
 async fn simple_reply(s: &mut TcpStream) -> (u32, u64) {
     let mut h = [0u8; 16];
     s.read_exact(&mut h).await.expect("reply");
-    assert_eq!(u32::from_be_bytes(h[..4].try_into().expect("4")), SIMPLE_REPLY_MAGIC);
+    assert_eq!(
+        u32::from_be_bytes(h[..4].try_into().expect("4")),
+        SIMPLE_REPLY_MAGIC
+    );
     (
         u32::from_be_bytes(h[4..8].try_into().expect("4")),
         u64::from_be_bytes(h[8..16].try_into().expect("8")),
@@ -171,10 +198,14 @@ fn out_of_range_and_malformed_requests() {
         assert_eq!(n, 0);
 
         // Unknown export in GO: an error reply, then the handshake continues.
-        let mut s = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+        let mut s = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
         let mut hello = [0u8; 18];
         s.read_exact(&mut hello).await.expect("hello");
-        s.write_all(&CLIENT_FIXED_NEWSTYLE.to_be_bytes()).await.expect("flags");
+        s.write_all(&CLIENT_FIXED_NEWSTYLE.to_be_bytes())
+            .await
+            .expect("flags");
         let mut d = Vec::new();
         d.extend_from_slice(&4u32.to_be_bytes());
         d.extend_from_slice(b"nope");

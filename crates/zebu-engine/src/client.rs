@@ -1,0 +1,192 @@
+//! The engine's side of the replica protocol: one TCP connection per replica, pipelined. Requests
+//! are queued in order (the order the replica applies them); replies are matched by id.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use zebu_types::Generation;
+
+use crate::proto::*;
+use crate::server::{FrameError, read_frame};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    #[error("connect to {addr}: {message}")]
+    Connect { addr: String, message: String },
+    #[error("connection to replica lost")]
+    Closed,
+    #[error("replica did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("replica refused: {message}")]
+    Remote { code: ErrorCode, message: String },
+    #[error("unexpected reply from replica")]
+    Unexpected,
+}
+
+type Waiter = oneshot::Sender<Result<Response, ClientError>>;
+
+/// A connected replica.
+pub struct ReplicaClient {
+    addr: String,
+    tx: mpsc::UnboundedSender<(u8, u64, Bytes)>,
+    pending: Arc<Mutex<HashMap<u64, Waiter>>>,
+    next_id: AtomicU64,
+    closed: Arc<AtomicBool>,
+    timeout: Duration,
+}
+
+/// A submitted request waiting for its reply.
+pub struct Pending {
+    rx: oneshot::Receiver<Result<Response, ClientError>>,
+    timeout: Duration,
+}
+
+impl Pending {
+    pub async fn wait(self) -> Result<Response, ClientError> {
+        match tokio::time::timeout(self.timeout, self.rx).await {
+            Err(_) => Err(ClientError::Timeout(self.timeout)),
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Ok(Ok(Ok(Response::Error { code, message }))) => {
+                Err(ClientError::Remote { code, message })
+            }
+            Ok(Ok(r)) => r,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ReplicaClient {
+    /// Connects and opens a session of `generation` for `volume`.
+    pub async fn connect(
+        addr: &str,
+        volume: &str,
+        generation: Generation,
+        timeout: Duration,
+    ) -> Result<Arc<ReplicaClient>, ClientError> {
+        let cerr = |m: String| ClientError::Connect {
+            addr: addr.to_string(),
+            message: m,
+        };
+        let sock = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| cerr("timed out".into()))?
+            .map_err(|e| cerr(e.to_string()))?;
+        let _ = sock.set_nodelay(true);
+        let (r, w) = sock.into_split();
+        let mut r = tokio::io::BufReader::with_capacity(256 * 1024, r);
+        let mut w = BufWriter::with_capacity(256 * 1024, w);
+        let (tx, mut rx) = mpsc::unbounded_channel::<(u8, u64, Bytes)>();
+        let pending: Arc<Mutex<HashMap<u64, Waiter>>> = Arc::new(Mutex::new(HashMap::new()));
+        let closed = Arc::new(AtomicBool::new(false));
+        let c2 = closed.clone();
+        tokio::spawn(async move {
+            while let Some((kind, id, body)) = rx.recv().await {
+                let ok = w
+                    .write_all(&frame_header(kind, id, body.len()))
+                    .await
+                    .is_ok()
+                    && w.write_all(&body).await.is_ok()
+                    && (!rx.is_empty() || w.flush().await.is_ok());
+                if !ok {
+                    break;
+                }
+            }
+            c2.store(true, Ordering::SeqCst);
+        });
+        let p2 = pending.clone();
+        let c3 = closed.clone();
+        tokio::spawn(async move {
+            loop {
+                match read_frame(&mut r).await {
+                    Ok((kind, id, body)) => {
+                        let resp = decode_response(kind, body).map_err(|_| ClientError::Unexpected);
+                        let bad = resp.is_err();
+                        if let Some(w) = lock(&p2).remove(&id) {
+                            let _ = w.send(resp);
+                        }
+                        if bad {
+                            break;
+                        }
+                    }
+                    Err(FrameError::Eof) | Err(_) => break,
+                }
+            }
+            c3.store(true, Ordering::SeqCst);
+            // Fail everything still waiting.
+            lock(&p2).clear();
+        });
+        let client = Arc::new(ReplicaClient {
+            addr: addr.to_string(),
+            tx,
+            pending,
+            next_id: AtomicU64::new(1),
+            closed,
+            timeout,
+        });
+        let hello = Request::Hello {
+            magic: MAGIC,
+            version: VERSION,
+            generation,
+            volume: volume.to_string(),
+        };
+        match client.call(&hello).await {
+            Ok(Response::Ok) => Ok(client),
+            Ok(_) => Err(ClientError::Unexpected),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Queues an already-encoded request; the reply arrives through the returned [`Pending`].
+    pub fn submit(&self, kind: u8, body: Bytes) -> Result<Pending, ClientError> {
+        if self.is_closed() {
+            return Err(ClientError::Closed);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (wtx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, wtx);
+        if self.tx.send((kind, id, body)).is_err() {
+            lock(&self.pending).remove(&id);
+            return Err(ClientError::Closed);
+        }
+        Ok(Pending {
+            rx,
+            timeout: self.timeout,
+        })
+    }
+
+    /// Sends a request and waits for its reply.
+    pub async fn call(&self, req: &Request) -> Result<Response, ClientError> {
+        let (kind, body) = encode_request(req);
+        self.submit(kind, body)?.wait().await
+    }
+
+    /// Like [`Self::call`] with a longer deadline, for operations such as snapshot or flush of a
+    /// large head.
+    pub async fn call_slow(
+        &self,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        let (kind, body) = encode_request(req);
+        let mut p = self.submit(kind, body)?;
+        p.timeout = timeout;
+        p.wait().await
+    }
+}

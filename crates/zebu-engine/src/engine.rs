@@ -1,0 +1,924 @@
+//! The engine: serves one volume by replicating every write to all active replicas.
+//!
+//! Contract (DESIGN.md §4.1): a WRITE is acknowledged when every active replica (RW and WO) applied
+//! it; FLUSH when every active replica made earlier writes durable. A replica that errors or times
+//! out leaves the active set through [`EngineHook::replica_failed`], which must persist the fact
+//! before it returns; no I/O is acknowledged while such a change is being persisted. Reads go to
+//! RW replicas. With no RW replica left, I/O fails.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::OnceCell;
+use zebu_replica::{LayerInfo, Run};
+use zebu_types::{Generation, LayerId};
+
+use crate::client::{ClientError, ReplicaClient};
+use crate::proto::{ErrorCode, Request, Response, encode_request};
+
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A replica's role in the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// In sync: takes writes and serves reads.
+    RW,
+    /// Rebuilding: takes writes, serves no reads.
+    WO,
+    /// Left the active set.
+    ERR,
+}
+
+impl Mode {
+    fn from_u8(v: u8) -> Mode {
+        match v {
+            0 => Mode::RW,
+            1 => Mode::WO,
+            _ => Mode::ERR,
+        }
+    }
+
+    fn as_u8(self) -> u8 {
+        match self {
+            Mode::RW => 0,
+            Mode::WO => 1,
+            Mode::ERR => 2,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::RW => "RW",
+            Mode::WO => "WO",
+            Mode::ERR => "ERR",
+        }
+    }
+}
+
+/// Where the engine reports membership changes; the control plane persists them.
+pub trait EngineHook: Send + Sync + 'static {
+    /// A replica left the active set. Must be durable before this returns Ok.
+    fn replica_failed<'a>(
+        &'a self,
+        volume: &'a str,
+        replica: &'a str,
+        generation: Generation,
+        reason: &'a str,
+    ) -> BoxFut<'a, Result<(), String>>;
+    /// A replica's mode changed (WO when it joins for a rebuild, RW when the rebuild is done).
+    fn replica_mode<'a>(
+        &'a self,
+        volume: &'a str,
+        replica: &'a str,
+        generation: Generation,
+        mode: Mode,
+    ) -> BoxFut<'a, Result<(), String>>;
+}
+
+/// A hook that keeps events in memory and logs them (standalone use and tests).
+#[derive(Default)]
+pub struct LogHook {
+    pub events: Mutex<Vec<String>>,
+}
+
+impl EngineHook for LogHook {
+    fn replica_failed<'a>(
+        &'a self,
+        volume: &'a str,
+        replica: &'a str,
+        generation: Generation,
+        reason: &'a str,
+    ) -> BoxFut<'a, Result<(), String>> {
+        Box::pin(async move {
+            tracing::warn!(volume, replica, %generation, reason, "replica left the active set");
+            if let Ok(mut e) = self.events.lock() {
+                e.push(format!("failed {replica}: {reason}"));
+            }
+            Ok(())
+        })
+    }
+
+    fn replica_mode<'a>(
+        &'a self,
+        volume: &'a str,
+        replica: &'a str,
+        generation: Generation,
+        mode: Mode,
+    ) -> BoxFut<'a, Result<(), String>> {
+        Box::pin(async move {
+            tracing::info!(volume, replica, %generation, mode = mode.as_str(), "replica mode");
+            if let Ok(mut e) = self.events.lock() {
+                e.push(format!("mode {replica} {}", mode.as_str()));
+            }
+            Ok(())
+        })
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("no healthy replica is left")]
+    NoReplicas,
+    #[error("a newer engine session took over this volume")]
+    Fenced,
+    #[error("could not record a replica failure: {0}")]
+    Hook(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("replica error: {0}")]
+    Replica(#[from] ClientError),
+}
+
+/// Progress of a rebuild, in bytes of allocated layer data.
+#[derive(Debug, Default)]
+pub struct RebuildProgress {
+    pub total: AtomicU64,
+    pub copied: AtomicU64,
+    pub skipped: AtomicU64,
+}
+
+/// A snapshot of rebuild progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RebuildStats {
+    pub total: u64,
+    pub copied: u64,
+    pub skipped: u64,
+}
+
+pub struct ReplicaSlot {
+    pub name: String,
+    pub addr: String,
+    client: Arc<ReplicaClient>,
+    mode: AtomicU8,
+    failure: OnceCell<Result<(), String>>,
+    progress: RebuildProgress,
+}
+
+impl ReplicaSlot {
+    pub fn mode(&self) -> Mode {
+        Mode::from_u8(self.mode.load(Ordering::SeqCst))
+    }
+}
+
+/// What the engine reports about one replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaReport {
+    pub name: String,
+    pub addr: String,
+    pub mode: Mode,
+    pub rebuild: RebuildStats,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub volume: String,
+    pub generation: Generation,
+    pub size: u64,
+    /// Deadline for one replica I/O before the replica counts as failed.
+    pub io_timeout: Duration,
+}
+
+pub struct Engine {
+    cfg: EngineConfig,
+    size: AtomicU64,
+    set: RwLock<Arc<Vec<Arc<ReplicaSlot>>>>,
+    /// Held while requests are queued to every replica, so all replicas see the same order.
+    submit: Mutex<()>,
+    /// I/O holds it shared; snapshots and rebuild joins hold it exclusively (a consistent point).
+    gate: tokio::sync::RwLock<()>,
+    /// Held exclusively while a membership change is persisted; I/O takes it shared before it
+    /// answers, so nothing is acknowledged on a set that is not yet recorded.
+    membership: tokio::sync::RwLock<()>,
+    /// Serialises control operations (snapshot, delete, revert, rebuild).
+    control: tokio::sync::Mutex<()>,
+    hook: Arc<dyn EngineHook>,
+    rr: AtomicUsize,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How many clusters a rebuild compares and copies per request.
+const REBUILD_BATCH: u64 = 16;
+
+impl Engine {
+    /// Starts an engine over replicas that are in sync with each other (a new volume, or the
+    /// set the control plane chose). Every replica must answer.
+    pub async fn start(
+        cfg: EngineConfig,
+        replicas: &[(String, String)],
+        hook: Arc<dyn EngineHook>,
+    ) -> Result<Arc<Engine>, EngineError> {
+        let mut slots = Vec::new();
+        for (name, addr) in replicas {
+            let client =
+                ReplicaClient::connect(addr, &cfg.volume, cfg.generation, cfg.io_timeout).await?;
+            slots.push(Arc::new(ReplicaSlot {
+                name: name.clone(),
+                addr: addr.clone(),
+                client,
+                mode: AtomicU8::new(Mode::RW.as_u8()),
+                failure: OnceCell::new(),
+                progress: RebuildProgress::default(),
+            }));
+        }
+        Ok(Arc::new(Engine {
+            size: AtomicU64::new(cfg.size),
+            cfg,
+            set: RwLock::new(Arc::new(slots)),
+            submit: Mutex::new(()),
+            gate: tokio::sync::RwLock::new(()),
+            membership: tokio::sync::RwLock::new(()),
+            control: tokio::sync::Mutex::new(()),
+            hook,
+            rr: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Starts an engine after a restart: connects to every candidate replica that answers, takes
+    /// the freshest one (highest flush sequence) as the source of truth and leaves the others to
+    /// be rebuilt from it (see [`Self::spawn_healer`]).
+    pub async fn open(
+        cfg: EngineConfig,
+        candidates: &[(String, String)],
+        hook: Arc<dyn EngineHook>,
+    ) -> Result<Arc<Engine>, EngineError> {
+        let mut best: Option<(u64, String, Arc<ReplicaClient>)> = None;
+        let mut last_err = EngineError::NoReplicas;
+        for (name, addr) in candidates {
+            match ReplicaClient::connect(addr, &cfg.volume, cfg.generation, cfg.io_timeout).await {
+                Ok(client) => match client.call(&Request::Status).await {
+                    Ok(Response::Status(st)) => {
+                        if best.as_ref().is_none_or(|(seq, _, _)| st.flush_seq > *seq) {
+                            best = Some((st.flush_seq, name.clone(), client));
+                        }
+                    }
+                    Ok(_) => last_err = EngineError::Replica(ClientError::Unexpected),
+                    Err(e) => last_err = e.into(),
+                },
+                Err(e) => last_err = e.into(),
+            }
+        }
+        let Some((_, name, client)) = best else {
+            return Err(last_err);
+        };
+        let addr = client.addr().to_string();
+        let slot = Arc::new(ReplicaSlot {
+            name,
+            addr,
+            client,
+            mode: AtomicU8::new(Mode::RW.as_u8()),
+            failure: OnceCell::new(),
+            progress: RebuildProgress::default(),
+        });
+        Ok(Arc::new(Engine {
+            size: AtomicU64::new(cfg.size),
+            cfg,
+            set: RwLock::new(Arc::new(vec![slot])),
+            submit: Mutex::new(()),
+            gate: tokio::sync::RwLock::new(()),
+            membership: tokio::sync::RwLock::new(()),
+            control: tokio::sync::Mutex::new(()),
+            hook,
+            rr: AtomicUsize::new(0),
+        }))
+    }
+
+    pub fn volume(&self) -> &str {
+        &self.cfg.volume
+    }
+
+    pub fn generation(&self) -> Generation {
+        self.cfg.generation
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::SeqCst)
+    }
+
+    pub fn io_timeout(&self) -> Duration {
+        self.cfg.io_timeout
+    }
+
+    fn slots(&self) -> Arc<Vec<Arc<ReplicaSlot>>> {
+        self.set.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The replicas and their modes.
+    pub fn replicas(&self) -> Vec<ReplicaReport> {
+        self.slots()
+            .iter()
+            .map(|s| ReplicaReport {
+                name: s.name.clone(),
+                addr: s.addr.clone(),
+                mode: s.mode(),
+                rebuild: RebuildStats {
+                    total: s.progress.total.load(Ordering::Relaxed),
+                    copied: s.progress.copied.load(Ordering::Relaxed),
+                    skipped: s.progress.skipped.load(Ordering::Relaxed),
+                },
+            })
+            .collect()
+    }
+
+    /// Takes a replica out of the active set and waits until the hook has recorded it.
+    async fn fail_replica(&self, slot: &ReplicaSlot, reason: &str) -> Result<(), EngineError> {
+        let res = slot
+            .failure
+            .get_or_init(|| async {
+                let _m = self.membership.write().await;
+                slot.mode.store(Mode::ERR.as_u8(), Ordering::SeqCst);
+                self.hook
+                    .replica_failed(&self.cfg.volume, &slot.name, self.cfg.generation, reason)
+                    .await
+            })
+            .await;
+        res.clone().map_err(EngineError::Hook)
+    }
+
+    /// Waits for any membership change in progress to be recorded before an answer goes out.
+    async fn settle(&self) {
+        drop(self.membership.read().await);
+    }
+
+    fn check(e: &ClientError) -> Option<EngineError> {
+        match e {
+            ClientError::Remote {
+                code: ErrorCode::StaleGeneration,
+                ..
+            } => Some(EngineError::Fenced),
+            _ => None,
+        }
+    }
+
+    /// Sends `make(slot)` to every active replica in one order and waits for all. Failed replicas
+    /// leave the set. Succeeds when at least one RW replica applied it.
+    async fn broadcast<F>(&self, make: F) -> Result<Vec<(Arc<ReplicaSlot>, Response)>, EngineError>
+    where
+        F: Fn(&ReplicaSlot) -> Request,
+    {
+        let slots = self.slots();
+        let mut waits = Vec::with_capacity(slots.len());
+        {
+            let _s = lock(&self.submit);
+            let mut shared: Option<(u8, Bytes)> = None;
+            for slot in slots.iter().filter(|s| s.mode() != Mode::ERR) {
+                let req = make(slot);
+                // Identical requests are encoded once.
+                let (kind, body) = match &shared {
+                    Some((k, b))
+                        if matches!(
+                            req,
+                            Request::Write { .. } | Request::Zero { .. } | Request::Flush
+                        ) =>
+                    {
+                        (*k, b.clone())
+                    }
+                    _ => {
+                        let e = encode_request(&req);
+                        shared = Some(e.clone());
+                        e
+                    }
+                };
+                waits.push((slot.clone(), slot.client.submit(kind, body)));
+            }
+        }
+        let mut ok = Vec::with_capacity(waits.len());
+        let mut rw_ok = 0;
+        for (slot, p) in waits {
+            let r = match p {
+                Ok(p) => p.wait().await,
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(resp) => {
+                    if slot.mode() == Mode::RW {
+                        rw_ok += 1;
+                    }
+                    ok.push((slot, resp));
+                }
+                Err(e) => {
+                    if let Some(fatal) = Self::check(&e) {
+                        return Err(fatal);
+                    }
+                    self.fail_replica(&slot, &e.to_string()).await?;
+                }
+            }
+        }
+        self.settle().await;
+        if rw_ok == 0 {
+            return Err(EngineError::NoReplicas);
+        }
+        Ok(ok)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+        match offset.checked_add(len) {
+            Some(e) if e <= self.size() => Ok(()),
+            _ => Err(EngineError::Invalid(format!(
+                "range {offset}+{len} is outside the volume"
+            ))),
+        }
+    }
+
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        self.check_range(offset, data.len() as u64)?;
+        let _g = self.gate.read().await;
+        self.broadcast(|_| Request::Write {
+            offset,
+            fua,
+            data: data.clone(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), EngineError> {
+        self.check_range(offset, len)?;
+        let _g = self.gate.read().await;
+        self.broadcast(|_| Request::Zero { offset, len, fua })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn flush(&self) -> Result<(), EngineError> {
+        let _g = self.gate.read().await;
+        self.broadcast(|_| Request::Flush).await.map(|_| ())
+    }
+
+    /// Sends a request to one RW replica, moving to the next when one fails.
+    async fn read_one(&self, req: &Request) -> Result<Response, EngineError> {
+        loop {
+            let slots = self.slots();
+            let rws: Vec<&Arc<ReplicaSlot>> =
+                slots.iter().filter(|s| s.mode() == Mode::RW).collect();
+            if rws.is_empty() {
+                return Err(EngineError::NoReplicas);
+            }
+            let slot = rws[self.rr.fetch_add(1, Ordering::Relaxed) % rws.len()];
+            match slot.client.call(req).await {
+                Ok(r) => {
+                    self.settle().await;
+                    return Ok(r);
+                }
+                Err(e) => {
+                    if let Some(fatal) = Self::check(&e) {
+                        return Err(fatal);
+                    }
+                    self.fail_replica(slot, &e.to_string()).await?;
+                }
+            }
+        }
+    }
+
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, EngineError> {
+        self.check_range(offset, len as u64)?;
+        let _g = self.gate.read().await;
+        match self.read_one(&Request::Read { offset, len }).await? {
+            Response::Data(d) if d.len() == len as usize => Ok(d),
+            _ => Err(EngineError::Replica(ClientError::Unexpected)),
+        }
+    }
+
+    /// Allocation extents `(length, allocated)` of a range.
+    pub async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, EngineError> {
+        self.check_range(offset, len)?;
+        match self.read_one(&Request::Allocation { offset, len }).await? {
+            Response::Extents(e) => Ok(e),
+            _ => Err(EngineError::Replica(ClientError::Unexpected)),
+        }
+    }
+
+    /// The snapshot chain as a healthy replica has it (bottom first, head last).
+    pub async fn layers(&self) -> Result<Vec<LayerInfo>, EngineError> {
+        match self.read_one(&Request::ListLayers).await? {
+            Response::Layers(l) => Ok(l),
+            _ => Err(EngineError::Replica(ClientError::Unexpected)),
+        }
+    }
+
+    /// Takes a snapshot at one consistent point on every active replica. Returns its name.
+    pub async fn snapshot(
+        &self,
+        name: Option<String>,
+        user_created: bool,
+    ) -> Result<String, EngineError> {
+        let _c = self.control.lock().await;
+        let _g = self.gate.write().await;
+        self.snapshot_locked(name, user_created).await
+    }
+
+    async fn snapshot_locked(
+        &self,
+        name: Option<String>,
+        user_created: bool,
+    ) -> Result<String, EngineError> {
+        let name = name.unwrap_or_else(|| format!("snap-{:016x}", rand::random::<u64>()));
+        if name.is_empty() || name.len() > 255 || name.contains('/') {
+            return Err(EngineError::Invalid(format!(
+                "invalid snapshot name {name:?}"
+            )));
+        }
+        let new_head = LayerId(rand::random());
+        let created = now();
+        self.broadcast(|slot| Request::Snapshot {
+            name: name.clone(),
+            new_head,
+            created,
+            user_created,
+            in_sync: slot.mode() == Mode::RW,
+        })
+        .await?;
+        Ok(name)
+    }
+
+    pub async fn delete_snapshot(&self, name: &str) -> Result<(), EngineError> {
+        let _c = self.control.lock().await;
+        self.broadcast(|_| Request::DeleteSnapshot {
+            name: name.to_string(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn revert(&self, name: &str) -> Result<(), EngineError> {
+        let _c = self.control.lock().await;
+        let _g = self.gate.write().await;
+        let new_head = LayerId(rand::random());
+        let created = now();
+        self.broadcast(|_| Request::Revert {
+            name: name.to_string(),
+            new_head,
+            created,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn expand(&self, size: u64) -> Result<(), EngineError> {
+        let _c = self.control.lock().await;
+        let _g = self.gate.write().await;
+        if size < self.size() {
+            return Err(EngineError::Invalid("volumes only grow".into()));
+        }
+        self.broadcast(|_| Request::Expand { size }).await?;
+        self.size.store(size, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Clusters changed between snapshot `from` and `to` (or the head).
+    pub async fn diff(&self, from: &str, to: Option<&str>) -> Result<Vec<Run>, EngineError> {
+        let req = Request::Diff {
+            from: from.to_string(),
+            to: to.map(str::to_string),
+        };
+        match self.read_one(&req).await? {
+            Response::Runs(r) => Ok(r),
+            _ => Err(EngineError::Replica(ClientError::Unexpected)),
+        }
+    }
+
+    /// Adds a replica and rebuilds it while I/O continues: it joins the write set at once (WO),
+    /// the sealed layers are copied from a healthy replica (skipping clusters whose checksums
+    /// already match), and it becomes RW. A replica with the same name that had failed is
+    /// replaced.
+    pub async fn add_replica(&self, name: &str, addr: &str) -> Result<RebuildStats, EngineError> {
+        let client = ReplicaClient::connect(
+            addr,
+            &self.cfg.volume,
+            self.cfg.generation,
+            self.cfg.io_timeout,
+        )
+        .await?;
+        let _c = self.control.lock().await;
+        let slot = Arc::new(ReplicaSlot {
+            name: name.to_string(),
+            addr: addr.to_string(),
+            client,
+            mode: AtomicU8::new(Mode::WO.as_u8()),
+            failure: OnceCell::new(),
+            progress: RebuildProgress::default(),
+        });
+        let slow = self.cfg.io_timeout * 4;
+        let source;
+        {
+            // A consistent point: no I/O in flight while the chains are aligned and sealed.
+            let _g = self.gate.write().await;
+            if self
+                .slots()
+                .iter()
+                .any(|s| s.name == name && s.mode() != Mode::ERR)
+            {
+                return Err(EngineError::Invalid(format!(
+                    "replica {name} is already active"
+                )));
+            }
+            self.broadcast(|_| Request::Flush).await?;
+            source = self
+                .slots()
+                .iter()
+                .find(|s| s.mode() == Mode::RW)
+                .cloned()
+                .ok_or(EngineError::NoReplicas)?;
+            let layers = match source.client.call(&Request::ListLayers).await? {
+                Response::Layers(l) => l,
+                _ => return Err(EngineError::Replica(ClientError::Unexpected)),
+            };
+            let metas = layers.into_iter().map(|l| l.meta).collect();
+            slot.client
+                .call_slow(&Request::ResetChain { layers: metas }, slow)
+                .await?;
+            {
+                let _m = self.membership.write().await;
+                self.hook
+                    .replica_mode(&self.cfg.volume, name, self.cfg.generation, Mode::WO)
+                    .await
+                    .map_err(EngineError::Hook)?;
+                let mut set = self.set.write().unwrap_or_else(|p| p.into_inner());
+                let mut v: Vec<Arc<ReplicaSlot>> =
+                    set.iter().filter(|s| s.name != name).cloned().collect();
+                v.push(slot.clone());
+                *set = Arc::new(v);
+            }
+            let snap = format!("rebuild-{:016x}", rand::random::<u64>());
+            if let Err(e) = self.snapshot_locked(Some(snap), false).await {
+                self.remove_slot(&slot);
+                return Err(e);
+            }
+            if slot.mode() == Mode::ERR {
+                self.remove_slot(&slot);
+                return Err(EngineError::Invalid(format!(
+                    "replica {name} failed while joining"
+                )));
+            }
+        }
+        match self.copy_layers(&source, &slot).await {
+            Ok(()) => {}
+            Err(e) => {
+                self.fail_replica(&slot, &format!("rebuild failed: {e}"))
+                    .await?;
+                return Err(e);
+            }
+        }
+        {
+            let _m = self.membership.write().await;
+            self.hook
+                .replica_mode(&self.cfg.volume, name, self.cfg.generation, Mode::RW)
+                .await
+                .map_err(EngineError::Hook)?;
+            slot.mode.store(Mode::RW.as_u8(), Ordering::SeqCst);
+        }
+        let stats = RebuildStats {
+            total: slot.progress.total.load(Ordering::Relaxed),
+            copied: slot.progress.copied.load(Ordering::Relaxed),
+            skipped: slot.progress.skipped.load(Ordering::Relaxed),
+        };
+        tracing::info!(volume = %self.cfg.volume, replica = name, ?stats, "rebuild done");
+        Ok(stats)
+    }
+
+    fn remove_slot(&self, slot: &Arc<ReplicaSlot>) {
+        let mut set = self.set.write().unwrap_or_else(|p| p.into_inner());
+        let v: Vec<Arc<ReplicaSlot>> = set
+            .iter()
+            .filter(|s| !Arc::ptr_eq(s, slot))
+            .cloned()
+            .collect();
+        *set = Arc::new(v);
+    }
+
+    async fn copy_layers(&self, src: &ReplicaSlot, dst: &ReplicaSlot) -> Result<(), EngineError> {
+        let layers = |r: Response| match r {
+            Response::Layers(l) => Ok(l),
+            _ => Err(EngineError::Replica(ClientError::Unexpected)),
+        };
+        let runs = |r: Response| match r {
+            Response::Runs(l) => Ok(l),
+            _ => Err(EngineError::Replica(ClientError::Unexpected)),
+        };
+        let sums = |r: Response| match r {
+            Response::Checksums(l) => Ok(l),
+            _ => Err(EngineError::Replica(ClientError::Unexpected)),
+        };
+        let src_layers = layers(src.client.call(&Request::ListLayers).await?)?;
+        let dst_layers = layers(dst.client.call(&Request::ListLayers).await?)?;
+        let cs = match src.client.call(&Request::Status).await? {
+            Response::Status(s) => s.cluster_size as u64,
+            _ => return Err(EngineError::Replica(ClientError::Unexpected)),
+        };
+        let sealed = &src_layers[..src_layers.len().saturating_sub(1)];
+        let total: u64 = sealed.iter().map(|l| l.allocated).sum();
+        dst.progress.total.store(total, Ordering::Relaxed);
+        for layer in sealed {
+            let id = layer.meta.id;
+            let theirs = dst_layers.iter().find(|l| l.meta.id == id);
+            if theirs.is_some_and(|t| t.meta.in_sync && t.meta.rev == layer.meta.rev) {
+                dst.progress
+                    .skipped
+                    .fetch_add(layer.allocated, Ordering::Relaxed);
+                continue;
+            }
+            // Every cluster either side holds.
+            let mut union = zebu_replica::bitmap::ClusterMap::new();
+            for r in runs(src.client.call(&Request::LayerRuns { layer: id }).await?)? {
+                union.apply(r, true);
+            }
+            for r in runs(dst.client.call(&Request::LayerRuns { layer: id }).await?)? {
+                union.apply(r, true);
+            }
+            for run in union.runs() {
+                let mut c = run.start;
+                while c < run.end() {
+                    let n = (run.end() - c).min(REBUILD_BATCH);
+                    let req = Request::ChecksumLayer {
+                        layer: id,
+                        cluster: c,
+                        count: n as u32,
+                    };
+                    let a = sums(src.client.call(&req).await?)?;
+                    let b = sums(dst.client.call(&req).await?)?;
+                    if a.len() != n as usize || b.len() != n as usize {
+                        return Err(EngineError::Replica(ClientError::Unexpected));
+                    }
+                    let mut i = 0usize;
+                    while i < n as usize {
+                        if a[i] == b[i] {
+                            if a[i] != [0; 16] {
+                                dst.progress.skipped.fetch_add(cs, Ordering::Relaxed);
+                            }
+                            i += 1;
+                            continue;
+                        }
+                        // A run of differing clusters of one kind (data or hole).
+                        let hole = a[i] == [0; 16];
+                        let mut j = i + 1;
+                        while j < n as usize && a[j] != b[j] && (a[j] == [0; 16]) == hole {
+                            j += 1;
+                        }
+                        let start = c + i as u64;
+                        let count = (j - i) as u32;
+                        if hole {
+                            dst.client
+                                .call(&Request::UnsetLayer {
+                                    layer: id,
+                                    cluster: start,
+                                    count,
+                                })
+                                .await?;
+                        } else {
+                            let data = match src
+                                .client
+                                .call(&Request::ReadLayer {
+                                    layer: id,
+                                    cluster: start,
+                                    count,
+                                })
+                                .await?
+                            {
+                                Response::Data(d) => d,
+                                _ => return Err(EngineError::Replica(ClientError::Unexpected)),
+                            };
+                            dst.client
+                                .call(&Request::WriteLayer {
+                                    layer: id,
+                                    cluster: start,
+                                    data,
+                                })
+                                .await?;
+                            dst.progress
+                                .copied
+                                .fetch_add(count as u64 * cs, Ordering::Relaxed);
+                        }
+                        i = j;
+                    }
+                    c += n;
+                }
+            }
+            dst.client
+                .call_slow(
+                    &Request::MarkInSync {
+                        layer: id,
+                        rev: layer.meta.rev,
+                    },
+                    self.cfg.io_timeout * 4,
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Standalone self-healing: every `every`, each replica of `desired` that is not active is
+    /// reconnected and rebuilt.
+    pub fn spawn_healer(
+        self: &Arc<Self>,
+        desired: Vec<(String, String)>,
+        every: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(engine) = weak.upgrade() else { return };
+                let slots = engine.slots();
+                for (name, addr) in &desired {
+                    let active = slots
+                        .iter()
+                        .any(|s| &s.name == name && s.mode() != Mode::ERR);
+                    if active {
+                        continue;
+                    }
+                    match engine.add_replica(name, addr).await {
+                        Ok(stats) => tracing::info!(replica = %name, ?stats, "replica rebuilt"),
+                        Err(e) => {
+                            tracing::debug!(replica = %name, error = %e, "replica not back yet")
+                        }
+                    }
+                }
+                drop(engine);
+                tokio::time::sleep(every).await;
+            }
+        })
+    }
+}
+
+fn errno(e: &EngineError) -> u32 {
+    match e {
+        EngineError::Invalid(_) => zebu_nbd::proto::EINVAL,
+        EngineError::Fenced => zebu_nbd::proto::ESHUTDOWN,
+        _ => zebu_nbd::proto::EIO,
+    }
+}
+
+fn dev_err(e: EngineError) -> zebu_nbd::DeviceError {
+    zebu_nbd::DeviceError {
+        errno: errno(&e),
+        message: e.to_string(),
+    }
+}
+
+impl zebu_nbd::BlockDevice for Engine {
+    fn size(&self) -> u64 {
+        Engine::size(self)
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, zebu_nbd::DeviceError> {
+        Engine::read(self, offset, len).await.map_err(dev_err)
+    }
+
+    async fn write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<(), zebu_nbd::DeviceError> {
+        Engine::write(self, offset, data, fua)
+            .await
+            .map_err(dev_err)
+    }
+
+    async fn zero(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        _trim: bool,
+    ) -> Result<(), zebu_nbd::DeviceError> {
+        Engine::zero(self, offset, len as u64, fua)
+            .await
+            .map_err(dev_err)
+    }
+
+    async fn flush(&self) -> Result<(), zebu_nbd::DeviceError> {
+        Engine::flush(self).await.map_err(dev_err)
+    }
+
+    async fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<zebu_nbd::Extent>, zebu_nbd::DeviceError> {
+        let ext = self.allocation(offset, len as u64).await.map_err(dev_err)?;
+        Ok(ext
+            .into_iter()
+            .map(|(len, allocated)| zebu_nbd::Extent {
+                len,
+                flags: if allocated {
+                    0
+                } else {
+                    zebu_nbd::proto::STATE_HOLE | zebu_nbd::proto::STATE_ZERO
+                },
+            })
+            .collect())
+    }
+}

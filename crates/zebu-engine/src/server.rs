@@ -1,0 +1,421 @@
+//! The replica server: serves one replica store over the replica protocol. Each connection gets a
+//! reader task (decodes frames), a worker thread (executes requests in arrival order, so every
+//! replica applies a volume's writes in the same order) and a writer task (sends replies). A
+//! background thread performs snapshot-delete merges in short steps.
+
+use std::path::Path;
+use std::sync::mpsc as stdmpsc;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+use zebu_replica::{CreateOptions, ReplicaStore, SnapshotSpec, StdVfs, StoreError};
+use zebu_types::{Generation, LayerId};
+
+use crate::proto::*;
+
+/// Clusters merged per step of a background snapshot delete (bounds the I/O stall per step).
+const MERGE_STEP: u64 = 16;
+
+/// One replica, served.
+pub struct ReplicaService {
+    volume: String,
+    store: RwLock<ReplicaStore>,
+    merge_wake: std::sync::Mutex<stdmpsc::Sender<()>>,
+}
+
+fn store_error(e: &StoreError) -> Response {
+    let code = match e {
+        StoreError::Io { .. } => ErrorCode::Io,
+        StoreError::OutOfRange { .. } => ErrorCode::OutOfRange,
+        StoreError::Invalid(_) | StoreError::Exists(_) => ErrorCode::Invalid,
+        StoreError::NoSnapshot(_) | StoreError::NoLayer(_) | StoreError::NotFound(_) => {
+            ErrorCode::NotFound
+        }
+        StoreError::StaleGeneration { .. } => ErrorCode::StaleGeneration,
+        StoreError::Corrupt { .. } | StoreError::UnsupportedVersion { .. } => ErrorCode::Corrupt,
+    };
+    Response::Error {
+        code,
+        message: e.to_string(),
+    }
+}
+
+impl ReplicaService {
+    /// Opens the replica in `dir`, or creates it with `size` bytes when none exists.
+    pub fn open_or_create(
+        dir: &Path,
+        volume: &str,
+        size: u64,
+        cluster_size: u32,
+    ) -> Result<Arc<ReplicaService>, StoreError> {
+        let vfs = Arc::new(StdVfs);
+        let store = match ReplicaStore::open(vfs.clone(), dir) {
+            Ok(s) => s,
+            Err(StoreError::NotFound(_)) => ReplicaStore::create(
+                vfs,
+                dir,
+                CreateOptions {
+                    size,
+                    cluster_size,
+                    head: LayerId(rand::random()),
+                },
+            )?,
+            Err(e) => return Err(e),
+        };
+        Ok(Self::new(volume, store))
+    }
+
+    pub fn new(volume: &str, store: ReplicaStore) -> Arc<ReplicaService> {
+        let (tx, rx) = stdmpsc::channel();
+        let svc = Arc::new(ReplicaService {
+            volume: volume.to_string(),
+            store: RwLock::new(store),
+            merge_wake: std::sync::Mutex::new(tx),
+        });
+        let weak = Arc::downgrade(&svc);
+        std::thread::Builder::new()
+            .name("zebu-merge".into())
+            .spawn(move || merge_loop(weak, rx))
+            .ok();
+        svc
+    }
+
+    pub fn read_store(&self) -> RwLockReadGuard<'_, ReplicaStore> {
+        self.store.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn write_store(&self) -> RwLockWriteGuard<'_, ReplicaStore> {
+        self.store.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wake_merge(&self) {
+        let _ = self.merge_wake.lock().map(|tx| tx.send(()));
+    }
+
+    /// Serves connections until the listener fails.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            let (sock, peer) = listener.accept().await?;
+            let _ = sock.set_nodelay(true);
+            let svc = self.clone();
+            let span = tracing::info_span!("replica_conn", volume = %self.volume, %peer);
+            tokio::spawn(
+                async move {
+                    if let Err(e) = svc.handle_conn(sock).await {
+                        tracing::info!(error = %e, "replica connection closed");
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    /// Serves one connection: a Hello first, then requests.
+    pub async fn handle_conn<S>(self: Arc<Self>, stream: S) -> Result<(), String>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (r, w) = tokio::io::split(stream);
+        let mut r = tokio::io::BufReader::with_capacity(256 * 1024, r);
+        let mut w = BufWriter::with_capacity(256 * 1024, w);
+        // Hello.
+        let (kind, id, body) = read_frame(&mut r).await.map_err(|e| e.to_string())?;
+        let req = decode_request(kind, &body).map_err(|e| e.to_string())?;
+        let Request::Hello {
+            magic,
+            version,
+            generation,
+            volume,
+        } = req
+        else {
+            return Err("first message was not Hello".into());
+        };
+        let refuse = if magic != MAGIC {
+            Some((ErrorCode::Invalid, "bad magic".to_string()))
+        } else if version != VERSION {
+            Some((
+                ErrorCode::Invalid,
+                format!("protocol version {version} unsupported; this replica speaks {VERSION}"),
+            ))
+        } else if volume != self.volume {
+            Some((
+                ErrorCode::Invalid,
+                format!(
+                    "this replica belongs to volume {:?}, not {volume:?}",
+                    self.volume
+                ),
+            ))
+        } else {
+            let svc = self.clone();
+            let res = tokio::task::spawn_blocking(move || {
+                svc.write_store().accept_generation(generation)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            res.err()
+                .map(|e| (ErrorCode::StaleGeneration, e.to_string()))
+        };
+        let resp = match &refuse {
+            Some((code, message)) => Response::Error {
+                code: *code,
+                message: message.clone(),
+            },
+            None => Response::Ok,
+        };
+        write_frame(&mut w, id, &resp)
+            .await
+            .map_err(|e| e.to_string())?;
+        w.flush().await.map_err(|e| e.to_string())?;
+        if let Some((_, m)) = refuse {
+            return Err(format!("refused session: {m}"));
+        }
+        // Requests.
+        let (wtx, mut wrx) = mpsc::unbounded_channel::<(u64, Response)>();
+        let writer = tokio::spawn(async move {
+            while let Some((id, resp)) = wrx.recv().await {
+                write_frame(&mut w, id, &resp).await?;
+                if wrx.is_empty() {
+                    w.flush().await?;
+                }
+            }
+            Ok::<(), std::io::Error>(())
+        });
+        let (jtx, mut jrx) = mpsc::unbounded_channel::<(u64, Request)>();
+        let svc = self.clone();
+        let worker = std::thread::Builder::new()
+            .name("zebu-replica-io".into())
+            .spawn(move || {
+                while let Some((id, req)) = jrx.blocking_recv() {
+                    let resp = svc.execute(generation, req);
+                    if wtx.send((id, resp)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        let result = loop {
+            let (kind, id, body) = match read_frame(&mut r).await {
+                Ok(f) => f,
+                Err(FrameError::Eof) => break Ok(()),
+                Err(e) => break Err(e.to_string()),
+            };
+            match decode_request(kind, &body) {
+                Ok(req) => {
+                    if jtx.send((id, req)).is_err() {
+                        break Ok(());
+                    }
+                }
+                Err(e) => break Err(format!("malformed frame: {e}")),
+            }
+        };
+        drop(jtx);
+        let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+        let _ = writer.await;
+        result
+    }
+
+    /// Executes one request of a session of `generation`.
+    pub fn execute(&self, generation: Generation, req: Request) -> Response {
+        // Fence: a newer engine session has taken over.
+        let current = self.read_store().generation();
+        if current > generation {
+            return Response::Error {
+                code: ErrorCode::StaleGeneration,
+                message: format!("session generation {generation} was superseded by {current}"),
+            };
+        }
+        let res: Result<Response, StoreError> = match req {
+            Request::Hello { .. } => Ok(Response::Error {
+                code: ErrorCode::Invalid,
+                message: "session already established".into(),
+            }),
+            Request::Read { offset, len } => {
+                if len > MAX_BODY {
+                    return Response::Error {
+                        code: ErrorCode::Invalid,
+                        message: "read too large".into(),
+                    };
+                }
+                let mut buf = vec![0u8; len as usize];
+                self.read_store()
+                    .read(offset, &mut buf)
+                    .map(|_| Response::Data(Bytes::from(buf)))
+            }
+            Request::Write { offset, fua, data } => {
+                let mut s = self.write_store();
+                s.write(offset, &data)
+                    .and_then(|_| if fua { s.flush() } else { Ok(()) })
+                    .map(|_| Response::Ok)
+            }
+            Request::Zero { offset, len, fua } => {
+                let mut s = self.write_store();
+                s.zero(offset, len)
+                    .and_then(|_| if fua { s.flush() } else { Ok(()) })
+                    .map(|_| Response::Ok)
+            }
+            Request::Flush => self.write_store().flush().map(|_| Response::Ok),
+            Request::Snapshot {
+                name,
+                new_head,
+                created,
+                user_created,
+                in_sync,
+            } => self
+                .write_store()
+                .snapshot(&SnapshotSpec {
+                    name,
+                    new_head,
+                    created,
+                    user_created,
+                    in_sync,
+                })
+                .map(|_| Response::Ok),
+            Request::DeleteSnapshot { name } => {
+                let r = self
+                    .write_store()
+                    .delete_snapshot(&name)
+                    .map(|_| Response::Ok);
+                self.wake_merge();
+                r
+            }
+            Request::Revert {
+                name,
+                new_head,
+                created,
+            } => self
+                .write_store()
+                .revert(&name, new_head, created)
+                .map(|_| Response::Ok),
+            Request::Expand { size } => self.write_store().expand(size).map(|_| Response::Ok),
+            Request::ListLayers => Ok(Response::Layers(self.read_store().layers())),
+            Request::Diff { from, to } => self
+                .read_store()
+                .diff(&from, to.as_deref())
+                .map(Response::Runs),
+            Request::Allocation { offset, len } => self
+                .read_store()
+                .allocation(offset, len)
+                .map(Response::Extents),
+            Request::LayerRuns { layer } => self.read_store().layer_runs(layer).map(Response::Runs),
+            Request::ReadLayer {
+                layer,
+                cluster,
+                count,
+            } => {
+                let s = self.read_store();
+                if count as u64 * s.cluster_size() > MAX_BODY as u64 {
+                    return Response::Error {
+                        code: ErrorCode::Invalid,
+                        message: "read too large".into(),
+                    };
+                }
+                s.read_layer(layer, cluster, count as u64)
+                    .map(|b| Response::Data(Bytes::from(b)))
+            }
+            Request::WriteLayer {
+                layer,
+                cluster,
+                data,
+            } => self
+                .write_store()
+                .write_layer(layer, cluster, &data)
+                .map(|_| Response::Ok),
+            Request::ChecksumLayer {
+                layer,
+                cluster,
+                count,
+            } => self
+                .read_store()
+                .checksum_layer(layer, cluster, count as u64)
+                .map(Response::Checksums),
+            Request::UnsetLayer {
+                layer,
+                cluster,
+                count,
+            } => self
+                .write_store()
+                .unset_layer(layer, cluster, count as u64)
+                .map(|_| Response::Ok),
+            Request::MarkInSync { layer, rev } => self
+                .write_store()
+                .mark_in_sync(layer, rev)
+                .map(|_| Response::Ok),
+            Request::ResetChain { layers } => {
+                let r = self
+                    .write_store()
+                    .reset_chain(&layers)
+                    .map(|_| Response::Ok);
+                self.wake_merge();
+                r
+            }
+            Request::Status => Ok(Response::Status(self.read_store().status())),
+        };
+        res.unwrap_or_else(|e| store_error(&e))
+    }
+}
+
+fn merge_loop(svc: std::sync::Weak<ReplicaService>, wake: stdmpsc::Receiver<()>) {
+    loop {
+        let Some(s) = svc.upgrade() else { return };
+        let more = {
+            let mut st = s.write_store();
+            if st.merge_pending() {
+                match st.merge_step(MERGE_STEP) {
+                    Ok(more) => more,
+                    Err(e) => {
+                        tracing::error!(error = %e, "snapshot merge step failed; will retry");
+                        false
+                    }
+                }
+            } else {
+                false
+            }
+        };
+        drop(s);
+        if !more {
+            match wake.recv_timeout(Duration::from_secs(1)) {
+                Err(stdmpsc::RecvTimeoutError::Disconnected) => return,
+                _ => continue,
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection closed")]
+    Eof,
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Proto(#[from] ProtoError),
+}
+
+/// Reads one frame: kind, id and body.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<(u8, u64, Bytes), FrameError> {
+    let mut h = [0u8; HEADER_LEN];
+    match r.read_exact(&mut h).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Eof),
+        Err(e) => return Err(e.into()),
+    }
+    let (kind, id, len) = parse_header(&h)?;
+    let mut body = bytes::BytesMut::zeroed(len as usize);
+    r.read_exact(&mut body).await?;
+    Ok((kind, id, body.freeze()))
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    id: u64,
+    resp: &Response,
+) -> std::io::Result<()> {
+    let (kind, body) = encode_response(resp);
+    w.write_all(&frame_header(kind, id, body.len())).await?;
+    w.write_all(&body).await
+}

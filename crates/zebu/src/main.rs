@@ -1,0 +1,169 @@
+//! The `zebu` binary: the all-in-one `server`, and the `replica` and `engine` processes of the data
+//! path.
+
+mod standalone;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use zebu_engine::{Engine, EngineConfig, EngineHook, LogHook, ReplicaService};
+use zebu_types::{ByteSize, Generation};
+
+#[derive(Parser)]
+#[command(
+    name = "zebu",
+    version,
+    about = "Replicated block storage with snapshots, served over NBD"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// All-in-one server on one machine: volumes with local replicas, exported over NBD.
+    Server(standalone::ServerArgs),
+    /// Serve one replica of a volume over the replica protocol.
+    Replica {
+        /// Directory holding the replica's files (created when missing).
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Volume the replica belongs to.
+        #[arg(long)]
+        volume: String,
+        /// Volume size for a new replica (e.g. 1GiB).
+        #[arg(long)]
+        size: ByteSize,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        /// Allocation granularity of a new replica.
+        #[arg(long, default_value = "64KiB")]
+        cluster_size: ByteSize,
+    },
+    /// Run a volume's engine over replica processes and export it over NBD.
+    Engine {
+        #[arg(long)]
+        volume: String,
+        #[arg(long)]
+        size: ByteSize,
+        /// A replica as NAME=HOST:PORT; repeat for each.
+        #[arg(long = "replica", required = true)]
+        replicas: Vec<String>,
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        nbd_listen: String,
+        /// Session generation; replicas refuse a session older than one they accepted.
+        #[arg(long)]
+        generation: u64,
+        /// Seconds before a replica that does not answer counts as failed.
+        #[arg(long, default_value_t = 10)]
+        io_timeout: u64,
+        /// File where replica failures are recorded durably (the control plane's role).
+        #[arg(long)]
+        state_file: Option<std::path::PathBuf>,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ZEBU_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_tracing();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("zebu: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("zebu: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Server(args) => standalone::run(args).await,
+        Cmd::Replica {
+            dir,
+            volume,
+            size,
+            listen,
+            cluster_size,
+        } => {
+            zebu_types::validate_name(&volume)?;
+            let cs = u32::try_from(cluster_size.0).context("cluster size too large")?;
+            let svc = tokio::task::spawn_blocking(move || {
+                ReplicaService::open_or_create(&dir, &volume, size.0, cs)
+            })
+            .await??;
+            let l = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            println!("replica listening on {}", l.local_addr()?);
+            tokio::select! {
+                r = svc.serve(l) => r.context("replica server failed"),
+                _ = tokio::signal::ctrl_c() => Ok(()),
+            }
+        }
+        Cmd::Engine {
+            volume,
+            size,
+            replicas,
+            nbd_listen,
+            generation,
+            io_timeout,
+            state_file,
+        } => {
+            zebu_types::validate_name(&volume)?;
+            let mut reps = Vec::new();
+            for r in &replicas {
+                let Some((n, a)) = r.split_once('=') else {
+                    bail!("replica {r:?} must be NAME=HOST:PORT");
+                };
+                reps.push((n.to_string(), a.to_string()));
+            }
+            let hook: Arc<dyn EngineHook> = match state_file {
+                Some(p) => Arc::new(standalone::FileHook::open(p)?),
+                None => Arc::new(LogHook::default()),
+            };
+            let cfg = EngineConfig {
+                volume: volume.clone(),
+                generation: Generation(generation),
+                size: size.0,
+                io_timeout: Duration::from_secs(io_timeout),
+            };
+            let engine = Engine::open(cfg, &reps, hook)
+                .await
+                .context("no replica could be opened")?;
+            let _healer = engine.spawn_healer(reps, Duration::from_millis(500));
+            let exports = Arc::new(zebu_nbd::Exports::new());
+            exports.insert(&volume, engine.clone());
+            let l = tokio::net::TcpListener::bind(&nbd_listen)
+                .await
+                .with_context(|| format!("cannot listen on {nbd_listen}"))?;
+            println!("nbd listening on {}", l.local_addr()?);
+            tokio::select! {
+                r = zebu_nbd::serve(l, exports) => r.context("NBD server failed"),
+                _ = tokio::signal::ctrl_c() => {
+                    engine.flush().await.ok();
+                    Ok(())
+                }
+            }
+        }
+    }
+}
