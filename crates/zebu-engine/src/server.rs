@@ -21,11 +21,15 @@ use crate::proto::*;
 /// Clusters merged per step of a background snapshot delete (bounds the I/O stall per step).
 const MERGE_STEP: u64 = 16;
 
+/// The head of every new replica: all replicas of a volume start with the same layer ids.
+pub const INITIAL_HEAD: LayerId = LayerId(1);
+
 /// One replica, served.
 pub struct ReplicaService {
     volume: String,
     store: RwLock<ReplicaStore>,
     merge_wake: std::sync::Mutex<stdmpsc::Sender<()>>,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 fn store_error(e: &StoreError) -> Response {
@@ -62,7 +66,7 @@ impl ReplicaService {
                 CreateOptions {
                     size,
                     cluster_size,
-                    head: LayerId(rand::random()),
+                    head: INITIAL_HEAD,
                 },
             )?,
             Err(e) => return Err(e),
@@ -76,6 +80,7 @@ impl ReplicaService {
             volume: volume.to_string(),
             store: RwLock::new(store),
             merge_wake: std::sync::Mutex::new(tx),
+            stop: tokio::sync::watch::channel(false).0,
         });
         let weak = Arc::downgrade(&svc);
         std::thread::Builder::new()
@@ -97,10 +102,23 @@ impl ReplicaService {
         let _ = self.merge_wake.lock().map(|tx| tx.send(()));
     }
 
-    /// Serves connections until the listener fails.
+    /// Stops serving: the listener and every connection close (as if the process died, minus
+    /// the loss of unflushed data).
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Serves connections until the listener fails or [`Self::shutdown`].
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        let mut stop = self.stop.subscribe();
         loop {
-            let (sock, peer) = listener.accept().await?;
+            if *stop.borrow() {
+                return Ok(());
+            }
+            let (sock, peer) = tokio::select! {
+                r = listener.accept() => r?,
+                _ = stop.changed() => return Ok(()),
+            };
             let _ = sock.set_nodelay(true);
             let svc = self.clone();
             let span = tracing::info_span!("replica_conn", volume = %self.volume, %peer);
@@ -198,8 +216,16 @@ impl ReplicaService {
                 }
             })
             .map_err(|e| e.to_string())?;
+        let mut stop = self.stop.subscribe();
         let result = loop {
-            let (kind, id, body) = match read_frame(&mut r).await {
+            if *stop.borrow() {
+                break Err("replica shut down".into());
+            }
+            let frame = tokio::select! {
+                f = read_frame(&mut r) => f,
+                _ = stop.changed() => continue,
+            };
+            let (kind, id, body) = match frame {
                 Ok(f) => f,
                 Err(FrameError::Eof) => break Ok(()),
                 Err(e) => break Err(e.to_string()),
