@@ -67,6 +67,24 @@ enum Cmd {
     },
 }
 
+/// Binds a listener with SO_REUSEADDR, so a restarted process gets its old port back at once.
+pub async fn bind_listener(addr: &str) -> Result<tokio::net::TcpListener> {
+    let sa: std::net::SocketAddr = tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| format!("cannot resolve {addr}"))?
+        .next()
+        .with_context(|| format!("{addr} resolves to nothing"))?;
+    let sock = if sa.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(sa)
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    Ok(sock.listen(1024)?)
+}
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ZEBU_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -111,9 +129,7 @@ async fn run(cli: Cli) -> Result<()> {
                 ReplicaService::open_or_create(&dir, &volume, size.0, cs)
             })
             .await??;
-            let l = tokio::net::TcpListener::bind(&listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen}"))?;
+            let l = bind_listener(&listen).await?;
             println!("replica listening on {}", l.local_addr()?);
             tokio::select! {
                 r = svc.serve(l) => r.context("replica server failed"),
@@ -153,9 +169,7 @@ async fn run(cli: Cli) -> Result<()> {
             let _healer = engine.spawn_healer(reps, Duration::from_millis(500));
             let exports = Arc::new(zebu_nbd::Exports::new());
             exports.insert(&volume, engine.clone());
-            let l = tokio::net::TcpListener::bind(&nbd_listen)
-                .await
-                .with_context(|| format!("cannot listen on {nbd_listen}"))?;
+            let l = bind_listener(&nbd_listen).await?;
             println!("nbd listening on {}", l.local_addr()?);
             tokio::select! {
                 r = zebu_nbd::serve(l, exports) => r.context("NBD server failed"),

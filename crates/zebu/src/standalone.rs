@@ -257,9 +257,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         exports.insert(&v.name, engine.clone());
         engines.push(engine);
     }
-    let l = tokio::net::TcpListener::bind(&args.nbd_listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.nbd_listen))?;
+    let l = crate::bind_listener(&args.nbd_listen).await?;
     let addr = l.local_addr()?;
     println!("nbd listening on {addr}");
     for e in &engines {

@@ -1,0 +1,182 @@
+//! Test harness: real `zebu` processes on loopback ports, killed on drop; deadlines instead of
+//! sleeps; temporary directories removed on drop.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ZEBU: &str = env!("CARGO_BIN_EXE_zebu");
+
+/// A temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "zebu-e2e-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&p).expect("mkdir");
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process, SIGKILLed and reaped on drop.
+pub struct Proc {
+    pub child: Child,
+    pub addr: String,
+    pub name: String,
+}
+
+impl Proc {
+    /// Starts `zebu ARGS` and waits for its "... listening on ADDR" line.
+    pub fn start(name: &str, args: &[&str]) -> Proc {
+        let mut child = Command::new(ZEBU)
+            .args(args)
+            .env(
+                "ZEBU_LOG",
+                std::env::var("ZEBU_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn zebu {args:?}: {e}"));
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if !sent && line.contains("listening on ") {
+                    let addr = line.rsplit(' ').next().unwrap_or_default().to_string();
+                    let _ = tx.send(addr);
+                    sent = true;
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("{name} did not start: zebu {args:?}");
+            }
+        };
+        Proc {
+            child,
+            addr,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        // SIGKILL, like a crash.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `f` until it returns Some, or panics after `secs` seconds naming `what`.
+pub fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs a command, returning (success, stdout+stderr).
+pub fn run(cmd: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd} (the test command installs it): {e}"));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+pub fn must(cmd: &str, args: &[&str]) -> String {
+    let (ok, out) = run(cmd, args);
+    assert!(ok, "{cmd} {args:?} failed:\n{out}");
+    out
+}
+
+/// BLAKE3 of a file.
+pub fn file_hash(p: &Path) -> String {
+    let data = std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+    blake3::hash(&data).to_hex().to_string()
+}
+
+/// Content for block `blk` written as version `tag`: distinct for every (block, tag).
+pub fn block_data(blk: u64, tag: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    for (i, chunk) in v.chunks_mut(16).enumerate() {
+        let mut w = [0u8; 16];
+        w[..8].copy_from_slice(&blk.to_le_bytes());
+        w[8..].copy_from_slice(&(tag ^ (i as u64) << 40).to_le_bytes());
+        chunk.copy_from_slice(&w[..chunk.len()]);
+    }
+    v
+}
+
+/// Whole-volume BLAKE3 of one replica, read directly over the replica protocol.
+pub async fn replica_hash(addr: &str, volume: &str, generation: u64, size: u64) -> String {
+    use zebu_engine::proto::{Request, Response};
+    let c = zebu_engine::ReplicaClient::connect(
+        addr,
+        volume,
+        zebu_types::Generation(generation),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("connect replica {addr}: {e}"));
+    let mut h = blake3::Hasher::new();
+    let mut off = 0;
+    while off < size {
+        let len = (size - off).min(8 << 20) as u32;
+        match c
+            .call(&Request::Read { offset: off, len })
+            .await
+            .expect("replica read")
+        {
+            Response::Data(d) => {
+                h.update(&d);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        off += len as u64;
+    }
+    h.finalize().to_hex().to_string()
+}
