@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use zebu_types::Generation;
 
 use crate::proto::*;
-use crate::server::{FrameError, read_frame};
+use crate::server::read_frame;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
@@ -105,19 +105,14 @@ impl ReplicaClient {
         let p2 = pending.clone();
         let c3 = closed.clone();
         tokio::spawn(async move {
-            loop {
-                match read_frame(&mut r).await {
-                    Ok((kind, id, body)) => {
-                        let resp = decode_response(kind, body).map_err(|_| ClientError::Unexpected);
-                        let bad = resp.is_err();
-                        if let Some(w) = lock(&p2).remove(&id) {
-                            let _ = w.send(resp);
-                        }
-                        if bad {
-                            break;
-                        }
-                    }
-                    Err(FrameError::Eof) | Err(_) => break,
+            while let Ok((kind, id, body)) = read_frame(&mut r).await {
+                let resp = decode_response(kind, body).map_err(|_| ClientError::Unexpected);
+                let bad = resp.is_err();
+                if let Some(w) = lock(&p2).remove(&id) {
+                    let _ = w.send(resp);
+                }
+                if bad {
+                    break;
                 }
             }
             c3.store(true, Ordering::SeqCst);

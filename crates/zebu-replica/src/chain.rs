@@ -143,7 +143,7 @@ impl ChainMeta {
                 self.cluster_size
             ));
         }
-        if self.size % 4096 != 0 {
+        if !self.size.is_multiple_of(4096) {
             return Err(format!("size {} is not a multiple of 4096", self.size));
         }
         let Some(head) = self.layers.last() else {

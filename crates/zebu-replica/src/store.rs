@@ -36,11 +36,12 @@ struct Layer {
 }
 
 fn push_change(pending: &mut Vec<Change>, c: u64, set: bool) {
-    if let Some(last) = pending.last_mut() {
-        if last.set == set && last.run.end() == c {
-            last.run.len += 1;
-            return;
-        }
+    if let Some(last) = pending.last_mut()
+        && last.set == set
+        && last.run.end() == c
+    {
+        last.run.len += 1;
+        return;
     }
     pending.push(Change {
         run: Run { start: c, len: 1 },
@@ -117,7 +118,7 @@ impl ReplicaStore {
                 opts.cluster_size
             )));
         }
-        if opts.size == 0 || opts.size % 4096 != 0 {
+        if opts.size == 0 || !opts.size.is_multiple_of(4096) {
             return Err(StoreError::Invalid(format!(
                 "size {} must be a positive multiple of 4096",
                 opts.size
@@ -390,10 +391,13 @@ impl ReplicaStore {
         let end = offset + data.len() as u64;
         let first = offset / cs;
         let last = (end - 1) / cs;
-        if offset % cs != 0 {
+        if !offset.is_multiple_of(cs) {
             self.copy_up(first)?;
         }
-        if end % cs != 0 && end < self.size && (last != first || offset % cs == 0) {
+        if !end.is_multiple_of(cs)
+            && end < self.size
+            && (last != first || offset.is_multiple_of(cs))
+        {
             self.copy_up(last)?;
         }
         let head = self.head();
@@ -667,7 +671,7 @@ impl ReplicaStore {
 
     /// Grows the volume to `size` bytes.
     pub fn expand(&mut self, size: u64) -> Result<()> {
-        if size < self.size || size % 4096 != 0 {
+        if size < self.size || !size.is_multiple_of(4096) {
             return Err(StoreError::Invalid(format!(
                 "new size {size} must be a multiple of 4096 and at least the current {}",
                 self.size
@@ -790,7 +794,7 @@ impl ReplicaStore {
 
     /// Writes whole clusters into a sealed layer (rebuild). Durable after [`Self::sync_layer`].
     pub fn write_layer(&mut self, id: LayerId, cluster: u64, data: &[u8]) -> Result<()> {
-        if data.len() as u64 % self.cs != 0 {
+        if !(data.len() as u64).is_multiple_of(self.cs) {
             return Err(StoreError::Invalid(
                 "layer writes are whole clusters".into(),
             ));

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// One open file.
+#[allow(clippy::len_without_is_empty)]
 pub trait VFile: Send + Sync {
     /// Fills `buf` from `off`; bytes past the end of the file read as zeros.
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;

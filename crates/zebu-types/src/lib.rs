@@ -63,7 +63,7 @@ impl fmt::Display for ByteSize {
             (Self::KIB, "KiB"),
         ];
         for (m, u) in units {
-            if self.0 >= m && self.0 % m == 0 {
+            if self.0 >= m && self.0.is_multiple_of(m) {
                 return write!(f, "{}{}", self.0 / m, u);
             }
         }

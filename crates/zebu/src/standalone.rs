@@ -157,7 +157,7 @@ fn parse_volume(spec: &str) -> Result<(String, u64, u32)> {
     }
     zebu_types::validate_name(parts[0])?;
     let size: ByteSize = parts[1].parse()?;
-    if size.0 == 0 || size.0 % 4096 != 0 {
+    if size.0 == 0 || !size.0.is_multiple_of(4096) {
         bail!(
             "volume size {} must be a positive multiple of 4096 bytes",
             parts[1]
