@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Data-path benchmark: fio's nbd engine against a Zebu volume with 1 and 3 replicas and against
+# qemu-nbd serving a raw file on the same disk, in one run. Prints a markdown table of IOPS,
+# bandwidth and ratios to qemu-nbd.
+#
+# usage: bench/fio.sh [RUNTIME_SECONDS]   (default 15; needs a release build: cargo build --release)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNTIME=${1:-15}
+SIZE=1G
+ZEBU=target/release/zebu
+[ -x "$ZEBU" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/zebu-bench.XXXXXX")
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+# name rw bs iodepth
+JOBS=("randread4k randread 4k 16" "randwrite4k randwrite 4k 16" "seqread1m read 1M 16" "seqwrite1m write 1M 16" "randread4k-qd1 randread 4k 1" "randwrite4k-qd1 randwrite 4k 1")
+
+run_fio() { # uri name rw bs qd -> "iops bw_kib lat_us"
+  fio --name="$2" --ioengine=nbd --uri="$1" --rw="$3" --bs="$4" --iodepth="$5" --size=$SIZE \
+      --time_based --runtime="$RUNTIME" --ramp_time=2 --output-format=json --output="$WORK/fio.json" >/dev/null 2>&1
+  python3 -c '
+import json,sys
+j=json.load(open(sys.argv[1]))["jobs"][0]
+side=j["read"] if j["read"]["io_bytes"]>0 else j["write"]
+print(side["iops"], side["bw"], side["lat_ns"]["mean"]/1000)' "$WORK/fio.json"
+}
+
+prefill() { fio --name=fill --ioengine=nbd --uri="$1" --rw=write --bs=1M --iodepth=16 --size=$SIZE >/dev/null 2>&1; }
+
+declare -A R
+measure() { # label uri
+  local label=$1 uri=$2
+  prefill "$uri"
+  for j in "${JOBS[@]}"; do
+    set -- $j
+    R["$label/$1"]=$(run_fio "$uri" "$1" "$2" "$3" "$4")
+  done
+}
+
+# qemu-nbd on a raw file on the same disk.
+truncate -s $SIZE "$WORK/raw.img"
+qemu-nbd -f raw -t -b 127.0.0.1 -p 10901 -x exp "$WORK/raw.img" & PIDS+=($!)
+wait_port 10901
+measure qemu "nbd://127.0.0.1:10901/exp"
+
+for n in 1 3; do
+  "$ZEBU" server --data-dir "$WORK/z$n" --nbd-listen 127.0.0.1:1091$n --volume "b$n:$SIZE:$n" >/dev/null 2>"$WORK/z$n.log" & PIDS+=($!)
+  wait_port 1091$n
+  # Let the standalone server bring every replica into the set before measuring.
+  for _ in $(seq 100); do grep -q '"failed": \[\]' "$WORK/z$n/volumes/b$n/members.json" 2>/dev/null && break; sleep 0.1; done
+  measure "zebu$n" "nbd://127.0.0.1:1091$n/b$n"
+done
+
+echo "| job | qemu-nbd IOPS | Zebu 1 replica IOPS | ratio | Zebu 3 replicas IOPS | ratio | qemu-nbd lat µs | Zebu 1r lat µs | Zebu 3r lat µs |"
+echo "|---|---|---|---|---|---|---|---|---|"
+for j in "${JOBS[@]}"; do
+  set -- $j
+  read -r qi qb ql <<<"${R[qemu/$1]}"; read -r ai ab al <<<"${R[zebu1/$1]}"; read -r ci cb cl <<<"${R[zebu3/$1]}"
+  python3 - "$1" "$qi" "$ai" "$ci" "$ql" "$al" "$cl" <<'PY'
+import sys
+n,q,a,c,ql,al,cl=sys.argv[1],*map(float,sys.argv[2:])
+print(f"| {n} | {q:,.0f} | {a:,.0f} | {a/q:.2f}× | {c:,.0f} | {c/q:.2f}× | {ql:,.0f} | {al:,.0f} | {cl:,.0f} |")
+PY
+done
