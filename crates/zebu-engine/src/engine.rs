@@ -159,6 +159,17 @@ pub struct ReplicaSlot {
 }
 
 impl ReplicaSlot {
+    fn new(name: &str, addr: &str, client: Arc<ReplicaClient>, mode: Mode) -> Arc<ReplicaSlot> {
+        Arc::new(ReplicaSlot {
+            name: name.to_string(),
+            addr: addr.to_string(),
+            client,
+            mode: AtomicU8::new(mode.as_u8()),
+            failure: OnceCell::new(),
+            progress: RebuildProgress::default(),
+        })
+    }
+
     pub fn mode(&self) -> Mode {
         Mode::from_u8(self.mode.load(Ordering::SeqCst))
     }
@@ -225,16 +236,17 @@ impl Engine {
         for (name, addr) in replicas {
             let client =
                 ReplicaClient::connect(addr, &cfg.volume, cfg.generation, cfg.io_timeout).await?;
-            slots.push(Arc::new(ReplicaSlot {
-                name: name.clone(),
-                addr: addr.clone(),
-                client,
-                mode: AtomicU8::new(Mode::RW.as_u8()),
-                failure: OnceCell::new(),
-                progress: RebuildProgress::default(),
-            }));
+            slots.push(ReplicaSlot::new(name, addr, client, Mode::RW));
         }
-        Ok(Arc::new(Engine {
+        Ok(Self::assemble(cfg, slots, hook))
+    }
+
+    fn assemble(
+        cfg: EngineConfig,
+        slots: Vec<Arc<ReplicaSlot>>,
+        hook: Arc<dyn EngineHook>,
+    ) -> Arc<Engine> {
+        Arc::new(Engine {
             size: AtomicU64::new(cfg.size),
             cfg,
             set: RwLock::new(Arc::new(slots)),
@@ -244,7 +256,7 @@ impl Engine {
             control: tokio::sync::Mutex::new(()),
             hook,
             rr: AtomicUsize::new(0),
-        }))
+        })
     }
 
     /// Starts an engine after a restart: connects to every candidate replica that answers, takes
@@ -275,25 +287,8 @@ impl Engine {
             return Err(last_err);
         };
         let addr = client.addr().to_string();
-        let slot = Arc::new(ReplicaSlot {
-            name,
-            addr,
-            client,
-            mode: AtomicU8::new(Mode::RW.as_u8()),
-            failure: OnceCell::new(),
-            progress: RebuildProgress::default(),
-        });
-        Ok(Arc::new(Engine {
-            size: AtomicU64::new(cfg.size),
-            cfg,
-            set: RwLock::new(Arc::new(vec![slot])),
-            submit: Mutex::new(()),
-            gate: tokio::sync::RwLock::new(()),
-            membership: tokio::sync::RwLock::new(()),
-            control: tokio::sync::Mutex::new(()),
-            hook,
-            rr: AtomicUsize::new(0),
-        }))
+        let slot = ReplicaSlot::new(&name, &addr, client, Mode::RW);
+        Ok(Self::assemble(cfg, vec![slot], hook))
     }
 
     pub fn volume(&self) -> &str {
@@ -603,14 +598,7 @@ impl Engine {
         )
         .await?;
         let _c = self.control.lock().await;
-        let slot = Arc::new(ReplicaSlot {
-            name: name.to_string(),
-            addr: addr.to_string(),
-            client,
-            mode: AtomicU8::new(Mode::WO.as_u8()),
-            failure: OnceCell::new(),
-            progress: RebuildProgress::default(),
-        });
+        let slot = ReplicaSlot::new(name, addr, client, Mode::WO);
         let slow = self.cfg.io_timeout * 4;
         let source;
         {

@@ -6,6 +6,8 @@ mod common;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -258,6 +260,18 @@ fn failed_set(state: &std::path::Path) -> Option<Vec<String>> {
 
 const BLK: usize = 64 * 1024;
 
+/// Waits (async) until `acked` holds at least `n` entries.
+async fn until_acked(acked: &Mutex<HashMap<u64, u64>>, n: usize, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while acked.lock().map(|a| a.len()).unwrap_or(0) < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[test]
 fn replica_sigkill_under_writes_then_rebuild() {
     let tmp = TempDir::new("kill");
@@ -269,70 +283,70 @@ fn replica_sigkill_under_writes_then_rebuild() {
     let eng = start_engine(&reps, 1, "64MiB", &state);
     let rt = tokio::runtime::Runtime::new().expect("rt");
     let blocks = size / BLK as u64;
-    let mut acked: HashMap<u64, u64> = HashMap::new();
+    // Block -> the last tag acknowledged for it (writers own disjoint blocks).
+    let acked: Arc<Mutex<HashMap<u64, u64>>> = Arc::new(Mutex::new(HashMap::new()));
+    let stop = Arc::new(AtomicBool::new(false));
     rt.block_on(async {
-        let mut c = NbdClient::connect(&eng.addr, "kv")
-            .await
-            .expect("nbd connect");
-        let mut tag = 0u64;
-        let mut write_some = |n: u64, c: &mut NbdClient| {
-            let mut jobs = Vec::new();
-            for _ in 0..n {
-                tag += 1;
-                let blk = (tag * 7919) % blocks;
-                jobs.push((blk, tag));
-            }
-            let _ = c;
-            jobs
-        };
-        for (blk, t) in write_some(300, &mut c) {
-            c.write(blk * BLK as u64, &block_data(blk, t, BLK), false)
-                .await
-                .expect("write before kill");
-            acked.insert(blk, t);
+        let tags = Arc::new(AtomicU64::new(1));
+        let mut writers = Vec::new();
+        for w in 0..4u64 {
+            let (acked, stop, tags, addr) =
+                (acked.clone(), stop.clone(), tags.clone(), eng.addr.clone());
+            writers.push(tokio::spawn(async move {
+                let mut c = NbdClient::connect(&addr, "kv").await.expect("nbd connect");
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let tag = tags.fetch_add(1, Ordering::SeqCst);
+                    let blk = ((i * 7919) % (blocks / 4)) * 4 + w;
+                    i += 1;
+                    c.write(blk * BLK as u64, &block_data(blk, tag, BLK), false)
+                        .await
+                        .unwrap_or_else(|e| panic!("write {tag} to block {blk} failed: {e}"));
+                    acked.lock().expect("lock").insert(blk, tag);
+                }
+                c.flush().await.expect("flush");
+            }));
         }
-        c.flush().await.expect("flush");
-        // SIGKILL replica 1 in the middle of continuous writes.
+        until_acked(&acked, 200, "writes before the kill").await;
+        // SIGKILL replica 1 while the writers keep going.
         reps[1].kill();
-        for (blk, t) in write_some(300, &mut c) {
-            c.write(blk * BLK as u64, &block_data(blk, t, BLK), false)
-                .await
-                .expect("writes continue with a replica down");
-            acked.insert(blk, t);
+        let before = acked.lock().expect("lock").len();
+        until_acked(&acked, before + 200, "writes with a replica down").await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while failed_set(&state).unwrap_or_default() != vec!["replica-1".to_string()] {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the failure was not recorded"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let failed = failed_set(&state).unwrap_or_default();
-        assert_eq!(
-            failed,
-            vec!["replica-1".to_string()],
-            "the failure must be recorded"
-        );
-        // Bring it back on the same port; the engine rebuilds it while writes go on.
+        // Bring it back on the same port; the engine rebuilds it while the writes go on.
         let addr1 = reps[1].addr.clone();
         reps[1] = start_replica(tmp.path(), 1, &addr1, "64MiB");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        loop {
-            for (blk, t) in write_some(20, &mut c) {
-                c.write(blk * BLK as u64, &block_data(blk, t, BLK), false)
-                    .await
-                    .expect("write during rebuild");
-                acked.insert(blk, t);
-            }
-            if failed_set(&state).is_some_and(|f| f.is_empty()) {
-                break;
-            }
+        while !failed_set(&state).is_some_and(|f| f.is_empty()) {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "rebuild did not finish"
             );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        for (blk, t) in write_some(100, &mut c) {
-            c.write(blk * BLK as u64, &block_data(blk, t, BLK), false)
-                .await
-                .expect("write after rebuild");
-            acked.insert(blk, t);
+        let after = acked.lock().expect("lock").len();
+        until_acked(
+            &acked,
+            (after + 100).min(blocks as usize),
+            "writes after the rebuild",
+        )
+        .await;
+        stop.store(true, Ordering::SeqCst);
+        for w in writers {
+            w.await.expect("writer");
         }
-        c.flush().await.expect("flush");
         // Every acknowledged write reads back.
+        let mut c = NbdClient::connect(&eng.addr, "kv")
+            .await
+            .expect("nbd connect");
+        let acked = acked.lock().expect("lock").clone();
         for (blk, t) in &acked {
             let got = c.read(blk * BLK as u64, BLK as u32).await.expect("read");
             assert!(
@@ -348,6 +362,10 @@ fn replica_sigkill_under_writes_then_rebuild() {
         assert!(
             hashes.iter().all(|h| h == &hashes[0]),
             "replicas differ: {hashes:?}"
+        );
+        println!(
+            "{} blocks written and verified; replicas identical",
+            acked.len()
         );
     });
     drop(eng);
