@@ -600,6 +600,7 @@ impl Engine {
         let _c = self.control.lock().await;
         let slot = ReplicaSlot::new(name, addr, client, Mode::WO);
         let slow = self.cfg.io_timeout * 4;
+        let snap = format!("rebuild-{:016x}", rand::random::<u64>());
         let source;
         {
             // A consistent point: no I/O in flight while the chains are aligned and sealed.
@@ -640,8 +641,7 @@ impl Engine {
                 v.push(slot.clone());
                 *set = Arc::new(v);
             }
-            let snap = format!("rebuild-{:016x}", rand::random::<u64>());
-            if let Err(e) = self.snapshot_locked(Some(snap), false).await {
+            if let Err(e) = self.snapshot_locked(Some(snap.clone()), false).await {
                 self.remove_slot(&slot);
                 return Err(e);
             }
@@ -667,6 +667,14 @@ impl Engine {
                 .await
                 .map_err(EngineError::Hook)?;
             slot.mode.store(Mode::RW.as_u8(), Ordering::SeqCst);
+        }
+        // The rebuild's snapshot served its purpose; folding the (small) head down into it keeps
+        // rebuilds from piling up system snapshots.
+        if let Err(e) = self
+            .broadcast(|_| Request::DeleteSnapshot { name: snap.clone() })
+            .await
+        {
+            tracing::warn!(volume = %self.cfg.volume, snapshot = %snap, error = %e, "could not drop the rebuild snapshot");
         }
         let stats = RebuildStats {
             total: slot.progress.total.load(Ordering::Relaxed),

@@ -286,6 +286,29 @@ async fn rebuild_copies_only_what_differs() {
         replica_image(&addr2, 1).await == a,
         "rebuilt replica differs"
     );
+    // The rebuild's own snapshot is folded away on every replica.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let layers = engine.layers().await.expect("layers");
+        let names: Vec<_> = layers.iter().filter_map(|l| l.meta.name.clone()).collect();
+        let merged = c.services.iter().all(|s| !s.read_store().merge_pending());
+        if merged && names == vec!["base".to_string()] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rebuild snapshot left behind: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        replica_image(&addr2, 1).await == a,
+        "rebuilt replica differs after the fold"
+    );
+    assert!(
+        replica_image(&c.replicas[0].1, 1).await == a,
+        "source changed after the fold"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

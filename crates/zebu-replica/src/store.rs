@@ -99,6 +99,9 @@ pub struct ReplicaStore {
     generation: u64,
     flush_seq: u64,
     layers: Vec<Layer>,
+    /// A delete of the snapshot right below the head, done by folding the (smaller) head down into
+    /// it: the snapshot's id and the head clusters already copied (and not rewritten since).
+    merge_down: Option<(LayerId, ClusterMap)>,
 }
 
 fn data_name(id: LayerId) -> String {
@@ -213,6 +216,7 @@ impl ReplicaStore {
             generation: meta.generation,
             flush_seq: meta.flush_seq.max(head_seq),
             layers,
+            merge_down: None,
         };
         store.scrub_head()?;
         Ok(store)
@@ -403,6 +407,7 @@ impl ReplicaStore {
         let head = self.head();
         head.data.write_at(data, offset).at(&head.data_path)?;
         self.allocate_head(first, last);
+        self.touch_merge_down(first, last + 1);
         Ok(())
     }
 
@@ -456,7 +461,17 @@ impl ReplicaStore {
             }
         }
         self.head_mut().dirty = true;
+        self.touch_merge_down(full_first, full_end);
         Ok(())
+    }
+
+    /// Head clusters rewritten during a fold-down must be copied again.
+    fn touch_merge_down(&mut self, first: u64, end: u64) {
+        if let Some((_, copied)) = self.merge_down.as_mut() {
+            for c in first..end {
+                copied.clear(c);
+            }
+        }
     }
 
     fn flush_layer(&mut self, i: usize) -> Result<bool> {
@@ -506,6 +521,7 @@ impl ReplicaStore {
 
     /// Seals the head as snapshot `spec.name` and starts an empty head. O(1): no data is copied.
     pub fn snapshot(&mut self, spec: &SnapshotSpec) -> Result<()> {
+        self.merge_down = None;
         if spec.name.is_empty() || spec.name.len() > 255 {
             return Err(StoreError::Invalid(
                 "snapshot name must be 1–255 bytes".into(),
@@ -582,6 +598,16 @@ impl ReplicaStore {
             return Ok(false);
         };
         let c_idx = s + 1;
+        let head = self.layers.len() - 1;
+        let folding = self
+            .merge_down
+            .as_ref()
+            .is_some_and(|(id, _)| *id == self.layers[s].meta.id);
+        if c_idx == head && (folding || self.layers[head].map.count() <= self.layers[s].map.count())
+        {
+            return self.fold_down_step(s, budget);
+        }
+        self.merge_down = None;
         let cs = self.cs;
         let mut todo = Vec::new();
         for r in self.layers[s].map.runs_in(0, u64::MAX) {
@@ -623,6 +649,66 @@ impl ReplicaStore {
         Ok(self.merge_pending())
     }
 
+    /// One step of deleting the snapshot `s` right below the head by copying the head's clusters
+    /// down into it; when all are copied, `s` becomes the head and the old head goes. Costs the
+    /// head's data, not the snapshot's. Writes during the fold are copied again.
+    fn fold_down_step(&mut self, s: usize, budget: u64) -> Result<bool> {
+        let h = s + 1;
+        let sid = self.layers[s].meta.id;
+        if self.merge_down.as_ref().is_none_or(|(id, _)| *id != sid) {
+            self.merge_down = Some((sid, ClusterMap::new()));
+        }
+        let cs = self.cs;
+        let todo: Vec<u64> = {
+            let copied = self.merge_down.as_ref().map(|(_, c)| c);
+            self.layers[h]
+                .map
+                .runs()
+                .into_iter()
+                .flat_map(|r| r.start..r.end())
+                .filter(|c| !copied.is_some_and(|m| m.get(*c)))
+                .take(budget.max(1) as usize)
+                .collect()
+        };
+        if !todo.is_empty() {
+            let mut buf = vec![0u8; cs as usize];
+            for c in todo {
+                let src = &self.layers[h];
+                src.data.read_at(&mut buf, c * cs).at(&src.data_path)?;
+                let dst = &mut self.layers[s];
+                dst.data.write_at(&buf, c * cs).at(&dst.data_path)?;
+                if !dst.map.get(c) {
+                    dst.map.set(c);
+                    push_change(&mut dst.pending, c, true);
+                }
+                dst.dirty = true;
+                if let Some((_, copied)) = self.merge_down.as_mut() {
+                    copied.set(c);
+                }
+            }
+            return Ok(true);
+        }
+        // Every head cluster is in `s`: make it durable, then make `s` the head.
+        self.flush_layer(s)?;
+        let mut meta = self.chain_meta();
+        let old_head = meta.layers.remove(h);
+        let sm = &mut meta.layers[s];
+        sm.name = None;
+        sm.deleting = false;
+        sm.in_sync = false;
+        sm.user_created = false;
+        sm.created = old_head.created;
+        sm.rev += 1;
+        meta.store(&*self.vfs, &self.dir)?;
+        let removed = self.layers.remove(h);
+        self.layers[s].meta = meta.layers[s].clone();
+        // The old head's pending allocation changes are moot: its clusters now live in `s`.
+        self.merge_down = None;
+        self.remove_layer_files(removed.meta.id);
+        self.scrub_head()?;
+        Ok(self.merge_pending())
+    }
+
     fn remove_layer_files(&self, id: LayerId) {
         for n in [data_name(id), map_name(id)] {
             let p = self.dir.join(n);
@@ -636,6 +722,7 @@ impl ReplicaStore {
     /// Reverts the volume to snapshot `name`: the head and every snapshot newer than `name` are
     /// discarded and an empty head on top of `name` takes their place.
     pub fn revert(&mut self, name: &str, new_head: LayerId, created: u64) -> Result<()> {
+        self.merge_down = None;
         let i = self.snapshot_index(name)?;
         if self.layers[i].meta.deleting {
             return Err(StoreError::Invalid(format!(
@@ -872,6 +959,7 @@ impl ReplicaStore {
     /// layers with a known id are kept with their data, new ones start empty and out of sync,
     /// the rest are dropped.
     pub fn reset_chain(&mut self, specs: &[LayerMeta]) -> Result<()> {
+        self.merge_down = None;
         if specs.is_empty() {
             return Err(StoreError::Invalid(
                 "a chain needs at least one layer".into(),

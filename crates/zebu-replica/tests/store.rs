@@ -50,6 +50,7 @@ enum Op {
     Snapshot,
     Delete(usize),
     Merge,
+    Step,
     Revert(usize),
     Reopen,
 }
@@ -62,13 +63,14 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Snapshot),
         1 => (0usize..8).prop_map(Op::Delete),
         1 => Just(Op::Merge),
+        2 => Just(Op::Step),
         1 => (0usize..8).prop_map(Op::Revert),
         1 => Just(Op::Reopen),
     ]
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(256))]
     /// Every view (head and each snapshot) always equals a plain in-memory model.
     #[test]
     fn store_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
@@ -108,6 +110,9 @@ proptest! {
                     }
                 }
                 Op::Merge => while st.merge_step(3).expect("merge") {},
+                Op::Step => {
+                    st.merge_step(2).expect("merge step");
+                }
                 Op::Revert(i) => {
                     if !snaps.is_empty() {
                         let i = i % snaps.len();
@@ -437,4 +442,41 @@ fn index_memory_per_tib_ten_layers() {
     );
     drop(st);
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// Deleting the snapshot right below a small head folds the head down into it: the cost is the
+/// head's data, writes during the fold are kept, and the snapshot's layer becomes the head.
+#[test]
+fn delete_below_head_folds_the_head_down() {
+    let vfs: Arc<dyn Vfs> = Arc::new(SimVfs::new());
+    let dir = PathBuf::from("/f");
+    let mut st = create(vfs.clone(), &dir, 4 << 20, 65536);
+    st.write(0, &fill(1, 4 << 20)).expect("write");
+    st.snapshot(&spec("big", 2)).expect("snapshot");
+    st.write(65536, &fill(2, 3 * BLK)).expect("write");
+    st.write(3 << 20, &fill(3, BLK)).expect("write");
+    st.delete_snapshot("big").expect("delete");
+    assert!(st.merge_step(1).expect("step"), "more to do");
+    // A write to a cluster already copied down, during the fold.
+    st.write(65536 + 512, &fill(4, 512)).expect("write");
+    while st.merge_step(1).expect("step") {}
+    let layers = st.layers();
+    assert_eq!(layers.len(), 1, "{layers:?}");
+    assert_eq!(
+        layers[0].meta.id,
+        LayerId(1),
+        "the snapshot's layer became the head"
+    );
+    let mut want = fill(1, 4 << 20);
+    want[65536..65536 + 3 * BLK].copy_from_slice(&fill(2, 3 * BLK));
+    want[(3 << 20)..(3 << 20) + BLK].copy_from_slice(&fill(3, BLK));
+    want[65536 + 512..65536 + 1024].copy_from_slice(&fill(4, 512));
+    let mut got = vec![0u8; 4 << 20];
+    st.read(0, &mut got).expect("read");
+    assert!(got == want);
+    st.flush().expect("flush");
+    drop(st);
+    let st = ReplicaStore::open(vfs, &dir).expect("reopen");
+    st.read(0, &mut got).expect("read");
+    assert!(got == want, "after reopen");
 }
