@@ -1,0 +1,377 @@
+//! The REST API under `/v1`: JSON in and out, bearer-token auth on everything but
+//! `GET /v1/health`, errors as `{"code","message"}` with 4xx for bad input.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::controller::{self, Manager};
+use crate::model::*;
+use crate::store::{self, StoreError};
+
+/// An API error: HTTP status, a stable code and a one-line message.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn bad(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"code": self.code, "message": self.message})),
+        )
+            .into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match &e {
+            StoreError::NotFound { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, "NotFound", e.to_string())
+            }
+            StoreError::Exists { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "AlreadyExists", e.to_string())
+            }
+            StoreError::Conflict { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "Conflict", e.to_string())
+            }
+            StoreError::Backend(_) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "StoreError",
+                e.to_string(),
+            ),
+        }
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+fn authorize(m: &Manager, headers: &HeaderMap) -> Result<(), ApiError> {
+    let got = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match got {
+        Some(t) if controller::constant_time_eq(t.as_bytes(), m.token.as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "the bearer token is wrong",
+        )),
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "missing bearer token (Authorization: Bearer <token from DATA_DIR/api-token>)",
+        )),
+    }
+}
+
+/// Parses a JSON body, turning syntax and shape errors into 400s.
+fn body<T: serde::de::DeserializeOwned>(raw: &axum::body::Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(raw)
+        .map_err(|e| ApiError::bad("InvalidBody", format!("invalid request body: {e}")))
+}
+
+pub fn router(m: Arc<Manager>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/v1/volumes/{name}", get(get_volume).delete(delete_volume))
+        .route("/v1/volumes/{name}/attach", post(attach_volume))
+        .route("/v1/volumes/{name}/detach", post(detach_volume))
+        .route("/v1/volumes/{name}/expand", post(expand_volume))
+        .route("/v1/replicas", get(list_replicas))
+        .route(
+            "/v1/replicas/{name}",
+            get(get_replica).delete(delete_replica),
+        )
+        .route("/v1/engines", get(list_engines))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{name}", get(get_node))
+        .route("/v1/nodes/{name}/heartbeat", post(heartbeat))
+        .route("/v1/replica-events", post(replica_event))
+        .route("/v1/settings", get(list_settings))
+        .route("/v1/settings/{name}", put(put_setting))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(m)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such endpoint")
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn openapi(State(m): State<Arc<Manager>>, h: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&m, &h)?;
+    Ok((
+        [("content-type", "application/json")],
+        crate::openapi::DOCUMENT,
+    )
+        .into_response())
+}
+
+async fn metrics(State(m): State<Arc<Manager>>, h: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&m, &h)?;
+    Ok((
+        [("content-type", "text/plain; version=0.0.4")],
+        m.metrics_text(),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateVolume {
+    pub name: String,
+    pub size: u64,
+    #[serde(default = "three")]
+    pub replicas: u32,
+}
+
+fn three() -> u32 {
+    3
+}
+
+async fn list_volumes(State(m): State<Arc<Manager>>, h: HeaderMap) -> ApiResult<Vec<Volume>> {
+    authorize(&m, &h)?;
+    Ok(Json(store::list::<Volume>(&*m.store)?))
+}
+
+async fn create_volume(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    raw: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Volume>), ApiError> {
+    authorize(&m, &h)?;
+    let req: CreateVolume = body(&raw)?;
+    let v = m.create_volume(&req.name, req.size, req.replicas)?;
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    zebu_types::validate_name(name).map_err(|e| ApiError::bad("InvalidName", e.to_string()))
+}
+
+fn found<T>(o: Option<T>, kind: &str, name: &str) -> Result<T, ApiError> {
+    o.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("{kind} {name:?} not found"),
+        )
+    })
+}
+
+async fn get_volume(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Volume> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    Ok(Json(found(
+        store::get::<Volume>(&*m.store, &name)?,
+        "volume",
+        &name,
+    )?))
+}
+
+async fn delete_volume(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Volume>), ApiError> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    Ok((StatusCode::ACCEPTED, Json(m.delete_volume(&name)?)))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct AttachReq {
+    #[serde(default)]
+    node: Option<String>,
+}
+
+async fn attach_volume(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    raw: axum::body::Bytes,
+) -> ApiResult<Volume> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    let req: AttachReq = if raw.is_empty() {
+        AttachReq::default()
+    } else {
+        body(&raw)?
+    };
+    Ok(Json(m.attach_volume(&name, req.node.as_deref())?))
+}
+
+async fn detach_volume(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Volume> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    Ok(Json(m.detach_volume(&name)?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ExpandReq {
+    size: u64,
+}
+
+async fn expand_volume(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    raw: axum::body::Bytes,
+) -> ApiResult<Volume> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    let req: ExpandReq = body(&raw)?;
+    Ok(Json(m.expand_volume(&name, req.size)?))
+}
+
+#[derive(Debug, Deserialize)]
+struct ReplicaQuery {
+    volume: Option<String>,
+}
+
+async fn list_replicas(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Query(q): Query<ReplicaQuery>,
+) -> ApiResult<Vec<Replica>> {
+    authorize(&m, &h)?;
+    let all = store::list::<Replica>(&*m.store)?;
+    Ok(Json(
+        all.into_iter()
+            .filter(|r| q.volume.as_ref().is_none_or(|v| &r.spec.volume == v))
+            .collect(),
+    ))
+}
+
+async fn get_replica(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Replica> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    Ok(Json(found(
+        store::get::<Replica>(&*m.store, &name)?,
+        "replica",
+        &name,
+    )?))
+}
+
+async fn delete_replica(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Replica>), ApiError> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    Ok((StatusCode::ACCEPTED, Json(m.delete_replica(&name)?)))
+}
+
+async fn list_engines(State(m): State<Arc<Manager>>, h: HeaderMap) -> ApiResult<Vec<Engine>> {
+    authorize(&m, &h)?;
+    Ok(Json(store::list::<Engine>(&*m.store)?))
+}
+
+async fn list_nodes(State(m): State<Arc<Manager>>, h: HeaderMap) -> ApiResult<Vec<Node>> {
+    authorize(&m, &h)?;
+    Ok(Json(store::list::<Node>(&*m.store)?))
+}
+
+async fn get_node(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Node> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    Ok(Json(found(
+        store::get::<Node>(&*m.store, &name)?,
+        "node",
+        &name,
+    )?))
+}
+
+async fn heartbeat(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    raw: axum::body::Bytes,
+) -> ApiResult<Assignments> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    let hb: Heartbeat = body(&raw)?;
+    Ok(Json(m.heartbeat(&name, hb)?))
+}
+
+async fn replica_event(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    raw: axum::body::Bytes,
+) -> ApiResult<Replica> {
+    authorize(&m, &h)?;
+    let ev: ReplicaEvent = body(&raw)?;
+    Ok(Json(m.replica_event(&ev)?))
+}
+
+async fn list_settings(State(m): State<Arc<Manager>>, h: HeaderMap) -> ApiResult<Vec<Setting>> {
+    authorize(&m, &h)?;
+    Ok(Json(m.settings()?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SettingReq {
+    value: String,
+}
+
+async fn put_setting(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    raw: axum::body::Bytes,
+) -> ApiResult<Setting> {
+    authorize(&m, &h)?;
+    let req: SettingReq = body(&raw)?;
+    Ok(Json(m.put_setting(&name, &req.value)?))
+}

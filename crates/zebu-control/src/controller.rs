@@ -1,0 +1,966 @@
+//! The manager: API operations on desired state, the node heartbeat exchange, the engine's
+//! replica events, and the level-triggered reconcile loop (node liveness, replica scheduling and
+//! replacement, engine placement, volume state and robustness).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::http::StatusCode;
+
+use crate::api::ApiError;
+use crate::model::*;
+use crate::store::{self, Store, StoreError};
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Compares secrets without an early exit.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads the API token from `DATA_DIR/api-token`, creating it (mode 0600) on first start.
+pub fn load_or_create_token(data_dir: &Path) -> std::io::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let p = data_dir.join("api-token");
+    match std::fs::read_to_string(&p) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let token = format!(
+        "{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    );
+    let tmp = data_dir.join("api-token.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(token.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &p)?;
+    std::fs::File::open(data_dir)?.sync_all()?;
+    Ok(token)
+}
+
+pub struct Manager {
+    pub store: Arc<dyn Store>,
+    pub token: String,
+    /// The node of an all-in-one server: where `attach` goes when no node is named.
+    pub local_node: Option<String>,
+    reconciles: AtomicU64,
+    reconcile_errors: AtomicU64,
+}
+
+fn conflict(code: &'static str, msg: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, code, msg)
+}
+
+fn not_found(kind: &str, name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        format!("{kind} {name:?} not found"),
+    )
+}
+
+impl Manager {
+    pub fn new(
+        store: Arc<dyn Store>,
+        token: String,
+        local_node: Option<String>,
+    ) -> Result<Arc<Manager>, StoreError> {
+        let m = Arc::new(Manager {
+            store,
+            token,
+            local_node,
+            reconciles: AtomicU64::new(0),
+            reconcile_errors: AtomicU64::new(0),
+        });
+        for (name, value, _) in SETTINGS {
+            if store::get::<Setting>(&*m.store, name)?.is_none() {
+                let s = Setting {
+                    metadata: Meta {
+                        name: name.to_string(),
+                        ..Default::default()
+                    },
+                    value: value.to_string(),
+                };
+                match store::create(&*m.store, &s) {
+                    Ok(_) | Err(StoreError::Exists { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    fn setting(&self, name: &str) -> String {
+        if let Ok(Some(s)) = store::get::<Setting>(&*self.store, name) {
+            return s.value;
+        }
+        SETTINGS
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .map(|(_, v, _)| v.to_string())
+            .unwrap_or_default()
+    }
+
+    fn setting_u64(&self, name: &str) -> u64 {
+        self.setting(name).parse().unwrap_or(0)
+    }
+
+    pub fn settings(&self) -> Result<Vec<Setting>, ApiError> {
+        Ok(store::list::<Setting>(&*self.store)?)
+    }
+
+    pub fn put_setting(&self, name: &str, value: &str) -> Result<Setting, ApiError> {
+        let Some((_, _, _)) = SETTINGS.iter().find(|(n, _, _)| *n == name) else {
+            return Err(not_found("setting", name));
+        };
+        let ok = match name {
+            "replica-soft-anti-affinity" => value == "true" || value == "false",
+            _ => value.parse::<u64>().is_ok_and(|v| v > 0),
+        };
+        if !ok {
+            return Err(ApiError::bad(
+                "InvalidSetting",
+                format!("{value:?} is not a valid value for {name}"),
+            ));
+        }
+        store::modify::<Setting>(&*self.store, name, |s| {
+            let changed = s.value != value;
+            s.value = value.to_string();
+            changed
+        })?
+        .ok_or_else(|| not_found("setting", name))
+    }
+
+    fn up_nodes(&self) -> Result<Vec<Node>, ApiError> {
+        Ok(store::list::<Node>(&*self.store)?
+            .into_iter()
+            .filter(|n| n.status.state == "up")
+            .collect())
+    }
+
+    pub fn create_volume(&self, name: &str, size: u64, replicas: u32) -> Result<Volume, ApiError> {
+        zebu_types::validate_name(name).map_err(|e| ApiError::bad("InvalidName", e.to_string()))?;
+        let max = self.setting_u64("max-volume-size");
+        if size == 0 {
+            return Err(ApiError::bad("InvalidSize", "size must be greater than 0"));
+        }
+        if size % 4096 != 0 {
+            return Err(ApiError::bad(
+                "InvalidSize",
+                format!("size {size} is not a multiple of 4096 bytes"),
+            ));
+        }
+        if size > max {
+            return Err(ApiError::bad(
+                "InvalidSize",
+                format!("size {size} exceeds the limit of {max} bytes"),
+            ));
+        }
+        if replicas == 0 || replicas > 16 {
+            return Err(ApiError::bad(
+                "InvalidReplicas",
+                format!("replica count {replicas} must be between 1 and 16"),
+            ));
+        }
+        if self.setting("replica-soft-anti-affinity") != "true" {
+            let n = self
+                .up_nodes()?
+                .iter()
+                .filter(|n| n.spec.allow_scheduling)
+                .count();
+            if (replicas as usize) > n {
+                return Err(ApiError::bad(
+                    "InsufficientNodes",
+                    format!(
+                        "{replicas} replicas need {replicas} nodes under hard anti-affinity; {n} are up"
+                    ),
+                ));
+            }
+        }
+        let v = Volume {
+            metadata: Meta {
+                name: name.to_string(),
+                ..Default::default()
+            },
+            spec: VolumeSpec {
+                size,
+                replicas,
+                ..Default::default()
+            },
+            status: VolumeStatus {
+                state: VolumeState::Creating,
+                robustness: Robustness::Unknown,
+                ..Default::default()
+            },
+        };
+        Ok(store::create(&*self.store, &v)?)
+    }
+
+    fn get_volume(&self, name: &str) -> Result<Volume, ApiError> {
+        store::get::<Volume>(&*self.store, name)?.ok_or_else(|| not_found("volume", name))
+    }
+
+    pub fn delete_volume(&self, name: &str) -> Result<Volume, ApiError> {
+        let v = self.get_volume(name)?;
+        if v.spec.node.is_some()
+            || matches!(
+                v.status.state,
+                VolumeState::Attached | VolumeState::Attaching
+            )
+        {
+            return Err(conflict(
+                "VolumeAttached",
+                format!("volume {name:?} is attached; detach it first"),
+            ));
+        }
+        let out = store::modify::<Volume>(&*self.store, name, |v| {
+            if v.metadata.deletion_requested.is_some() {
+                return false;
+            }
+            v.metadata.deletion_requested = Some(now());
+            v.status.state = VolumeState::Deleting;
+            true
+        })?;
+        out.ok_or_else(|| not_found("volume", name))
+    }
+
+    pub fn attach_volume(&self, name: &str, node: Option<&str>) -> Result<Volume, ApiError> {
+        let v = self.get_volume(name)?;
+        if v.metadata.deletion_requested.is_some() {
+            return Err(conflict(
+                "VolumeDeleting",
+                format!("volume {name:?} is being deleted"),
+            ));
+        }
+        let node = match node.map(str::to_string).or_else(|| self.local_node.clone()) {
+            Some(n) => n,
+            None => self
+                .up_nodes()?
+                .first()
+                .map(|n| n.metadata.name.clone())
+                .ok_or_else(|| conflict("NoNodes", "no node is up to attach to"))?,
+        };
+        zebu_types::validate_name(&node)
+            .map_err(|e| ApiError::bad("InvalidName", e.to_string()))?;
+        let n = store::get::<Node>(&*self.store, &node)?.ok_or_else(|| not_found("node", &node))?;
+        if n.status.state != "up" {
+            return Err(conflict("NodeDown", format!("node {node:?} is down")));
+        }
+        if let Some(cur) = &v.spec.node {
+            if cur != &node {
+                return Err(conflict(
+                    "AlreadyAttached",
+                    format!("volume {name:?} is attached to node {cur:?}"),
+                ));
+            }
+        }
+        store::modify::<Volume>(&*self.store, name, |v| {
+            if v.spec.node.as_deref() == Some(node.as_str()) {
+                return false;
+            }
+            v.spec.node = Some(node.clone());
+            true
+        })?
+        .ok_or_else(|| not_found("volume", name))
+    }
+
+    pub fn detach_volume(&self, name: &str) -> Result<Volume, ApiError> {
+        self.get_volume(name)?;
+        store::modify::<Volume>(&*self.store, name, |v| v.spec.node.take().is_some())?
+            .ok_or_else(|| not_found("volume", name))
+    }
+
+    pub fn expand_volume(&self, name: &str, size: u64) -> Result<Volume, ApiError> {
+        let v = self.get_volume(name)?;
+        if size <= v.spec.size || size % 4096 != 0 || size > self.setting_u64("max-volume-size") {
+            return Err(ApiError::bad(
+                "InvalidSize",
+                format!(
+                    "new size {size} must be larger than {}, a multiple of 4096 and within the limit",
+                    v.spec.size
+                ),
+            ));
+        }
+        if v.spec.node.is_some() || v.status.state != VolumeState::Detached {
+            return Err(conflict(
+                "VolumeAttached",
+                format!("volume {name:?} must be detached to expand"),
+            ));
+        }
+        store::modify::<Volume>(&*self.store, name, |v| {
+            v.spec.size = size;
+            true
+        })?
+        .ok_or_else(|| not_found("volume", name))
+    }
+
+    pub fn delete_replica(&self, name: &str) -> Result<Replica, ApiError> {
+        let r =
+            store::get::<Replica>(&*self.store, name)?.ok_or_else(|| not_found("replica", name))?;
+        let others_healthy = store::list::<Replica>(&*self.store)?.iter().any(|o| {
+            o.spec.volume == r.spec.volume
+                && o.metadata.name != r.metadata.name
+                && o.metadata.deletion_requested.is_none()
+                && o.status.failed_at.is_none()
+        });
+        if !others_healthy && r.status.failed_at.is_none() {
+            return Err(conflict(
+                "LastHealthyReplica",
+                format!(
+                    "replica {name:?} is the last healthy copy of volume {:?}",
+                    r.spec.volume
+                ),
+            ));
+        }
+        store::modify::<Replica>(&*self.store, name, |r| {
+            if r.metadata.deletion_requested.is_some() {
+                return false;
+            }
+            r.metadata.deletion_requested = Some(now());
+            true
+        })?
+        .ok_or_else(|| not_found("replica", name))
+    }
+
+    /// Records a node's report and answers with what it should run.
+    pub fn heartbeat(&self, node: &str, hb: Heartbeat) -> Result<Assignments, ApiError> {
+        let t = now();
+        let status = |s: &mut NodeStatus| {
+            let changed = s.state != "up"
+                || s.address != hb.address
+                || s.nbd_address != hb.nbd_address
+                || s.disks != hb.disks;
+            s.state = "up".into();
+            s.address = hb.address.clone();
+            s.nbd_address = hb.nbd_address.clone();
+            s.disks = hb.disks.clone();
+            // Liveness is recorded at most once a second per node.
+            let stale = t > s.last_heartbeat;
+            s.last_heartbeat = t;
+            changed || stale
+        };
+        match store::modify::<Node>(&*self.store, node, |n| status(&mut n.status))? {
+            Some(_) => {}
+            None => {
+                let mut n = Node {
+                    metadata: Meta {
+                        name: node.to_string(),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                n.spec.allow_scheduling = true;
+                status(&mut n.status);
+                match store::create(&*self.store, &n) {
+                    Ok(_) | Err(StoreError::Exists { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        let reported: HashMap<&str, &ReplicaReport> =
+            hb.replicas.iter().map(|r| (r.name.as_str(), r)).collect();
+        for rr in &hb.replicas {
+            store::modify::<Replica>(&*self.store, &rr.name, |r| {
+                if r.spec.node != node {
+                    return false;
+                }
+                let addr = Some(rr.address.clone());
+                let changed = r.status.address != addr
+                    || r.status.state != "running"
+                    || r.status.flush_seq != rr.flush_seq;
+                r.status.address = addr;
+                r.status.state = "running".into();
+                r.status.flush_seq = rr.flush_seq;
+                changed
+            })?;
+        }
+        for er in &hb.engines {
+            let Some(e) = store::get::<Engine>(&*self.store, &er.volume)? else {
+                continue;
+            };
+            if e.spec.generation != er.generation || e.spec.node != node {
+                continue;
+            }
+            store::modify::<Engine>(&*self.store, &er.volume, |e| {
+                let uri = Some(er.nbd_uri.clone());
+                let changed = e.status.state != "running" || e.status.nbd_uri != uri;
+                e.status.state = "running".into();
+                e.status.nbd_uri = uri;
+                changed
+            })?;
+            for rm in &er.replicas {
+                self.record_mode(
+                    &rm.name,
+                    &er.volume,
+                    rm.mode,
+                    Some((rm.rebuild_copied, rm.rebuild_skipped)),
+                )?;
+            }
+        }
+        let mut a = Assignments::default();
+        for r in store::list::<Replica>(&*self.store)? {
+            if r.spec.node != node {
+                continue;
+            }
+            if r.metadata.deletion_requested.is_some() {
+                if reported.contains_key(r.metadata.name.as_str()) {
+                    a.delete_replicas.push(r.metadata.name.clone());
+                } else {
+                    // The node no longer has it: the deletion is complete.
+                    match store::delete(&*self.store, &r) {
+                        Ok(())
+                        | Err(StoreError::NotFound { .. })
+                        | Err(StoreError::Conflict { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                continue;
+            }
+            a.replicas.push(ReplicaAssignment {
+                name: r.metadata.name.clone(),
+                volume: r.spec.volume.clone(),
+                disk: r.spec.disk.clone(),
+                size: r.spec.size,
+            });
+        }
+        for e in store::list::<Engine>(&*self.store)? {
+            if e.spec.node == node {
+                a.engines.push(e.spec);
+            }
+        }
+        Ok(a)
+    }
+
+    fn record_mode(
+        &self,
+        replica: &str,
+        volume: &str,
+        mode: ReplicaMode,
+        rebuild: Option<(u64, u64)>,
+    ) -> Result<Option<Replica>, ApiError> {
+        Ok(store::modify::<Replica>(&*self.store, replica, |r| {
+            if r.spec.volume != volume {
+                return false;
+            }
+            let before = r.status.clone();
+            r.status.mode = Some(mode);
+            match mode {
+                ReplicaMode::RW => r.status.failed_at = None,
+                ReplicaMode::ERR | ReplicaMode::WO => {
+                    if r.status.failed_at.is_none() {
+                        r.status.failed_at = Some(now());
+                    }
+                }
+            }
+            if let Some((c, s)) = rebuild {
+                r.status.rebuild_copied = c;
+                r.status.rebuild_skipped = s;
+            }
+            r.status != before
+        })?)
+    }
+
+    /// An engine reports a membership change; it is durable when this returns.
+    pub fn replica_event(&self, ev: &ReplicaEvent) -> Result<Replica, ApiError> {
+        let e = store::get::<Engine>(&*self.store, &ev.volume)?;
+        if e.as_ref()
+            .is_none_or(|e| e.spec.generation != ev.generation)
+        {
+            return Err(conflict(
+                "Fenced",
+                format!(
+                    "engine generation {} of volume {:?} is not current",
+                    ev.generation, ev.volume
+                ),
+            ));
+        }
+        if ev.mode == ReplicaMode::ERR {
+            tracing::warn!(volume = %ev.volume, replica = %ev.replica, reason = %ev.reason, "replica failed");
+        }
+        self.record_mode(&ev.replica, &ev.volume, ev.mode, None)?
+            .ok_or_else(|| not_found("replica", &ev.replica))
+    }
+
+    /// Runs the reconcile loop until the process ends: on every store change and every 500 ms.
+    pub async fn run(self: Arc<Self>) {
+        let mut events = self.store.watch();
+        loop {
+            self.reconciles.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.reconcile() {
+                self.reconcile_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e.message, "reconcile failed");
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(500), events.recv()).await;
+            // Coalesce bursts.
+            while events.try_recv().is_ok() {}
+        }
+    }
+
+    /// One pass over every object.
+    pub fn reconcile(&self) -> Result<(), ApiError> {
+        let t = now();
+        let s = &*self.store;
+        let down_after = self.setting_u64("node-down-timeout");
+        for n in store::list::<Node>(s)? {
+            if n.status.state == "up" && t.saturating_sub(n.status.last_heartbeat) > down_after {
+                tracing::warn!(node = %n.metadata.name, "node missed its heartbeats; marking it down");
+                store::modify::<Node>(s, &n.metadata.name, |n| {
+                    let c = n.status.state != "down";
+                    n.status.state = "down".into();
+                    c
+                })?;
+            }
+        }
+        let nodes: HashMap<String, Node> = store::list::<Node>(s)?
+            .into_iter()
+            .map(|n| (n.metadata.name.clone(), n))
+            .collect();
+        let replicas = store::list::<Replica>(s)?;
+        let engines: HashMap<String, Engine> = store::list::<Engine>(s)?
+            .into_iter()
+            .map(|e| (e.spec.volume.clone(), e))
+            .collect();
+        let volumes = store::list::<Volume>(s)?;
+        let wait = self.setting_u64("replica-replenishment-wait-interval");
+        let soft = self.setting("replica-soft-anti-affinity") == "true";
+        for v in &volumes {
+            let name = v.metadata.name.clone();
+            let vreps: Vec<&Replica> = replicas.iter().filter(|r| r.spec.volume == name).collect();
+            // Replicas on nodes that are down count as failed.
+            for r in &vreps {
+                let up = nodes
+                    .get(&r.spec.node)
+                    .is_some_and(|n| n.status.state == "up");
+                if !up && r.metadata.deletion_requested.is_none() {
+                    store::modify::<Replica>(s, &r.metadata.name, |r| {
+                        let before = r.status.clone();
+                        r.status.state = "stopped".into();
+                        if r.status.failed_at.is_none() {
+                            r.status.failed_at = Some(t);
+                        }
+                        if r.status.mode == Some(ReplicaMode::RW) {
+                            r.status.mode = Some(ReplicaMode::ERR);
+                        }
+                        r.status != before
+                    })?;
+                }
+            }
+            let vreps: Vec<Replica> = store::list::<Replica>(s)?
+                .into_iter()
+                .filter(|r| r.spec.volume == name)
+                .collect();
+            if v.metadata.deletion_requested.is_some() {
+                if let Some(e) = engines.get(&name) {
+                    let _ = store::delete(s, e);
+                }
+                for r in &vreps {
+                    if r.metadata.deletion_requested.is_none() {
+                        store::modify::<Replica>(s, &r.metadata.name, |r| {
+                            r.metadata.deletion_requested = Some(t);
+                            true
+                        })?;
+                    }
+                }
+                if vreps.is_empty() {
+                    tracing::info!(volume = %name, "volume deleted");
+                    match store::delete(s, v) {
+                        Ok(())
+                        | Err(StoreError::NotFound { .. })
+                        | Err(StoreError::Conflict { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                continue;
+            }
+            let live: Vec<&Replica> = vreps
+                .iter()
+                .filter(|r| r.metadata.deletion_requested.is_none())
+                .collect();
+            let healthy = live.iter().filter(|r| r.status.failed_at.is_none()).count();
+            // A failed replica that did not come back within the wait is replaced, never the last
+            // good copy.
+            for r in &live {
+                if let Some(f) = r.status.failed_at {
+                    if t.saturating_sub(f) > wait && healthy > 0 {
+                        tracing::warn!(volume = %name, replica = %r.metadata.name, "replica did not return in time; replacing it");
+                        store::modify::<Replica>(s, &r.metadata.name, |r| {
+                            r.metadata.deletion_requested = Some(t);
+                            true
+                        })?;
+                    }
+                }
+            }
+            let live: Vec<Replica> = store::list::<Replica>(s)?
+                .into_iter()
+                .filter(|r| r.spec.volume == name && r.metadata.deletion_requested.is_none())
+                .collect();
+            if (live.len() as u32) < v.spec.replicas {
+                self.schedule_replica(v, &live, &nodes, soft)?;
+            }
+            // Expansion of a detached volume reaches its replicas.
+            for r in &live {
+                if r.spec.size < v.spec.size {
+                    store::modify::<Replica>(s, &r.metadata.name, |r| {
+                        r.spec.size = v.spec.size;
+                        true
+                    })?;
+                }
+            }
+            self.reconcile_engine(v, &live, engines.get(&name), &nodes)?;
+            self.update_volume_status(v, &live)?;
+        }
+        for e in engines.values() {
+            if !volumes.iter().any(|v| v.metadata.name == e.spec.volume) {
+                let _ = store::delete(s, e);
+            }
+        }
+        Ok(())
+    }
+
+    fn schedule_replica(
+        &self,
+        v: &Volume,
+        live: &[Replica],
+        nodes: &HashMap<String, Node>,
+        soft: bool,
+    ) -> Result<(), ApiError> {
+        let s = &*self.store;
+        let all = store::list::<Replica>(s)?;
+        // Bytes already promised per disk.
+        let mut scheduled: HashMap<(String, String), u64> = HashMap::new();
+        for r in &all {
+            *scheduled
+                .entry((r.spec.node.clone(), r.spec.disk.clone()))
+                .or_default() += r.spec.size;
+        }
+        let mut best: Option<(bool, u64, String, String)> = None;
+        for n in nodes.values() {
+            if n.status.state != "up" || !n.spec.allow_scheduling {
+                continue;
+            }
+            let has = live.iter().any(|r| r.spec.node == n.metadata.name);
+            if has && !soft {
+                continue;
+            }
+            for d in &n.status.disks {
+                let used = scheduled
+                    .get(&(n.metadata.name.clone(), d.path.clone()))
+                    .copied()
+                    .unwrap_or(0);
+                // Thin provisioning: allow scheduling up to twice the disk's capacity.
+                if used + v.spec.size > d.capacity.saturating_mul(2) {
+                    continue;
+                }
+                let free = d.capacity.saturating_mul(2) - used - v.spec.size;
+                let cand = (!has, free, n.metadata.name.clone(), d.path.clone());
+                if best.as_ref().is_none_or(|b| (cand.0, cand.1) > (b.0, b.1)) {
+                    best = Some(cand);
+                }
+            }
+        }
+        let Some((_, _, node, disk)) = best else {
+            store::modify::<Volume>(s, &v.metadata.name, |v| {
+                let msg = "no node with room for another replica".to_string();
+                let c = v.status.message != msg;
+                v.status.message = msg;
+                c
+            })?;
+            return Ok(());
+        };
+        let r = Replica {
+            metadata: Meta {
+                name: format!("{}-r-{:08x}", v.metadata.name, rand::random::<u32>()),
+                ..Default::default()
+            },
+            spec: ReplicaSpec {
+                volume: v.metadata.name.clone(),
+                node: node.clone(),
+                disk,
+                size: v.spec.size,
+            },
+            status: ReplicaStatus {
+                state: "pending".into(),
+                ..Default::default()
+            },
+        };
+        tracing::info!(volume = %v.metadata.name, replica = %r.metadata.name, %node, "scheduled replica");
+        store::create(s, &r)?;
+        Ok(())
+    }
+
+    fn engine_replicas(
+        &self,
+        live: &[Replica],
+        nodes: &HashMap<String, Node>,
+    ) -> Vec<EngineReplica> {
+        let mut out: Vec<EngineReplica> = live
+            .iter()
+            .filter_map(|r| {
+                r.status.address.as_ref().map(|a| EngineReplica {
+                    name: r.metadata.name.clone(),
+                    address: a.clone(),
+                    candidate: r.status.failed_at.is_none(),
+                })
+            })
+            .collect();
+        if !out.is_empty() && !out.iter().any(|e| e.candidate) {
+            // Salvage: every replica failed. Start from the freshest one whose node is up.
+            let fresh = live
+                .iter()
+                .filter(|r| r.status.address.is_some())
+                .filter(|r| {
+                    nodes
+                        .get(&r.spec.node)
+                        .is_some_and(|n| n.status.state == "up")
+                })
+                .max_by_key(|r| r.status.flush_seq);
+            if let Some(f) = fresh {
+                tracing::warn!(volume = %f.spec.volume, replica = %f.metadata.name, "salvaging from the freshest replica");
+                for e in out.iter_mut() {
+                    e.candidate = e.name == f.metadata.name;
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    fn reconcile_engine(
+        &self,
+        v: &Volume,
+        live: &[Replica],
+        engine: Option<&Engine>,
+        nodes: &HashMap<String, Node>,
+    ) -> Result<(), ApiError> {
+        let s = &*self.store;
+        match (&v.spec.node, engine) {
+            (Some(node), None) => {
+                let reps = self.engine_replicas(live, nodes);
+                if !reps.iter().any(|r| r.candidate) {
+                    return Ok(()); // no replica running yet
+                }
+                let generation = s.next("engine-generation")?;
+                let e = Engine {
+                    metadata: Meta {
+                        name: v.metadata.name.clone(),
+                        ..Default::default()
+                    },
+                    spec: EngineSpec {
+                        volume: v.metadata.name.clone(),
+                        node: node.clone(),
+                        size: v.spec.size,
+                        generation,
+                        replicas: reps,
+                    },
+                    status: EngineStatus {
+                        state: "starting".into(),
+                        ..Default::default()
+                    },
+                };
+                tracing::info!(volume = %v.metadata.name, %node, generation, "starting engine");
+                match store::create(s, &e) {
+                    Ok(_) | Err(StoreError::Exists { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            (Some(node), Some(e)) if &e.spec.node != node => {
+                let _ = store::delete(s, e);
+            }
+            (Some(_), Some(e)) => {
+                let reps = self.engine_replicas(live, nodes);
+                // The set only grows by rebuilds the engine runs itself; names leaving the spec
+                // are removed from the engine.
+                if reps.iter().map(|r| (&r.name, &r.address)).ne(e
+                    .spec
+                    .replicas
+                    .iter()
+                    .map(|r| (&r.name, &r.address)))
+                {
+                    store::modify::<Engine>(s, &e.metadata.name, |e| {
+                        // Keep the candidate flags the engine started with; they matter only at start.
+                        let old: HashMap<String, bool> = e
+                            .spec
+                            .replicas
+                            .iter()
+                            .map(|r| (r.name.clone(), r.candidate))
+                            .collect();
+                        e.spec.replicas = reps
+                            .iter()
+                            .map(|r| EngineReplica {
+                                candidate: old.get(&r.name).copied().unwrap_or(false),
+                                ..r.clone()
+                            })
+                            .collect();
+                        true
+                    })?;
+                }
+            }
+            (None, Some(e)) => {
+                tracing::info!(volume = %v.metadata.name, "stopping engine");
+                let _ = store::delete(s, e);
+            }
+            (None, None) => {}
+        }
+        Ok(())
+    }
+
+    fn update_volume_status(&self, v: &Volume, live: &[Replica]) -> Result<(), ApiError> {
+        let s = &*self.store;
+        let engine = store::get::<Engine>(s, &v.metadata.name)?;
+        let running = engine.as_ref().is_some_and(|e| e.status.state == "running");
+        let state = match (&v.spec.node, &engine) {
+            (Some(_), Some(_)) if running => VolumeState::Attached,
+            (Some(_), _) => VolumeState::Attaching,
+            (None, Some(_)) => VolumeState::Detaching,
+            (None, None) => {
+                if live.iter().any(|r| r.status.address.is_some())
+                    || v.status.state != VolumeState::Creating
+                {
+                    VolumeState::Detached
+                } else {
+                    VolumeState::Creating
+                }
+            }
+        };
+        let rw = live
+            .iter()
+            .filter(|r| r.status.mode == Some(ReplicaMode::RW) && r.status.failed_at.is_none())
+            .count() as u32;
+        let robustness = if state == VolumeState::Attached {
+            if rw >= v.spec.replicas {
+                Robustness::Healthy
+            } else if rw >= 1 {
+                Robustness::Degraded
+            } else {
+                Robustness::Faulted
+            }
+        } else {
+            Robustness::Unknown
+        };
+        let nbd_uri = if state == VolumeState::Attached {
+            engine.and_then(|e| e.status.nbd_uri)
+        } else {
+            None
+        };
+        let node = if state == VolumeState::Attached {
+            v.spec.node.clone()
+        } else {
+            None
+        };
+        store::modify::<Volume>(s, &v.metadata.name, |v| {
+            let before = v.status.clone();
+            v.status.state = state;
+            v.status.robustness = robustness;
+            v.status.nbd_uri = nbd_uri.clone();
+            v.status.node = node.clone();
+            if live.len() as u32 >= v.spec.replicas {
+                v.status.message.clear();
+            }
+            v.status != before
+        })?;
+        Ok(())
+    }
+
+    /// Prometheus text for the manager.
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write;
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "# HELP zebu_reconcile_total Reconcile passes run by the manager."
+        );
+        let _ = writeln!(o, "# TYPE zebu_reconcile_total counter");
+        let _ = writeln!(
+            o,
+            "zebu_reconcile_total {}",
+            self.reconciles.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP zebu_reconcile_errors_total Reconcile passes that failed."
+        );
+        let _ = writeln!(o, "# TYPE zebu_reconcile_errors_total counter");
+        let _ = writeln!(
+            o,
+            "zebu_reconcile_errors_total {}",
+            self.reconcile_errors.load(Ordering::Relaxed)
+        );
+        let s = &*self.store;
+        if let Ok(vols) = store::list::<Volume>(s) {
+            let _ = writeln!(
+                o,
+                "# HELP zebu_volume_robustness Volume robustness (1 for the current value)."
+            );
+            let _ = writeln!(o, "# TYPE zebu_volume_robustness gauge");
+            for v in &vols {
+                for (r, label) in [
+                    (Robustness::Healthy, "healthy"),
+                    (Robustness::Degraded, "degraded"),
+                    (Robustness::Faulted, "faulted"),
+                    (Robustness::Unknown, "unknown"),
+                ] {
+                    let _ = writeln!(
+                        o,
+                        "zebu_volume_robustness{{volume=\"{}\",robustness=\"{label}\"}} {}",
+                        v.metadata.name,
+                        u8::from(v.status.robustness == r)
+                    );
+                }
+            }
+        }
+        if let Ok(reps) = store::list::<Replica>(s) {
+            let _ = writeln!(
+                o,
+                "# HELP zebu_replica_mode Replica mode as the engine reports it (1 for the current value)."
+            );
+            let _ = writeln!(o, "# TYPE zebu_replica_mode gauge");
+            let _ = writeln!(
+                o,
+                "# HELP zebu_replica_rebuild_copied_bytes Bytes copied by the replica's last rebuild."
+            );
+            let _ = writeln!(o, "# TYPE zebu_replica_rebuild_copied_bytes gauge");
+            for r in &reps {
+                for (m, label) in [
+                    (ReplicaMode::RW, "RW"),
+                    (ReplicaMode::WO, "WO"),
+                    (ReplicaMode::ERR, "ERR"),
+                ] {
+                    let _ = writeln!(
+                        o,
+                        "zebu_replica_mode{{volume=\"{}\",replica=\"{}\",mode=\"{label}\"}} {}",
+                        r.spec.volume,
+                        r.metadata.name,
+                        u8::from(r.status.mode == Some(m))
+                    );
+                }
+                let _ = writeln!(
+                    o,
+                    "zebu_replica_rebuild_copied_bytes{{volume=\"{}\",replica=\"{}\"}} {}",
+                    r.spec.volume, r.metadata.name, r.status.rebuild_copied
+                );
+            }
+        }
+        o
+    }
+}

@@ -1,0 +1,8 @@
+//! Zebu's control plane: the object model, the store, the controllers and the REST API.
+
+pub mod api;
+pub mod client;
+pub mod controller;
+pub mod model;
+pub mod openapi;
+pub mod store;

@@ -1,0 +1,347 @@
+//! The `Store` trait (get/list/create/update with compare-and-swap on resourceVersion, delete,
+//! watch, durable counters) and its embedded implementation on redb. Objects are JSON documents
+//! keyed by kind and name; the store owns `metadata.resourceVersion`, `uid` and `created`.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde_json::Value;
+use tokio::sync::broadcast;
+
+use crate::model::Object;
+
+const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+const REVISION: &str = "revision";
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: String, name: String },
+    #[error("{kind} {name:?} already exists")]
+    Exists { kind: String, name: String },
+    #[error(
+        "{kind} {name:?} was changed concurrently (resourceVersion {expected} is stale, now {found})"
+    )]
+    Conflict {
+        kind: String,
+        name: String,
+        expected: u64,
+        found: u64,
+    },
+    #[error("store: {0}")]
+    Backend(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A change to an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub kind: String,
+    pub name: String,
+    pub resource_version: u64,
+    pub deleted: bool,
+}
+
+/// Where control-plane objects live.
+pub trait Store: Send + Sync + 'static {
+    fn get(&self, kind: &str, name: &str) -> Result<Option<Value>>;
+    fn list(&self, kind: &str) -> Result<Vec<Value>>;
+    /// Creates an object; fails when one of that kind and name exists.
+    fn create(&self, kind: &str, obj: Value) -> Result<Value>;
+    /// Replaces an object if its stored resourceVersion equals the one in `obj`.
+    fn update(&self, kind: &str, obj: Value) -> Result<Value>;
+    /// Deletes an object (if `resource_version` is given, only at that version).
+    fn delete(&self, kind: &str, name: &str, resource_version: Option<u64>) -> Result<()>;
+    /// Increments and returns a named durable counter.
+    fn next(&self, counter: &str) -> Result<u64>;
+    fn watch(&self) -> broadcast::Receiver<Event>;
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn be<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn key(kind: &str, name: &str) -> String {
+    format!("{kind}/{name}")
+}
+
+fn name_of(obj: &Value) -> Result<String> {
+    obj.pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| StoreError::Backend("object has no metadata.name".into()))
+}
+
+fn rv_of(obj: &Value) -> u64 {
+    obj.pointer("/metadata/resourceVersion")
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+}
+
+fn set_meta(obj: &mut Value, field: &str, v: Value) {
+    if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.insert(field.to_string(), v);
+    }
+}
+
+/// The embedded store: one redb file.
+pub struct RedbStore {
+    db: Database,
+    events: broadcast::Sender<Event>,
+}
+
+impl RedbStore {
+    pub fn open(path: &Path) -> Result<RedbStore> {
+        let db = Database::create(path).map_err(be)?;
+        let tx = db.begin_write().map_err(be)?;
+        {
+            tx.open_table(OBJECTS).map_err(be)?;
+            tx.open_table(COUNTERS).map_err(be)?;
+        }
+        tx.commit().map_err(be)?;
+        Ok(RedbStore {
+            db,
+            events: broadcast::channel(4096).0,
+        })
+    }
+
+    fn bump(t: &mut redb::Table<&str, u64>, counter: &str) -> Result<u64> {
+        let cur = t.get(counter).map_err(be)?.map(|v| v.value()).unwrap_or(0);
+        t.insert(counter, cur + 1).map_err(be)?;
+        Ok(cur + 1)
+    }
+
+    fn emit(&self, kind: &str, name: &str, rv: u64, deleted: bool) {
+        let _ = self.events.send(Event {
+            kind: kind.to_string(),
+            name: name.to_string(),
+            resource_version: rv,
+            deleted,
+        });
+    }
+}
+
+impl Store for RedbStore {
+    fn get(&self, kind: &str, name: &str) -> Result<Option<Value>> {
+        let tx = self.db.begin_read().map_err(be)?;
+        let t = tx.open_table(OBJECTS).map_err(be)?;
+        match t.get(key(kind, name).as_str()).map_err(be)? {
+            Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(be)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn list(&self, kind: &str) -> Result<Vec<Value>> {
+        let tx = self.db.begin_read().map_err(be)?;
+        let t = tx.open_table(OBJECTS).map_err(be)?;
+        let lo = format!("{kind}/");
+        let hi = format!("{kind}0"); // '0' follows '/'
+        let mut out = Vec::new();
+        for item in t.range(lo.as_str()..hi.as_str()).map_err(be)? {
+            let (_, v) = item.map_err(be)?;
+            out.push(serde_json::from_slice(v.value()).map_err(be)?);
+        }
+        Ok(out)
+    }
+
+    fn create(&self, kind: &str, mut obj: Value) -> Result<Value> {
+        let name = name_of(&obj)?;
+        let k = key(kind, &name);
+        let tx = self.db.begin_write().map_err(be)?;
+        let rv;
+        {
+            let mut t = tx.open_table(OBJECTS).map_err(be)?;
+            if t.get(k.as_str()).map_err(be)?.is_some() {
+                return Err(StoreError::Exists {
+                    kind: kind.into(),
+                    name,
+                });
+            }
+            let mut c = tx.open_table(COUNTERS).map_err(be)?;
+            rv = Self::bump(&mut c, REVISION)?;
+            set_meta(&mut obj, "resourceVersion", rv.into());
+            set_meta(
+                &mut obj,
+                "uid",
+                format!("{:032x}", rand::random::<u128>()).into(),
+            );
+            set_meta(&mut obj, "created", now().into());
+            set_meta(&mut obj, "generation", 1.into());
+            let bytes = serde_json::to_vec(&obj).map_err(be)?;
+            t.insert(k.as_str(), bytes.as_slice()).map_err(be)?;
+        }
+        tx.commit().map_err(be)?;
+        self.emit(kind, &name, rv, false);
+        Ok(obj)
+    }
+
+    fn update(&self, kind: &str, mut obj: Value) -> Result<Value> {
+        let name = name_of(&obj)?;
+        let k = key(kind, &name);
+        let expected = rv_of(&obj);
+        let tx = self.db.begin_write().map_err(be)?;
+        let rv;
+        {
+            let mut t = tx.open_table(OBJECTS).map_err(be)?;
+            let old: Value = match t.get(k.as_str()).map_err(be)? {
+                Some(v) => serde_json::from_slice(v.value()).map_err(be)?,
+                None => {
+                    return Err(StoreError::NotFound {
+                        kind: kind.into(),
+                        name,
+                    });
+                }
+            };
+            let found = rv_of(&old);
+            if found != expected {
+                return Err(StoreError::Conflict {
+                    kind: kind.into(),
+                    name,
+                    expected,
+                    found,
+                });
+            }
+            let mut c = tx.open_table(COUNTERS).map_err(be)?;
+            rv = Self::bump(&mut c, REVISION)?;
+            // Identity fields are the store's.
+            for f in ["uid", "created"] {
+                if let Some(v) = old.pointer(&format!("/metadata/{f}")) {
+                    set_meta(&mut obj, f, v.clone());
+                }
+            }
+            let gen_old = old
+                .pointer("/metadata/generation")
+                .and_then(Value::as_u64)
+                .unwrap_or(1);
+            let spec_changed = old.get("spec") != obj.get("spec");
+            set_meta(
+                &mut obj,
+                "generation",
+                (gen_old + u64::from(spec_changed)).into(),
+            );
+            set_meta(&mut obj, "resourceVersion", rv.into());
+            let bytes = serde_json::to_vec(&obj).map_err(be)?;
+            t.insert(k.as_str(), bytes.as_slice()).map_err(be)?;
+        }
+        tx.commit().map_err(be)?;
+        self.emit(kind, &name, rv, false);
+        Ok(obj)
+    }
+
+    fn delete(&self, kind: &str, name: &str, resource_version: Option<u64>) -> Result<()> {
+        let k = key(kind, name);
+        let tx = self.db.begin_write().map_err(be)?;
+        let rv;
+        {
+            let mut t = tx.open_table(OBJECTS).map_err(be)?;
+            let old: Value = match t.get(k.as_str()).map_err(be)? {
+                Some(v) => serde_json::from_slice(v.value()).map_err(be)?,
+                None => {
+                    return Err(StoreError::NotFound {
+                        kind: kind.into(),
+                        name: name.into(),
+                    });
+                }
+            };
+            if let Some(exp) = resource_version {
+                let found = rv_of(&old);
+                if found != exp {
+                    return Err(StoreError::Conflict {
+                        kind: kind.into(),
+                        name: name.into(),
+                        expected: exp,
+                        found,
+                    });
+                }
+            }
+            t.remove(k.as_str()).map_err(be)?;
+            let mut c = tx.open_table(COUNTERS).map_err(be)?;
+            rv = Self::bump(&mut c, REVISION)?;
+        }
+        tx.commit().map_err(be)?;
+        self.emit(kind, name, rv, true);
+        Ok(())
+    }
+
+    fn next(&self, counter: &str) -> Result<u64> {
+        let tx = self.db.begin_write().map_err(be)?;
+        let v;
+        {
+            let mut c = tx.open_table(COUNTERS).map_err(be)?;
+            v = Self::bump(&mut c, counter)?;
+        }
+        tx.commit().map_err(be)?;
+        Ok(v)
+    }
+
+    fn watch(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typed helpers.
+
+fn decode<T: Object>(v: Value) -> Result<T> {
+    serde_json::from_value(v).map_err(|e| StoreError::Backend(format!("corrupt {}: {e}", T::KIND)))
+}
+
+fn encode<T: Object>(o: &T) -> Result<Value> {
+    serde_json::to_value(o).map_err(be)
+}
+
+pub fn get<T: Object>(s: &dyn Store, name: &str) -> Result<Option<T>> {
+    s.get(T::KIND, name)?.map(decode).transpose()
+}
+
+pub fn list<T: Object>(s: &dyn Store) -> Result<Vec<T>> {
+    s.list(T::KIND)?.into_iter().map(decode).collect()
+}
+
+pub fn create<T: Object>(s: &dyn Store, o: &T) -> Result<T> {
+    decode(s.create(T::KIND, encode(o)?)?)
+}
+
+pub fn update<T: Object>(s: &dyn Store, o: &T) -> Result<T> {
+    decode(s.update(T::KIND, encode(o)?)?)
+}
+
+pub fn delete<T: Object>(s: &dyn Store, o: &T) -> Result<()> {
+    s.delete(T::KIND, &o.meta().name, Some(o.meta().resource_version))
+}
+
+/// Reads, changes and writes an object, retrying on conflicts. `f` returns whether it changed
+/// anything; nothing is written otherwise. Returns the object as stored, or `None` if absent.
+pub fn modify<T: Object>(
+    s: &dyn Store,
+    name: &str,
+    mut f: impl FnMut(&mut T) -> bool,
+) -> Result<Option<T>> {
+    for _ in 0..64 {
+        let Some(mut o) = get::<T>(s, name)? else {
+            return Ok(None);
+        };
+        if !f(&mut o) {
+            return Ok(Some(o));
+        }
+        match update(s, &o) {
+            Ok(o) => return Ok(Some(o)),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StoreError::Backend(format!(
+        "{} {name:?}: too many concurrent changes",
+        T::KIND
+    )))
+}
