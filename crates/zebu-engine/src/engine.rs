@@ -208,6 +208,10 @@ pub struct Engine {
     control: tokio::sync::Mutex<()>,
     hook: Arc<dyn EngineHook>,
     rr: AtomicUsize,
+    /// Replicas the healer keeps in the set: (name, address).
+    desired: Mutex<Vec<(String, String)>>,
+    /// Set by [`Engine::stop`]: every later I/O fails.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 fn now() -> u64 {
@@ -256,7 +260,37 @@ impl Engine {
             control: tokio::sync::Mutex::new(()),
             hook,
             rr: AtomicUsize::new(0),
+            desired: Mutex::new(Vec::new()),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Stops the engine: in-flight I/O finishes, later I/O fails as fenced.
+    pub async fn stop(&self) {
+        let _g = self.gate.write().await;
+        self.stopped.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Sets the replicas the healer keeps in the set; replicas not named leave it.
+    pub fn set_desired(&self, desired: Vec<(String, String)>) {
+        let names: std::collections::HashSet<&String> = desired.iter().map(|(n, _)| n).collect();
+        {
+            let mut set = self.set.write().unwrap_or_else(|p| p.into_inner());
+            let keep: Vec<Arc<ReplicaSlot>> = set
+                .iter()
+                .filter(|s| names.contains(&s.name) || s.mode() == Mode::RW && names.is_empty())
+                .cloned()
+                .collect();
+            // Never drop the last RW replica this way.
+            if keep.iter().any(|s| s.mode() == Mode::RW) {
+                *set = Arc::new(keep);
+            }
+        }
+        *lock(&self.desired) = desired;
     }
 
     /// Starts an engine after a restart: connects to every candidate replica that answers, takes
@@ -428,8 +462,17 @@ impl Engine {
         }
     }
 
+    fn check_running(&self) -> Result<(), EngineError> {
+        if self.is_stopped() {
+            Err(EngineError::Fenced)
+        } else {
+            Ok(())
+        }
+    }
+
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
         self.check_range(offset, data.len() as u64)?;
+        self.check_running()?;
         let _g = self.gate.read().await;
         self.broadcast(|_| Request::Write {
             offset,
@@ -442,6 +485,7 @@ impl Engine {
 
     pub async fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), EngineError> {
         self.check_range(offset, len)?;
+        self.check_running()?;
         let _g = self.gate.read().await;
         self.broadcast(|_| Request::Zero { offset, len, fua })
             .await
@@ -449,6 +493,7 @@ impl Engine {
     }
 
     pub async fn flush(&self) -> Result<(), EngineError> {
+        self.check_running()?;
         let _g = self.gate.read().await;
         self.broadcast(|_| Request::Flush).await.map(|_| ())
     }
@@ -480,6 +525,7 @@ impl Engine {
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, EngineError> {
         self.check_range(offset, len as u64)?;
+        self.check_running()?;
         let _g = self.gate.read().await;
         match self.read_one(&Request::Read { offset, len }).await? {
             Response::Data(d) if d.len() == len as usize => Ok(d),
@@ -815,22 +861,27 @@ impl Engine {
         Ok(())
     }
 
-    /// Standalone self-healing: every `every`, each replica of `desired` that is not active is
-    /// reconnected and rebuilt.
+    /// Self-healing: every `every`, each replica of `desired` that is not active is
+    /// (re)connected and rebuilt. [`Self::set_desired`] changes the list later.
     pub fn spawn_healer(
         self: &Arc<Self>,
         desired: Vec<(String, String)>,
         every: Duration,
     ) -> tokio::task::JoinHandle<()> {
+        *lock(&self.desired) = desired;
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
                 let Some(engine) = weak.upgrade() else { return };
+                if engine.is_stopped() {
+                    return;
+                }
                 let slots = engine.slots();
+                let desired = lock(&engine.desired).clone();
                 for (name, addr) in &desired {
                     let active = slots
                         .iter()
-                        .any(|s| &s.name == name && s.mode() != Mode::ERR);
+                        .any(|s| &s.name == name && s.mode() != Mode::ERR && &s.addr == addr);
                     if active {
                         continue;
                     }

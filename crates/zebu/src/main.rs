@@ -1,7 +1,9 @@
-//! The `zebu` binary: the all-in-one `server`, and the `replica` and `engine` processes of the data
-//! path.
+//! The `zebu` binary: `server` (manager + node in one process), `manager`, `node`, the CLI verbs
+//! over the REST API, and the bare `replica` and `engine` processes of the data path.
 
-mod standalone;
+mod cli;
+mod filehook;
+mod services;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,16 +20,31 @@ use zebu_types::{ByteSize, Generation};
     about = "Replicated block storage with snapshots, served over NBD"
 )]
 struct Cli {
+    #[command(flatten)]
+    global: cli::Global,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// All-in-one server on one machine: volumes with local replicas, exported over NBD.
-    Server(standalone::ServerArgs),
-    /// Serve one replica of a volume over the replica protocol.
-    Replica {
+    /// All-in-one: the manager and one node in one process, on an embedded store.
+    Server(services::ServerArgs),
+    /// The control plane: REST API, controllers and scheduler.
+    Manager(services::ManagerArgs),
+    /// A node agent, or `node list|get` against the API.
+    Node(services::NodeArgs),
+    /// Volumes: create, list, get, delete, expand, attach, detach.
+    #[command(subcommand)]
+    Volume(cli::VolumeCmd),
+    /// Replicas: list, delete.
+    #[command(subcommand)]
+    Replica(cli::ReplicaCmd),
+    /// Settings: list, set.
+    #[command(subcommand)]
+    Setting(cli::SettingCmd),
+    /// Serve one replica of a volume over the replica protocol (bare data path, no manager).
+    ReplicaServer {
         /// Directory holding the replica's files (created when missing).
         #[arg(long)]
         dir: std::path::PathBuf,
@@ -44,7 +61,7 @@ enum Cmd {
         #[arg(long, default_value = "64KiB")]
         cluster_size: ByteSize,
     },
-    /// Run a volume's engine over replica processes and export it over NBD.
+    /// Run a volume's engine over replica processes and export it over NBD (no manager).
     Engine {
         #[arg(long)]
         volume: String,
@@ -115,8 +132,13 @@ fn main() {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Server(args) => standalone::run(args).await,
-        Cmd::Replica {
+        Cmd::Server(args) => services::server(args).await,
+        Cmd::Manager(args) => services::manager(args).await,
+        Cmd::Node(args) => services::node(&cli.global, args).await,
+        Cmd::Volume(c) => cli::volume(&cli.global, c).await,
+        Cmd::Replica(c) => cli::replica(&cli.global, c).await,
+        Cmd::Setting(c) => cli::setting(&cli.global, c).await,
+        Cmd::ReplicaServer {
             dir,
             volume,
             size,
@@ -154,7 +176,7 @@ async fn run(cli: Cli) -> Result<()> {
                 reps.push((n.to_string(), a.to_string()));
             }
             let hook: Arc<dyn EngineHook> = match state_file {
-                Some(p) => Arc::new(standalone::FileHook::open(p)?),
+                Some(p) => Arc::new(filehook::FileHook::open(p)?),
                 None => Arc::new(LogHook::default()),
             };
             let cfg = EngineConfig {

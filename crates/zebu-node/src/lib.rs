@@ -1,0 +1,374 @@
+//! The node agent: owns the replicas under its data directory and the engines of volumes attached
+//! to it, serves their NBD exports, and converges on what the manager assigns it on every
+//! heartbeat. On restart it re-opens the replicas it finds on disk; intact data is never rebuilt
+//! from scratch.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use zebu_control::client::ApiClient;
+use zebu_control::model::*;
+use zebu_engine::engine::BoxFut;
+use zebu_engine::{Engine, EngineConfig, EngineHook, Mode, ReplicaService};
+use zebu_nbd::Exports;
+use zebu_replica::DEFAULT_CLUSTER_SIZE;
+use zebu_types::Generation;
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub name: String,
+    pub data_dir: PathBuf,
+    /// Host the replica servers bind to (and report as their address).
+    pub listen_host: String,
+    pub nbd_listen: String,
+    pub heartbeat: Duration,
+    pub io_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Setup(String),
+}
+
+struct RunningReplica {
+    svc: Arc<ReplicaService>,
+    addr: String,
+}
+
+struct RunningEngine {
+    engine: Arc<Engine>,
+    generation: u64,
+    healer: tokio::task::JoinHandle<()>,
+}
+
+pub struct NodeAgent {
+    cfg: NodeConfig,
+    api: ApiClient,
+    replicas: Mutex<HashMap<String, RunningReplica>>,
+    engines: Mutex<HashMap<String, RunningEngine>>,
+    exports: Arc<Exports<Engine>>,
+    nbd_addr: String,
+}
+
+/// Reports engine membership changes to the manager, which records them before answering.
+struct ApiHook {
+    api: ApiClient,
+}
+
+impl ApiHook {
+    async fn send(&self, ev: ReplicaEvent) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.api.post::<_, Replica>("/v1/replica-events", &ev).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.code() == Some("Fenced") => return Err(e.to_string()),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e.to_string()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not record a replica event yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+}
+
+fn mode_of(m: Mode) -> ReplicaMode {
+    match m {
+        Mode::RW => ReplicaMode::RW,
+        Mode::WO => ReplicaMode::WO,
+        Mode::ERR => ReplicaMode::ERR,
+    }
+}
+
+impl EngineHook for ApiHook {
+    fn replica_failed<'a>(
+        &'a self,
+        volume: &'a str,
+        replica: &'a str,
+        generation: Generation,
+        reason: &'a str,
+    ) -> BoxFut<'a, Result<(), String>> {
+        Box::pin(self.send(ReplicaEvent {
+            volume: volume.into(),
+            replica: replica.into(),
+            generation: generation.0,
+            mode: ReplicaMode::ERR,
+            reason: reason.into(),
+        }))
+    }
+
+    fn replica_mode<'a>(
+        &'a self,
+        volume: &'a str,
+        replica: &'a str,
+        generation: Generation,
+        mode: Mode,
+    ) -> BoxFut<'a, Result<(), String>> {
+        Box::pin(self.send(ReplicaEvent {
+            volume: volume.into(),
+            replica: replica.into(),
+            generation: generation.0,
+            mode: mode_of(mode),
+            reason: String::new(),
+        }))
+    }
+}
+
+fn disk_status(path: &std::path::Path) -> DiskStatus {
+    let mut out = DiskStatus {
+        path: path.display().to_string(),
+        ..Default::default()
+    };
+    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
+        // SAFETY: statvfs fills a zeroed struct for a valid NUL-terminated path.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0 {
+            out.capacity = st.f_blocks as u64 * st.f_frsize as u64;
+            out.available = st.f_bavail as u64 * st.f_frsize as u64;
+        }
+    }
+    out
+}
+
+impl NodeAgent {
+    /// Starts the agent: the NBD server, the replicas found on disk, and the heartbeat loop.
+    pub async fn start(
+        cfg: NodeConfig,
+        api: ApiClient,
+        nbd: TcpListener,
+    ) -> Result<Arc<NodeAgent>, NodeError> {
+        zebu_types::validate_name(&cfg.name).map_err(|e| NodeError::Setup(e.to_string()))?;
+        std::fs::create_dir_all(cfg.data_dir.join("replicas"))?;
+        let nbd_addr = nbd.local_addr()?.to_string();
+        let exports = Arc::new(Exports::new());
+        tokio::spawn(zebu_nbd::serve(nbd, exports.clone()));
+        let agent = Arc::new(NodeAgent {
+            cfg,
+            api,
+            replicas: Mutex::new(HashMap::new()),
+            engines: Mutex::new(HashMap::new()),
+            exports,
+            nbd_addr,
+        });
+        agent.open_existing().await;
+        let a = agent.clone();
+        tokio::spawn(async move {
+            loop {
+                a.tick().await;
+                tokio::time::sleep(a.cfg.heartbeat).await;
+            }
+        });
+        Ok(agent)
+    }
+
+    pub fn nbd_addr(&self) -> &str {
+        &self.nbd_addr
+    }
+
+    fn replica_dir(&self, name: &str) -> PathBuf {
+        self.cfg.data_dir.join("replicas").join(name)
+    }
+
+    /// Re-opens every replica directory on disk.
+    async fn open_existing(&self) {
+        let Ok(rd) = std::fs::read_dir(self.cfg.data_dir.join("replicas")) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let vol = std::fs::read_to_string(e.path().join("volume")).unwrap_or_default();
+            if let Err(err) = self.start_replica(&name, vol.trim(), 0).await {
+                tracing::error!(replica = %name, error = %err, "cannot open replica found on disk");
+            }
+        }
+    }
+
+    async fn start_replica(&self, name: &str, volume: &str, size: u64) -> Result<(), NodeError> {
+        if self.replicas.lock().await.contains_key(name) {
+            return Ok(());
+        }
+        let dir = self.replica_dir(name);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("volume"), volume)?;
+        let (d, v) = (dir.clone(), volume.to_string());
+        let svc = tokio::task::spawn_blocking(move || {
+            ReplicaService::open_or_create(
+                &d.join("store"),
+                &v,
+                size.max(4096),
+                DEFAULT_CLUSTER_SIZE,
+            )
+        })
+        .await
+        .map_err(|e| NodeError::Setup(e.to_string()))?
+        .map_err(|e| NodeError::Setup(e.to_string()))?;
+        let l = TcpListener::bind((self.cfg.listen_host.as_str(), 0)).await?;
+        let addr = l.local_addr()?.to_string();
+        tokio::spawn(svc.clone().serve(l));
+        tracing::info!(replica = name, volume, %addr, "replica serving");
+        self.replicas
+            .lock()
+            .await
+            .insert(name.to_string(), RunningReplica { svc, addr });
+        Ok(())
+    }
+
+    async fn delete_replica(&self, name: &str) {
+        if let Some(r) = self.replicas.lock().await.remove(name) {
+            r.svc.shutdown();
+        }
+        let dir = self.replica_dir(name);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => tracing::info!(replica = name, "replica deleted"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::error!(replica = name, error = %e, "cannot delete replica files"),
+        }
+    }
+
+    async fn heartbeat(&self) -> Heartbeat {
+        let mut replicas = Vec::new();
+        for (name, r) in self.replicas.lock().await.iter() {
+            let flush_seq = r.svc.read_store().status().flush_seq;
+            replicas.push(ReplicaReport {
+                name: name.clone(),
+                address: r.addr.clone(),
+                flush_seq,
+            });
+        }
+        let mut engines = Vec::new();
+        for (vol, e) in self.engines.lock().await.iter() {
+            engines.push(EngineReport {
+                volume: vol.clone(),
+                generation: e.generation,
+                nbd_uri: format!("nbd://{}/{vol}", self.nbd_addr),
+                replicas: e
+                    .engine
+                    .replicas()
+                    .into_iter()
+                    .map(|r| EngineReplicaReport {
+                        name: r.name,
+                        mode: mode_of(r.mode),
+                        rebuild_copied: r.rebuild.copied,
+                        rebuild_skipped: r.rebuild.skipped,
+                    })
+                    .collect(),
+            });
+        }
+        Heartbeat {
+            address: self.cfg.listen_host.clone(),
+            nbd_address: self.nbd_addr.clone(),
+            disks: vec![disk_status(&self.cfg.data_dir)],
+            replicas,
+            engines,
+        }
+    }
+
+    async fn tick(&self) {
+        let hb = self.heartbeat().await;
+        let a: Assignments = match self
+            .api
+            .post(&format!("/v1/nodes/{}/heartbeat", self.cfg.name), &hb)
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                return;
+            }
+        };
+        for ra in &a.replicas {
+            if let Err(e) = self.start_replica(&ra.name, &ra.volume, ra.size).await {
+                tracing::error!(replica = %ra.name, error = %e, "cannot start replica");
+                continue;
+            }
+            if let Some(r) = self.replicas.lock().await.get(&ra.name) {
+                let cur = r.svc.read_store().size();
+                if ra.size > cur {
+                    if let Err(e) = r.svc.write_store().expand(ra.size) {
+                        tracing::error!(replica = %ra.name, error = %e, "cannot expand replica");
+                    }
+                }
+            }
+        }
+        for name in &a.delete_replicas {
+            self.delete_replica(name).await;
+        }
+        self.reconcile_engines(&a.engines).await;
+    }
+
+    async fn reconcile_engines(&self, wanted: &[EngineSpec]) {
+        let mut engines = self.engines.lock().await;
+        // Stop engines no longer assigned (or assigned with a new generation).
+        let stale: Vec<String> = engines
+            .iter()
+            .filter(|(v, e)| {
+                !wanted
+                    .iter()
+                    .any(|w| &w.volume == *v && w.generation == e.generation)
+            })
+            .map(|(v, _)| v.clone())
+            .collect();
+        for v in stale {
+            if let Some(e) = engines.remove(&v) {
+                self.exports.remove(&v);
+                if let Err(err) = e.engine.flush().await {
+                    tracing::warn!(volume = %v, error = %err, "flush while stopping the engine failed");
+                }
+                e.engine.stop().await;
+                e.healer.abort();
+                tracing::info!(volume = %v, "engine stopped");
+            }
+        }
+        for w in wanted {
+            let desired: Vec<(String, String)> = w
+                .replicas
+                .iter()
+                .map(|r| (r.name.clone(), r.address.clone()))
+                .collect();
+            if let Some(e) = engines.get(&w.volume) {
+                e.engine.set_desired(desired);
+                continue;
+            }
+            let candidates: Vec<(String, String)> = w
+                .replicas
+                .iter()
+                .filter(|r| r.candidate)
+                .map(|r| (r.name.clone(), r.address.clone()))
+                .collect();
+            let cfg = EngineConfig {
+                volume: w.volume.clone(),
+                generation: Generation(w.generation),
+                size: w.size,
+                io_timeout: self.cfg.io_timeout,
+            };
+            let hook = Arc::new(ApiHook {
+                api: self.api.clone(),
+            });
+            match Engine::open(cfg, &candidates, hook).await {
+                Ok(engine) => {
+                    let healer = engine.spawn_healer(desired, Duration::from_millis(500));
+                    self.exports.insert(&w.volume, engine.clone());
+                    tracing::info!(volume = %w.volume, generation = w.generation, "engine started");
+                    engines.insert(
+                        w.volume.clone(),
+                        RunningEngine {
+                            engine,
+                            generation: w.generation,
+                            healer,
+                        },
+                    );
+                }
+                Err(e) => tracing::warn!(volume = %w.volume, error = %e, "engine cannot start yet"),
+            }
+        }
+    }
+}
