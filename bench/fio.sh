@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNTIME=${1:-15}
-SIZE=1G
+SIZE=1GiB
 ZEBU=target/release/zebu
 [ -x "$ZEBU" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/zebu-bench.XXXXXX")
@@ -21,7 +21,7 @@ wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/n
 JOBS=("randread4k randread 4k 16" "randwrite4k randwrite 4k 16" "seqread1m read 1M 16" "seqwrite1m write 1M 16" "randread4k-qd1 randread 4k 1" "randwrite4k-qd1 randwrite 4k 1")
 
 run_fio() { # uri name rw bs qd -> "iops bw_kib lat_us"
-  fio --name="$2" --ioengine=nbd --uri="$1" --rw="$3" --bs="$4" --iodepth="$5" --size=$SIZE \
+  fio --name="$2" --ioengine=nbd --uri="$1" --rw="$3" --bs="$4" --iodepth="$5" --size=1G \
       --time_based --runtime="$RUNTIME" --ramp_time=2 --output-format=json --output="$WORK/fio.json" >/dev/null 2>&1
   python3 -c '
 import json,sys
@@ -30,7 +30,7 @@ side=j["read"] if j["read"]["io_bytes"]>0 else j["write"]
 print(side["iops"], side["bw"], side["lat_ns"]["mean"]/1000)' "$WORK/fio.json"
 }
 
-prefill() { fio --name=fill --ioengine=nbd --uri="$1" --rw=write --bs=1M --iodepth=16 --size=$SIZE >/dev/null 2>&1; }
+prefill() { fio --name=fill --ioengine=nbd --uri="$1" --rw=write --bs=1M --iodepth=16 --size=1G >/dev/null 2>&1; }
 
 declare -A R
 measure() { # label uri
@@ -43,17 +43,21 @@ measure() { # label uri
 }
 
 # qemu-nbd on a raw file on the same disk.
-truncate -s $SIZE "$WORK/raw.img"
+truncate -s 1G "$WORK/raw.img"
 qemu-nbd -f raw -t -b 127.0.0.1 -p 10901 -x exp "$WORK/raw.img" & PIDS+=($!)
 wait_port 10901
 measure qemu "nbd://127.0.0.1:10901/exp"
 
 for n in 1 3; do
-  "$ZEBU" server --data-dir "$WORK/z$n" --nbd-listen 127.0.0.1:1091$n --volume "b$n:$SIZE:$n" >/dev/null 2>"$WORK/z$n.log" & PIDS+=($!)
-  wait_port 1091$n
-  # Let the standalone server bring every replica into the set before measuring.
-  for _ in $(seq 100); do grep -q '"failed": \[\]' "$WORK/z$n/volumes/b$n/members.json" 2>/dev/null && break; sleep 0.1; done
-  measure "zebu$n" "nbd://127.0.0.1:1091$n/b$n"
+  mkdir -p "$WORK/z$n"
+  "$ZEBU" server --data-dir "$WORK/z$n" --api-listen 127.0.0.1:1092$n --nbd-listen 127.0.0.1:1091$n >/dev/null 2>"$WORK/z$n.log" & PIDS+=($!)
+  wait_port 1092$n
+  export ZEBU_API=http://127.0.0.1:1092$n ZEBU_TOKEN=$(cat "$WORK/z$n/api-token")
+  "$ZEBU" volume create "b$n" --size $SIZE --replicas $n --wait >/dev/null
+  uri=$("$ZEBU" volume attach "b$n")
+  # Every replica in the set before measuring.
+  for _ in $(seq 100); do "$ZEBU" volume get "b$n" -o json | grep -q '"robustness": "healthy"' && break; sleep 0.1; done
+  measure "zebu$n" "$uri"
 done
 
 echo "| job | qemu-nbd IOPS | Zebu 1 replica IOPS | ratio | Zebu 3 replicas IOPS | ratio | qemu-nbd lat µs | Zebu 1r lat µs | Zebu 3r lat µs |"

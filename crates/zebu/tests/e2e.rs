@@ -17,19 +17,9 @@ use zebu_nbd::client::NbdClient;
 fn server_three_replicas_with_real_clients() {
     let tmp = TempDir::new("clients");
     let data = tmp.path().join("data");
-    let srv = Proc::start(
-        "server",
-        &[
-            "server",
-            "--data-dir",
-            data.to_str().expect("utf8"),
-            "--nbd-listen",
-            "127.0.0.1:0",
-            "--volume",
-            "v1:512MiB:3",
-        ],
-    );
-    let uri = format!("nbd://{}/v1", srv.addr);
+    let srv = Server::start(&data);
+    let uri = srv.volume("v1", "512MiB", 3);
+    assert!(uri.starts_with("nbd://127.0.0.1:") && uri.ends_with("/v1"), "{uri}");
     let out = must("nbdinfo", &["--json", &uri]);
     assert!(out.contains("\"export-size\": 536870912"), "{out}");
     let out = must(
@@ -133,19 +123,8 @@ impl Drop for FsGuard {
 fn ext4_through_nbdfuse_and_a_loop_device() {
     let tmp = TempDir::new("ext4");
     let data = tmp.path().join("data");
-    let srv = Proc::start(
-        "server",
-        &[
-            "server",
-            "--data-dir",
-            data.to_str().expect("utf8"),
-            "--nbd-listen",
-            "127.0.0.1:0",
-            "--volume",
-            "fs1:256MiB:3",
-        ],
-    );
-    let uri = format!("nbd://{}/fs1", srv.addr);
+    let srv = Server::start(&data);
+    let uri = srv.volume("fs1", "256MiB", 3);
     let fuse = tmp.path().join("fuse");
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir_all(&fuse).expect("mkdir");
@@ -206,7 +185,7 @@ fn ext4_through_nbdfuse_and_a_loop_device() {
 
 fn replica_args(dir: &std::path::Path, i: usize, listen: &str, size: &str) -> Vec<String> {
     vec![
-        "replica".into(),
+        "replica-server".into(),
         "--dir".into(),
         dir.join(format!("r{i}")).to_string_lossy().into_owned(),
         "--volume".into(),

@@ -180,3 +180,63 @@ pub async fn replica_hash(addr: &str, volume: &str, generation: u64, size: u64) 
     }
     h.finalize().to_hex().to_string()
 }
+
+/// Runs the `zebu` CLI against an API; returns (success, stdout, stderr).
+pub fn zebu_cli(api: &str, token: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(ZEBU)
+        .args(args)
+        .env("ZEBU_API", format!("http://{api}"))
+        .env("ZEBU_TOKEN", token)
+        .env("ZEBU_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run zebu");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// An all-in-one `zebu server` on ephemeral ports.
+pub struct Server {
+    pub proc: Proc,
+    pub data: PathBuf,
+    pub token: String,
+}
+
+impl Server {
+    pub fn start(data: &Path) -> Server {
+        let proc = Proc::start(
+            "server",
+            &[
+                "server",
+                "--data-dir",
+                data.to_str().expect("utf8"),
+                "--api-listen",
+                "127.0.0.1:0",
+                "--nbd-listen",
+                "127.0.0.1:0",
+            ],
+        );
+        let token = std::fs::read_to_string(data.join("api-token")).expect("api-token").trim().to_string();
+        Server { proc, data: data.to_path_buf(), token }
+    }
+
+    pub fn api(&self) -> &str {
+        &self.proc.addr
+    }
+
+    /// Runs the CLI; panics with its stderr if it fails.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let (ok, out, err) = zebu_cli(self.api(), &self.token, args);
+        assert!(ok, "zebu {args:?} failed: {err}");
+        out
+    }
+
+    /// Creates a volume, attaches it and returns its NBD URI.
+    pub fn volume(&self, name: &str, size: &str, replicas: u32) -> String {
+        self.cli(&["volume", "create", name, "--size", size, "--replicas", &replicas.to_string(), "--wait"]);
+        self.cli(&["volume", "attach", name]).trim().to_string()
+    }
+}
