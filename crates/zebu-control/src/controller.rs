@@ -165,7 +165,7 @@ impl Manager {
         if size == 0 {
             return Err(ApiError::bad("InvalidSize", "size must be greater than 0"));
         }
-        if size % 4096 != 0 {
+        if !size.is_multiple_of(4096) {
             return Err(ApiError::bad(
                 "InvalidSize",
                 format!("size {size} is not a multiple of 4096 bytes"),
@@ -267,13 +267,13 @@ impl Manager {
         if n.status.state != "up" {
             return Err(conflict("NodeDown", format!("node {node:?} is down")));
         }
-        if let Some(cur) = &v.spec.node {
-            if cur != &node {
-                return Err(conflict(
-                    "AlreadyAttached",
-                    format!("volume {name:?} is attached to node {cur:?}"),
-                ));
-            }
+        if let Some(cur) = &v.spec.node
+            && cur != &node
+        {
+            return Err(conflict(
+                "AlreadyAttached",
+                format!("volume {name:?} is attached to node {cur:?}"),
+            ));
         }
         store::modify::<Volume>(&*self.store, name, |v| {
             if v.spec.node.as_deref() == Some(node.as_str()) {
@@ -293,7 +293,10 @@ impl Manager {
 
     pub fn expand_volume(&self, name: &str, size: u64) -> Result<Volume, ApiError> {
         let v = self.get_volume(name)?;
-        if size <= v.spec.size || size % 4096 != 0 || size > self.setting_u64("max-volume-size") {
+        if size <= v.spec.size
+            || !size.is_multiple_of(4096)
+            || size > self.setting_u64("max-volume-size")
+        {
             return Err(ApiError::bad(
                 "InvalidSize",
                 format!(
@@ -445,9 +448,26 @@ impl Manager {
             });
         }
         for e in store::list::<Engine>(&*self.store)? {
-            if e.spec.node == node {
-                a.engines.push(e.spec);
+            if e.spec.node != node {
+                continue;
             }
+            if e.metadata.deletion_requested.is_some() {
+                // Stopped once the node no longer reports it.
+                if !hb
+                    .engines
+                    .iter()
+                    .any(|r| r.volume == e.spec.volume && r.generation == e.spec.generation)
+                {
+                    match store::delete(&*self.store, &e) {
+                        Ok(())
+                        | Err(StoreError::NotFound { .. })
+                        | Err(StoreError::Conflict { .. }) => {}
+                        Err(err) => return Err(err.into()),
+                    }
+                }
+                continue;
+            }
+            a.engines.push(e.spec);
         }
         Ok(a)
     }
@@ -572,7 +592,8 @@ impl Manager {
                 .collect();
             if v.metadata.deletion_requested.is_some() {
                 if let Some(e) = engines.get(&name) {
-                    let _ = store::delete(s, e);
+                    self.stop_engine(e, &nodes)?;
+                    continue;
                 }
                 for r in &vreps {
                     if r.metadata.deletion_requested.is_none() {
@@ -601,14 +622,15 @@ impl Manager {
             // A failed replica that did not come back within the wait is replaced, never the last
             // good copy.
             for r in &live {
-                if let Some(f) = r.status.failed_at {
-                    if t.saturating_sub(f) > wait && healthy > 0 {
-                        tracing::warn!(volume = %name, replica = %r.metadata.name, "replica did not return in time; replacing it");
-                        store::modify::<Replica>(s, &r.metadata.name, |r| {
-                            r.metadata.deletion_requested = Some(t);
-                            true
-                        })?;
-                    }
+                if let Some(f) = r.status.failed_at
+                    && t.saturating_sub(f) > wait
+                    && healthy > 0
+                {
+                    tracing::warn!(volume = %name, replica = %r.metadata.name, "replica did not return in time; replacing it");
+                    store::modify::<Replica>(s, &r.metadata.name, |r| {
+                        r.metadata.deletion_requested = Some(t);
+                        true
+                    })?;
                 }
             }
             let live: Vec<Replica> = store::list::<Replica>(s)?
@@ -632,8 +654,32 @@ impl Manager {
         }
         for e in engines.values() {
             if !volumes.iter().any(|v| v.metadata.name == e.spec.volume) {
-                let _ = store::delete(s, e);
+                self.stop_engine(e, &nodes)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Asks the engine's node to stop it; the object goes when the node confirms, or at once when
+    /// the node is down (a newer generation fences it anyway).
+    fn stop_engine(&self, e: &Engine, nodes: &HashMap<String, Node>) -> Result<(), ApiError> {
+        let s = &*self.store;
+        let up = nodes
+            .get(&e.spec.node)
+            .is_some_and(|n| n.status.state == "up");
+        if !up {
+            match store::delete(s, e) {
+                Ok(()) | Err(StoreError::NotFound { .. }) | Err(StoreError::Conflict { .. }) => {}
+                Err(err) => return Err(err.into()),
+            }
+            return Ok(());
+        }
+        if e.metadata.deletion_requested.is_none() {
+            tracing::info!(volume = %e.spec.volume, node = %e.spec.node, "stopping engine");
+            store::modify::<Engine>(s, &e.metadata.name, |e| {
+                e.metadata.deletion_requested = Some(now());
+                true
+            })?;
         }
         Ok(())
     }
@@ -784,8 +830,11 @@ impl Manager {
                     Err(e) => return Err(e.into()),
                 }
             }
+            (_, Some(e)) if e.metadata.deletion_requested.is_some() => {
+                self.stop_engine(e, nodes)?;
+            }
             (Some(node), Some(e)) if &e.spec.node != node => {
-                let _ = store::delete(s, e);
+                self.stop_engine(e, nodes)?;
             }
             (Some(_), Some(e)) => {
                 let reps = self.engine_replicas(live, nodes);
@@ -817,8 +866,7 @@ impl Manager {
                 }
             }
             (None, Some(e)) => {
-                tracing::info!(volume = %v.metadata.name, "stopping engine");
-                let _ = store::delete(s, e);
+                self.stop_engine(e, nodes)?;
             }
             (None, None) => {}
         }
@@ -828,7 +876,9 @@ impl Manager {
     fn update_volume_status(&self, v: &Volume, live: &[Replica]) -> Result<(), ApiError> {
         let s = &*self.store;
         let engine = store::get::<Engine>(s, &v.metadata.name)?;
-        let running = engine.as_ref().is_some_and(|e| e.status.state == "running");
+        let running = engine.as_ref().is_some_and(|e| {
+            e.status.state == "running" && e.metadata.deletion_requested.is_none()
+        });
         let state = match (&v.spec.node, &engine) {
             (Some(_), Some(_)) if running => VolumeState::Attached,
             (Some(_), _) => VolumeState::Attaching,

@@ -68,7 +68,10 @@ impl ApiHook {
         loop {
             match self.api.post::<_, Replica>("/v1/replica-events", &ev).await {
                 Ok(_) => return Ok(()),
-                Err(e) if e.code() == Some("Fenced") => return Err(e.to_string()),
+                Err(e) if e.code() == Some("Fenced") => {
+                    tracing::warn!(volume = %ev.volume, replica = %ev.replica, reason = %ev.reason, "replica event refused: this engine was superseded");
+                    return Err(e.to_string());
+                }
                 Err(e) if tokio::time::Instant::now() >= deadline => return Err(e.to_string()),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not record a replica event yet; retrying");
@@ -292,17 +295,18 @@ impl NodeAgent {
             }
             if let Some(r) = self.replicas.lock().await.get(&ra.name) {
                 let cur = r.svc.read_store().size();
-                if ra.size > cur {
-                    if let Err(e) = r.svc.write_store().expand(ra.size) {
-                        tracing::error!(replica = %ra.name, error = %e, "cannot expand replica");
-                    }
+                if ra.size > cur
+                    && let Err(e) = r.svc.write_store().expand(ra.size)
+                {
+                    tracing::error!(replica = %ra.name, error = %e, "cannot expand replica");
                 }
             }
         }
+        // Engines first: one that stops flushes to its replicas before any of them goes.
+        self.reconcile_engines(&a.engines).await;
         for name in &a.delete_replicas {
             self.delete_replica(name).await;
         }
-        self.reconcile_engines(&a.engines).await;
     }
 
     async fn reconcile_engines(&self, wanted: &[EngineSpec]) {

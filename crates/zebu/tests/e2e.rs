@@ -19,7 +19,10 @@ fn server_three_replicas_with_real_clients() {
     let data = tmp.path().join("data");
     let srv = Server::start(&data);
     let uri = srv.volume("v1", "512MiB", 3);
-    assert!(uri.starts_with("nbd://127.0.0.1:") && uri.ends_with("/v1"), "{uri}");
+    assert!(
+        uri.starts_with("nbd://127.0.0.1:") && uri.ends_with("/v1"),
+        "{uri}"
+    );
     let out = must("nbdinfo", &["--json", &uri]);
     assert!(out.contains("\"export-size\": 536870912"), "{out}");
     let out = must(

@@ -45,8 +45,18 @@ pub struct Proc {
 impl Proc {
     /// Starts `zebu ARGS` and waits for its "... listening on ADDR" line.
     pub fn start(name: &str, args: &[&str]) -> Proc {
-        let mut child = Command::new(ZEBU)
-            .args(args)
+        let mut cmd = Command::new(ZEBU);
+        cmd.args(args);
+        Proc::start_cmd(name, cmd)
+    }
+
+    /// Starts a prepared `zebu` command and waits for its "... listening on ADDR" line.
+    pub fn start_cmd(name: &str, mut cmd: Command) -> Proc {
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let mut child = cmd
             .env(
                 "ZEBU_LOG",
                 std::env::var("ZEBU_LOG").unwrap_or_else(|_| "info".into()),
@@ -219,8 +229,15 @@ impl Server {
                 "127.0.0.1:0",
             ],
         );
-        let token = std::fs::read_to_string(data.join("api-token")).expect("api-token").trim().to_string();
-        Server { proc, data: data.to_path_buf(), token }
+        let token = std::fs::read_to_string(data.join("api-token"))
+            .expect("api-token")
+            .trim()
+            .to_string();
+        Server {
+            proc,
+            data: data.to_path_buf(),
+            token,
+        }
     }
 
     pub fn api(&self) -> &str {
@@ -236,7 +253,16 @@ impl Server {
 
     /// Creates a volume, attaches it and returns its NBD URI.
     pub fn volume(&self, name: &str, size: &str, replicas: u32) -> String {
-        self.cli(&["volume", "create", name, "--size", size, "--replicas", &replicas.to_string(), "--wait"]);
+        self.cli(&[
+            "volume",
+            "create",
+            name,
+            "--size",
+            size,
+            "--replicas",
+            &replicas.to_string(),
+            "--wait",
+        ]);
         self.cli(&["volume", "attach", name]).trim().to_string()
     }
 }

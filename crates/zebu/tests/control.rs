@@ -1,0 +1,487 @@
+//! Control-plane tests with real processes: the quickstart lifecycle through the CLI, bad input
+//! through the API, and node failures across three node agents and a manager.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::*;
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use zebu_control::client::ApiClient;
+
+fn json_of(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+#[test]
+fn quickstart_volume_lifecycle() {
+    let tmp = TempDir::new("quick");
+    let data = tmp.path().join("zebu-data");
+    let srv = Server::start(&data);
+    // The token file is private.
+    let mode = std::fs::metadata(data.join("api-token"))
+        .expect("token")
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    srv.cli(&[
+        "volume",
+        "create",
+        "v1",
+        "--size",
+        "1GiB",
+        "--replicas",
+        "3",
+        "--wait",
+    ]);
+    let uri = srv.cli(&["volume", "attach", "v1"]);
+    let uri = uri.trim();
+    assert_eq!(
+        uri.lines().count(),
+        1,
+        "attach prints the URI alone: {uri:?}"
+    );
+    let out = must(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            uri,
+            "-c",
+            "write -P 0x5a 0 2M",
+            "-c",
+            "read -P 0x5a 0 2M",
+            "-c",
+            "flush",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    let src = tmp.path().join("in.img");
+    let back = tmp.path().join("out.img");
+    must(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={}", src.display()),
+            "bs=1M",
+            "count=64",
+            "status=none",
+        ],
+    );
+    must("nbdcopy", &[src.to_str().expect("utf8"), uri]);
+    must("nbdcopy", &[uri, back.to_str().expect("utf8")]);
+    let got = std::fs::read(&back).expect("read back");
+    assert_eq!(
+        blake3::hash(&got[..64 << 20]).to_hex().to_string(),
+        file_hash(&src)
+    );
+    // JSON fields scripts rely on.
+    let v = json_of(&srv.cli(&["volume", "get", "v1", "-o", "json"]));
+    assert_eq!(v["metadata"]["name"], "v1");
+    assert_eq!(v["spec"]["size"], 1u64 << 30);
+    assert_eq!(v["spec"]["replicas"], 3);
+    assert_eq!(v["status"]["state"], "attached");
+    assert_eq!(v["status"]["nbdUri"], uri);
+    let reps = json_of(&srv.cli(&["replica", "list", "--volume", "v1", "-o", "json"]));
+    assert_eq!(reps.as_array().map(Vec::len), Some(3));
+    wait_for("all replicas RW and the volume healthy", 60, || {
+        let v = json_of(&srv.cli(&["volume", "get", "v1", "-o", "json"]));
+        (v["status"]["robustness"] == "healthy").then_some(())
+    });
+    // An attached volume cannot be deleted.
+    let (ok, _, err) = zebu_cli(srv.api(), &srv.token, &["volume", "delete", "v1"]);
+    assert!(
+        !ok && err.contains("attached") && err.lines().count() == 1,
+        "{err}"
+    );
+    srv.cli(&["volume", "detach", "v1"]);
+    let rdir = data.join("node").join("replicas");
+    assert_eq!(std::fs::read_dir(&rdir).expect("replicas dir").count(), 3);
+    srv.cli(&["volume", "delete", "v1"]);
+    assert_eq!(
+        std::fs::read_dir(&rdir).expect("replicas dir").count(),
+        0,
+        "replica files left behind"
+    );
+    let (ok, _, err) = zebu_cli(srv.api(), &srv.token, &["volume", "get", "v1"]);
+    assert!(!ok && err.contains("not found"), "{err}");
+}
+
+/// Sends a raw HTTP request; returns (status, body).
+fn raw_http(api: &str, req: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(api).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(req.as_bytes()).expect("send");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    (status, body)
+}
+
+fn volume_names(rt: &tokio::runtime::Runtime, api: &ApiClient) -> Vec<String> {
+    let vols: Vec<Value> = rt.block_on(api.get("/v1/volumes")).expect("list");
+    let mut v: Vec<String> = vols
+        .iter()
+        .filter_map(|v| v["metadata"]["name"].as_str().map(str::to_string))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let tmp = TempDir::new("bad");
+    let srv = Server::start(&tmp.path().join("data"));
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let api = ApiClient::new(&format!("http://{}", srv.api()), &srv.token).expect("client");
+    srv.cli(&[
+        "volume",
+        "create",
+        "keep",
+        "--size",
+        "64MiB",
+        "--replicas",
+        "1",
+        "--wait",
+    ]);
+    let before = volume_names(&rt, &api);
+    // Health needs no token; everything else does.
+    let (st, body) = raw_http(
+        srv.api(),
+        "GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(st, 200, "{body}");
+    let (st, body) = raw_http(
+        srv.api(),
+        "GET /v1/volumes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(st, 401);
+    assert_eq!(json_of(&body)["code"], "Unauthorized");
+    let wrong = ApiClient::new(&format!("http://{}", srv.api()), "not-the-token").expect("client");
+    let e = rt
+        .block_on(wrong.post::<_, Value>("/v1/volumes", &json!({"name": "x", "size": 4096})))
+        .expect_err("wrong token");
+    assert_eq!(e.code(), Some("Unauthorized"));
+    // A fixed list of bad requests, each a 4xx with a code and message.
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"name": "", "size": 1 << 20}), "InvalidName"),
+        (
+            json!({"name": "a".repeat(64), "size": 1 << 20}),
+            "InvalidName",
+        ),
+        (json!({"name": "a/b", "size": 1 << 20}), "InvalidName"),
+        (json!({"name": "..", "size": 1 << 20}), "InvalidName"),
+        (json!({"name": "Upper", "size": 1 << 20}), "InvalidName"),
+        (json!({"name": "ok", "size": 0}), "InvalidSize"),
+        (json!({"name": "ok", "size": 1000}), "InvalidSize"),
+        (json!({"name": "ok", "size": 1u64 << 50}), "InvalidSize"),
+        (
+            json!({"name": "ok", "size": 1 << 20, "replicas": 0}),
+            "InvalidReplicas",
+        ),
+        (
+            json!({"name": "ok", "size": 1 << 20, "replicas": 99}),
+            "InvalidReplicas",
+        ),
+        (json!({"name": "ok", "size": -5}), "InvalidBody"),
+        (json!({"name": "ok"}), "InvalidBody"),
+        (
+            json!({"name": "ok", "size": 4096, "bogus": 1}),
+            "InvalidBody",
+        ),
+        (json!({"name": "keep", "size": 1 << 20}), "AlreadyExists"),
+    ];
+    for (body, code) in &cases {
+        let e = rt
+            .block_on(api.post::<_, Value>("/v1/volumes", body))
+            .expect_err("must be refused");
+        match &e {
+            zebu_control::client::ClientError::Api {
+                status,
+                code: c,
+                message,
+            } => {
+                assert!((400..500).contains(status), "{body}: status {status}");
+                assert_eq!(c, code, "{body}: {message}");
+                assert!(!message.is_empty());
+            }
+            other => panic!("{body}: {other}"),
+        }
+    }
+    // Hard anti-affinity: more replicas than nodes.
+    rt.block_on(api.put::<_, Value>(
+        "/v1/settings/replica-soft-anti-affinity",
+        &json!({"value": "false"}),
+    ))
+    .expect("set");
+    let e = rt
+        .block_on(api.post::<_, Value>(
+            "/v1/volumes",
+            &json!({"name": "two", "size": 1 << 20, "replicas": 2}),
+        ))
+        .expect_err("refused");
+    assert_eq!(e.code(), Some("InsufficientNodes"));
+    let e = rt
+        .block_on(api.put::<_, Value>(
+            "/v1/settings/replica-soft-anti-affinity",
+            &json!({"value": "maybe"}),
+        ))
+        .expect_err("refused");
+    assert_eq!(e.code(), Some("InvalidSetting"));
+    // Unknown objects, unknown routes.
+    for path in [
+        "/v1/volumes/nope",
+        "/v1/nodes/nope",
+        "/v1/replicas/nope",
+        "/v1/nothing",
+    ] {
+        let e = rt.block_on(api.get::<Value>(path)).expect_err("404");
+        assert!(
+            matches!(
+                e,
+                zebu_control::client::ClientError::Api { status: 404, .. }
+            ),
+            "{path}: {e}"
+        );
+    }
+    let e = rt
+        .block_on(api.post::<_, Value>("/v1/volumes/nope/attach", &json!({})))
+        .expect_err("404");
+    assert_eq!(e.code(), Some("NotFound"));
+    // Random names: every invalid one is refused, and nothing else changes.
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(64));
+    runner
+        .run(&"[a-zA-Z0-9./_ -]{0,70}", |name| {
+            let valid = zebu_types::validate_name(&name).is_ok();
+            if valid {
+                return Ok(());
+            }
+            let r = rt.block_on(
+                api.post::<_, Value>("/v1/volumes", &json!({"name": name, "size": 1 << 20})),
+            );
+            prop_assert!(r.is_err(), "{name:?} was accepted");
+            prop_assert_eq!(
+                r.err().and_then(|e| e.code().map(str::to_string)),
+                Some("InvalidName".to_string())
+            );
+            Ok(())
+        })
+        .expect("property");
+    assert_eq!(
+        volume_names(&rt, &api),
+        before,
+        "bad input changed the volumes"
+    );
+}
+
+fn node_proc(name: &str, manager: &str, token: &str, dir: &std::path::Path) -> Proc {
+    let mut child = std::process::Command::new(ZEBU);
+    child
+        .args([
+            "node",
+            "--manager",
+            &format!("http://{manager}"),
+            "--data-dir",
+            dir.to_str().expect("utf8"),
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--name",
+            name,
+        ])
+        .env("ZEBU_TOKEN", token);
+    Proc::start_cmd(name, child)
+}
+
+#[test]
+fn node_failure_delta_rebuild_and_replacement() {
+    let tmp = TempDir::new("nodes");
+    let mgr_dir = tmp.path().join("manager");
+    let mgr = Proc::start(
+        "manager",
+        &[
+            "manager",
+            "--data-dir",
+            mgr_dir.to_str().expect("utf8"),
+            "--api-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let token = std::fs::read_to_string(mgr_dir.join("api-token"))
+        .expect("token")
+        .trim()
+        .to_string();
+    let cli = |args: &[&str]| {
+        let (ok, out, err) = zebu_cli(&mgr.addr, &token, args);
+        assert!(ok, "zebu {args:?}: {err}");
+        out
+    };
+    let mut nodes: Vec<Proc> = (1..=3)
+        .map(|i| {
+            node_proc(
+                &format!("n{i}"),
+                &mgr.addr,
+                &token,
+                &tmp.path().join(format!("n{i}")),
+            )
+        })
+        .collect();
+    cli(&["setting", "set", "node-down-timeout", "3"]);
+    wait_for("three nodes up", 30, || {
+        let n = json_of(&cli(&["node", "list", "-o", "json"]));
+        (n.as_array()
+            .map(|a| a.iter().filter(|x| x["status"]["state"] == "up").count())
+            == Some(3))
+        .then_some(())
+    });
+    cli(&[
+        "volume",
+        "create",
+        "vol",
+        "--size",
+        "64MiB",
+        "--replicas",
+        "3",
+        "--wait",
+    ]);
+    let reps = json_of(&cli(&["replica", "list", "--volume", "vol", "-o", "json"]));
+    let mut placed: Vec<String> = reps
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|r| r["spec"]["node"].as_str().unwrap_or("").to_string())
+        .collect();
+    placed.sort();
+    assert_eq!(placed, vec!["n1", "n2", "n3"], "one replica per node");
+    let uri = cli(&["volume", "attach", "vol", "--node", "n1"])
+        .trim()
+        .to_string();
+    let nbd_addr = uri
+        .trim_start_matches("nbd://")
+        .split('/')
+        .next()
+        .expect("addr")
+        .to_string();
+    wait_for("healthy", 60, || {
+        (json_of(&cli(&["volume", "get", "vol", "-o", "json"]))["status"]["robustness"]
+            == "healthy")
+            .then_some(())
+    });
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    const BLK: usize = 64 * 1024;
+    let mut acked: std::collections::HashMap<u64, u64> = Default::default();
+    let mut c = rt
+        .block_on(zebu_nbd::client::NbdClient::connect(&nbd_addr, "vol"))
+        .expect("nbd");
+    let mut tag = 0u64;
+    let mut write = |c: &mut zebu_nbd::client::NbdClient,
+                     n: u64,
+                     acked: &mut std::collections::HashMap<u64, u64>| {
+        for _ in 0..n {
+            tag += 1;
+            let blk = (tag * 7919) % 1024;
+            rt.block_on(c.write(blk * BLK as u64, &block_data(blk, tag, BLK), false))
+                .expect("write");
+            acked.insert(blk, tag);
+        }
+    };
+    // Fill the volume, so a full rebuild would copy 64 MiB.
+    for blk in 0..1024u64 {
+        rt.block_on(c.write(blk * BLK as u64, &block_data(blk, 0, BLK), false))
+            .expect("fill");
+        acked.insert(blk, 0);
+    }
+    rt.block_on(c.flush()).expect("flush");
+    // SIGKILL n3 under writes: the volume turns degraded, I/O goes on.
+    nodes[2].kill();
+    write(&mut c, 40, &mut acked);
+    wait_for("degraded", 30, || {
+        (json_of(&cli(&["volume", "get", "vol", "-o", "json"]))["status"]["robustness"]
+            == "degraded")
+            .then_some(())
+    });
+    write(&mut c, 40, &mut acked);
+    // Back within the wait: its replica is reused by a delta rebuild.
+    nodes[2] = node_proc("n3", &mgr.addr, &token, &tmp.path().join("n3"));
+    wait_for("healthy again", 120, || {
+        write(&mut c, 2, &mut acked);
+        (json_of(&cli(&["volume", "get", "vol", "-o", "json"]))["status"]["robustness"]
+            == "healthy")
+            .then_some(())
+    });
+    let reps = json_of(&cli(&["replica", "list", "--volume", "vol", "-o", "json"]));
+    let n3 = reps
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|r| r["spec"]["node"] == "n3")
+        .expect("n3 replica")
+        .clone();
+    let copied = n3["status"]["rebuildCopied"].as_u64().unwrap_or(u64::MAX);
+    let skipped = n3["status"]["rebuildSkipped"].as_u64().unwrap_or(0);
+    println!(
+        "delta rebuild of the returning replica: copied {copied} bytes, skipped {skipped} bytes of a 64 MiB volume"
+    );
+    assert!(
+        copied < 16 << 20,
+        "the returning replica copied {copied} bytes; a delta rebuild copies far less than 64 MiB"
+    );
+    // Kept down past the wait: a new replica is built on a node with none of this volume.
+    let _n4 = node_proc("n4", &mgr.addr, &token, &tmp.path().join("n4"));
+    wait_for("n4 up", 30, || {
+        json_of(&cli(&["node", "get", "n4", "-o", "json"]))[0]["status"]["state"]
+            .as_str()
+            .filter(|s| *s == "up")
+            .map(|_| ())
+    });
+    cli(&["setting", "set", "replica-replenishment-wait-interval", "2"]);
+    nodes[2].kill();
+    wait_for("a replacement replica on n4, RW", 120, || {
+        write(&mut c, 2, &mut acked);
+        let reps = json_of(&cli(&["replica", "list", "--volume", "vol", "-o", "json"]));
+        reps.as_array()?
+            .iter()
+            .any(|r| r["spec"]["node"] == "n4" && r["status"]["mode"] == "RW")
+            .then_some(())
+    });
+    wait_for("healthy with the replacement", 60, || {
+        (json_of(&cli(&["volume", "get", "vol", "-o", "json"]))["status"]["robustness"]
+            == "healthy")
+            .then_some(())
+    });
+    rt.block_on(c.flush()).expect("flush");
+    for (blk, t) in &acked {
+        let got = rt
+            .block_on(c.read(blk * BLK as u64, BLK as u32))
+            .expect("read");
+        assert!(
+            got == block_data(*blk, *t, BLK),
+            "block {blk} lost write {t}"
+        );
+    }
+    // The live replicas are byte-identical.
+    let engines: Value = json_of(&cli(&["volume", "get", "vol", "-o", "json"]));
+    let _ = engines;
+    let api = ApiClient::new(&format!("http://{}", mgr.addr), &token).expect("client");
+    let eng: Vec<Value> = rt.block_on(api.get("/v1/engines")).expect("engines");
+    let generation = eng[0]["spec"]["generation"].as_u64().expect("generation");
+    let reps = json_of(&cli(&["replica", "list", "--volume", "vol", "-o", "json"]));
+    let mut hashes = Vec::new();
+    for r in reps.as_array().expect("array") {
+        if r["metadata"]["deletionRequested"].is_null() && r["status"]["mode"] == "RW" {
+            let addr = r["status"]["address"].as_str().expect("address");
+            hashes.push(rt.block_on(replica_hash(addr, "vol", generation, 64 << 20)));
+        }
+    }
+    assert_eq!(hashes.len(), 3, "three RW replicas");
+    assert!(hashes.iter().all(|h| h == &hashes[0]), "replicas differ");
+}
