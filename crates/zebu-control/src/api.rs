@@ -95,6 +95,31 @@ fn body<T: serde::de::DeserializeOwned>(raw: &axum::body::Bytes) -> Result<T, Ap
         .map_err(|e| ApiError::bad("InvalidBody", format!("invalid request body: {e}")))
 }
 
+/// Every route the API serves, as (method, path); docs/openapi.json must list exactly these (a
+/// test checks both directions).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/v1/health"),
+    ("get", "/v1/openapi.json"),
+    ("get", "/v1/volumes"),
+    ("post", "/v1/volumes"),
+    ("get", "/v1/volumes/{name}"),
+    ("delete", "/v1/volumes/{name}"),
+    ("post", "/v1/volumes/{name}/attach"),
+    ("post", "/v1/volumes/{name}/detach"),
+    ("post", "/v1/volumes/{name}/expand"),
+    ("get", "/v1/replicas"),
+    ("get", "/v1/replicas/{name}"),
+    ("delete", "/v1/replicas/{name}"),
+    ("get", "/v1/engines"),
+    ("get", "/v1/nodes"),
+    ("get", "/v1/nodes/{name}"),
+    ("post", "/v1/nodes/{name}/heartbeat"),
+    ("post", "/v1/replica-events"),
+    ("get", "/v1/settings"),
+    ("put", "/v1/settings/{name}"),
+    ("get", "/metrics"),
+];
+
 pub fn router(m: Arc<Manager>) -> Router {
     Router::new()
         .route("/v1/health", get(health))

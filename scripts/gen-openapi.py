@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Writes docs/openapi.json, the OpenAPI 3.0 description of Zebu's REST API (/v1).
+
+The API's routes are listed in crates/zebu-control/src/api.rs (ROUTES); a test fails when this
+document and that list drift apart. Run after changing the API: python3 scripts/gen-openapi.py
+"""
+import json, os
+
+def ref(n): return {"$ref": f"#/components/schemas/{n}"}
+def arr(s): return {"type": "array", "items": s}
+S = lambda **kw: {"type": "string", **kw}
+I = lambda **kw: {"type": "integer", "format": "int64", "minimum": 0, **kw}
+B = {"type": "boolean"}
+NAME = {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$", "maxLength": 63}
+
+def obj(props, required=(), extra=True):
+    o = {"type": "object", "properties": props}
+    if required: o["required"] = list(required)
+    if not extra: o["additionalProperties"] = False
+    return o
+
+schemas = {
+    "Error": obj({"code": S(), "message": S()}, ["code", "message"]),
+    "Meta": obj({"name": S(), "uid": S(), "resourceVersion": I(), "generation": I(),
+                 "labels": {"type": "object", "additionalProperties": S()}, "created": I(),
+                 "deletionRequested": I()}, ["name"]),
+    "Volume": obj({"metadata": ref("Meta"),
+        "spec": obj({"size": I(), "replicas": I(), "standby": B, "backupTarget": S(), "node": S()}, ["size", "replicas"]),
+        "status": obj({"state": S(enum=["creating", "detached", "attaching", "attached", "detaching", "deleting"]),
+                       "robustness": S(enum=["healthy", "degraded", "faulted", "unknown"]),
+                       "nbdUri": S(), "node": S(), "lastBackup": S(), "lastBackupAt": I(), "message": S()})},
+        ["metadata", "spec", "status"]),
+    "Replica": obj({"metadata": ref("Meta"),
+        "spec": obj({"volume": S(), "node": S(), "disk": S(), "size": I()}),
+        "status": obj({"mode": S(enum=["RW", "WO", "ERR"]), "state": S(), "address": S(), "failedAt": I(),
+                       "flushSeq": I(), "rebuildCopied": I(), "rebuildSkipped": I()})}, ["metadata", "spec", "status"]),
+    "EngineReplica": obj({"name": S(), "address": S(), "candidate": B}, ["name", "address"]),
+    "EngineSpec": obj({"volume": S(), "node": S(), "size": I(), "generation": I(), "replicas": arr(ref("EngineReplica"))},
+                      ["volume", "node", "size", "generation", "replicas"]),
+    "Engine": obj({"metadata": ref("Meta"), "spec": ref("EngineSpec"),
+                   "status": obj({"state": S(), "nbdUri": S(), "message": S()})}, ["metadata", "spec"]),
+    "Disk": obj({"path": S(), "capacity": I(), "available": I(), "scheduled": I()}, ["path", "capacity", "available"]),
+    "Node": obj({"metadata": ref("Meta"), "spec": obj({"allowScheduling": B}),
+                 "status": obj({"state": S(enum=["up", "down", ""]), "address": S(), "nbdAddress": S(),
+                                "lastHeartbeat": I(), "disks": arr(ref("Disk"))})}, ["metadata"]),
+    "Setting": obj({"metadata": ref("Meta"), "value": S()}, ["metadata", "value"]),
+    "CreateVolume": obj({"name": NAME, "size": I(), "replicas": I(minimum=1, maximum=16)}, ["name", "size"], extra=False),
+    "Attach": obj({"node": NAME}, extra=False),
+    "Expand": obj({"size": I()}, ["size"], extra=False),
+    "SettingValue": obj({"value": S()}, ["value"], extra=False),
+    "Heartbeat": obj({"address": S(), "nbdAddress": S(), "disks": arr(ref("Disk")),
+        "replicas": arr(obj({"name": S(), "address": S(), "flushSeq": I()}, ["name", "address", "flushSeq"])),
+        "engines": arr(obj({"volume": S(), "generation": I(), "nbdUri": S(),
+            "replicas": arr(obj({"name": S(), "mode": S(enum=["RW", "WO", "ERR"]), "rebuildCopied": I(), "rebuildSkipped": I()},
+                                ["name", "mode", "rebuildCopied", "rebuildSkipped"]))}, ["volume", "generation", "nbdUri", "replicas"]))},
+        ["address", "nbdAddress", "disks", "replicas", "engines"]),
+    "Assignments": obj({"replicas": arr(obj({"name": S(), "volume": S(), "disk": S(), "size": I()})),
+                        "engines": arr(ref("EngineSpec")), "deleteReplicas": arr(S())}),
+    "ReplicaEvent": obj({"volume": S(), "replica": S(), "generation": I(), "mode": S(enum=["RW", "WO", "ERR"]), "reason": S()},
+                        ["volume", "replica", "generation", "mode"]),
+}
+
+def resp(code, schema, desc="OK"):
+    r = {"description": desc}
+    if schema: r["content"] = {"application/json": {"schema": schema}}
+    return {str(code): r}
+
+ERR = {"400": {"description": "bad input", "content": {"application/json": {"schema": ref("Error")}}},
+       "401": {"description": "missing or wrong token", "content": {"application/json": {"schema": ref("Error")}}},
+       "404": {"description": "not found", "content": {"application/json": {"schema": ref("Error")}}},
+       "409": {"description": "conflict with the current state", "content": {"application/json": {"schema": ref("Error")}}}}
+
+def op(summary, ok, body=None, params=(), code=200, auth=True):
+    o = {"summary": summary, "responses": {**resp(code, ok), **(ERR if auth else {})}}
+    if body: o["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    if params: o["parameters"] = list(params)
+    if not auth: o["security"] = []
+    return o
+
+P = lambda n: {"name": n, "in": "path", "required": True, "schema": NAME}
+paths = {
+    "/v1/health": {"get": op("Liveness; needs no token", obj({"status": S()}), auth=False)},
+    "/v1/openapi.json": {"get": op("This document", {"type": "object"})},
+    "/v1/volumes": {"get": op("List volumes", arr(ref("Volume"))),
+                    "post": op("Create a volume", ref("Volume"), ref("CreateVolume"), code=201)},
+    "/v1/volumes/{name}": {"get": op("Get a volume", ref("Volume"), params=[P("name")]),
+                           "delete": op("Delete a detached volume and its replicas", ref("Volume"), params=[P("name")], code=202)},
+    "/v1/volumes/{name}/attach": {"post": op("Attach to a node (default: the server's own node)", ref("Volume"), ref("Attach"), [P("name")])},
+    "/v1/volumes/{name}/detach": {"post": op("Detach", ref("Volume"), params=[P("name")])},
+    "/v1/volumes/{name}/expand": {"post": op("Grow a detached volume", ref("Volume"), ref("Expand"), [P("name")])},
+    "/v1/replicas": {"get": op("List replicas", arr(ref("Replica")),
+                               params=[{"name": "volume", "in": "query", "required": False, "schema": NAME}])},
+    "/v1/replicas/{name}": {"get": op("Get a replica", ref("Replica"), params=[P("name")]),
+                            "delete": op("Delete a replica (never the last healthy one)", ref("Replica"), params=[P("name")], code=202)},
+    "/v1/engines": {"get": op("List engines", arr(ref("Engine")))},
+    "/v1/nodes": {"get": op("List nodes", arr(ref("Node")))},
+    "/v1/nodes/{name}": {"get": op("Get a node", ref("Node"), params=[P("name")])},
+    "/v1/nodes/{name}/heartbeat": {"post": op("A node agent's report; answers with its assignments", ref("Assignments"), ref("Heartbeat"), [P("name")])},
+    "/v1/replica-events": {"post": op("An engine's replica membership change, recorded before the answer", ref("Replica"), ref("ReplicaEvent"))},
+    "/v1/settings": {"get": op("List settings", arr(ref("Setting")))},
+    "/v1/settings/{name}": {"put": op("Change a setting", ref("Setting"), ref("SettingValue"), [{"name": "name", "in": "path", "required": True, "schema": S()}])},
+    "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format",
+                         "content": {"text/plain": {"schema": S()}}}, "401": ERR["401"]}}},
+}
+
+doc = {"openapi": "3.0.3",
+       "info": {"title": "Zebu API", "version": "1", "description": "Zebu's control plane. Every call but GET /v1/health needs `Authorization: Bearer TOKEN` (DATA_DIR/api-token)."},
+       "servers": [{"url": "http://127.0.0.1:9500"}],
+       "components": {"schemas": schemas, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+       "security": [{"bearer": []}],
+       "paths": paths}
+out = os.path.join(os.path.dirname(__file__), "..", "docs", "openapi.json")
+with open(out, "w") as f:
+    json.dump(doc, f, indent=2, sort_keys=True)
+    f.write("\n")
