@@ -485,3 +485,40 @@ fn node_failure_delta_rebuild_and_replacement() {
     assert_eq!(hashes.len(), 3, "three RW replicas");
     assert!(hashes.iter().all(|h| h == &hashes[0]), "replicas differ");
 }
+
+/// The API fuzzed from its own OpenAPI document answers no 5xx.
+#[test]
+fn schemathesis_finds_no_server_errors() {
+    let tmp = TempDir::new("fuzz");
+    let srv = Server::start(&tmp.path().join("data"));
+    let doc = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json");
+    let out = std::process::Command::new("schemathesis")
+        .current_dir(tmp.path())
+        .args([
+            "run",
+            doc,
+            "--url",
+            &format!("http://{}", srv.api()),
+            "-H",
+            &format!("Authorization: Bearer {}", srv.token),
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "25",
+            "--seed",
+            "1",
+        ])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("schemathesis (the test command installs it with pip)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "schemathesis found failures:\n{text}");
+    assert!(
+        text.contains("passed") && !text.contains("Authentication failed"),
+        "{text}"
+    );
+}
