@@ -93,6 +93,15 @@ impl Manager {
             reconciles: AtomicU64::new(0),
             reconcile_errors: AtomicU64::new(0),
         });
+        // What engines report is only known again after their nodes' next heartbeats.
+        for e in store::list::<Engine>(&*m.store)? {
+            store::modify::<Engine>(&*m.store, &e.metadata.name, |e| {
+                let changed = e.status.state != "starting" || e.status.nbd_uri.is_some();
+                e.status.state = "starting".into();
+                e.status.nbd_uri = None;
+                changed
+            })?;
+        }
         for (name, value, _) in SETTINGS {
             if store::get::<Setting>(&*m.store, name)?.is_none() {
                 let s = Setting {
@@ -466,6 +475,19 @@ impl Manager {
                     }
                 }
                 continue;
+            }
+            if !hb
+                .engines
+                .iter()
+                .any(|r| r.volume == e.spec.volume && r.generation == e.spec.generation)
+            {
+                // Assigned but not (or no longer) running there, e.g. after the node restarted.
+                store::modify::<Engine>(&*self.store, &e.metadata.name, |e| {
+                    let changed = e.status.state != "starting" || e.status.nbd_uri.is_some();
+                    e.status.state = "starting".into();
+                    e.status.nbd_uri = None;
+                    changed
+                })?;
             }
             a.engines.push(e.spec);
         }
@@ -876,8 +898,16 @@ impl Manager {
     fn update_volume_status(&self, v: &Volume, live: &[Replica]) -> Result<(), ApiError> {
         let s = &*self.store;
         let engine = store::get::<Engine>(s, &v.metadata.name)?;
+        let node_up = |n: &str| {
+            store::get::<Node>(s, n)
+                .ok()
+                .flatten()
+                .is_some_and(|n| n.status.state == "up")
+        };
         let running = engine.as_ref().is_some_and(|e| {
-            e.status.state == "running" && e.metadata.deletion_requested.is_none()
+            e.status.state == "running"
+                && e.metadata.deletion_requested.is_none()
+                && node_up(&e.spec.node)
         });
         let state = match (&v.spec.node, &engine) {
             (Some(_), Some(_)) if running => VolumeState::Attached,
