@@ -66,6 +66,8 @@ pub struct Manager {
     pub local_node: Option<String>,
     reconciles: AtomicU64,
     reconcile_errors: AtomicU64,
+    /// More metrics to append to `/metrics` (the built-in node of `zebu server`).
+    extra_metrics: std::sync::OnceLock<Box<dyn Fn() -> String + Send + Sync>>,
 }
 
 fn conflict(code: &'static str, msg: impl Into<String>) -> ApiError {
@@ -92,6 +94,7 @@ impl Manager {
             local_node,
             reconciles: AtomicU64::new(0),
             reconcile_errors: AtomicU64::new(0),
+            extra_metrics: std::sync::OnceLock::new(),
         });
         // What engines report is only known again after their nodes' next heartbeats.
         for e in store::list::<Engine>(&*m.store)? {
@@ -962,8 +965,21 @@ impl Manager {
         Ok(())
     }
 
-    /// Prometheus text for the manager.
+    /// Adds a source of metrics served with the manager's own.
+    pub fn add_metrics(&self, f: Box<dyn Fn() -> String + Send + Sync>) {
+        let _ = self.extra_metrics.set(f);
+    }
+
+    /// Prometheus text for the manager (and the built-in node, if any).
     pub fn metrics_text(&self) -> String {
+        let mut o = self.own_metrics();
+        if let Some(f) = self.extra_metrics.get() {
+            o.push_str(&f());
+        }
+        o
+    }
+
+    fn own_metrics(&self) -> String {
         use std::fmt::Write;
         let mut o = String::new();
         let _ = writeln!(

@@ -212,6 +212,7 @@ pub struct Engine {
     desired: Mutex<Vec<(String, String)>>,
     /// Set by [`Engine::stop`]: every later I/O fails.
     stopped: std::sync::atomic::AtomicBool,
+    stats: crate::stats::IoStats,
 }
 
 fn now() -> u64 {
@@ -262,6 +263,7 @@ impl Engine {
             rr: AtomicUsize::new(0),
             desired: Mutex::new(Vec::new()),
             stopped: std::sync::atomic::AtomicBool::new(false),
+            stats: crate::stats::IoStats::default(),
         })
     }
 
@@ -269,6 +271,11 @@ impl Engine {
     pub async fn stop(&self) {
         let _g = self.gate.write().await;
         self.stopped.store(true, Ordering::SeqCst);
+    }
+
+    /// I/O counters and latency histograms.
+    pub fn stats(&self) -> &crate::stats::IoStats {
+        &self.stats
     }
 
     pub fn is_stopped(&self) -> bool {
@@ -471,6 +478,14 @@ impl Engine {
     }
 
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        let t = std::time::Instant::now();
+        let len = data.len() as u64;
+        let r = self.write_inner(offset, data, fua).await;
+        self.stats.write.record(len, t.elapsed(), r.is_ok());
+        r
+    }
+
+    async fn write_inner(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
         self.check_range(offset, data.len() as u64)?;
         self.check_running()?;
         let _g = self.gate.read().await;
@@ -484,6 +499,13 @@ impl Engine {
     }
 
     pub async fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), EngineError> {
+        let t = std::time::Instant::now();
+        let r = self.zero_inner(offset, len, fua).await;
+        self.stats.zero.record(len, t.elapsed(), r.is_ok());
+        r
+    }
+
+    async fn zero_inner(&self, offset: u64, len: u64, fua: bool) -> Result<(), EngineError> {
         self.check_range(offset, len)?;
         self.check_running()?;
         let _g = self.gate.read().await;
@@ -493,6 +515,13 @@ impl Engine {
     }
 
     pub async fn flush(&self) -> Result<(), EngineError> {
+        let t = std::time::Instant::now();
+        let r = self.flush_inner().await;
+        self.stats.flush.record(0, t.elapsed(), r.is_ok());
+        r
+    }
+
+    async fn flush_inner(&self) -> Result<(), EngineError> {
         self.check_running()?;
         let _g = self.gate.read().await;
         self.broadcast(|_| Request::Flush).await.map(|_| ())
@@ -524,6 +553,13 @@ impl Engine {
     }
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, EngineError> {
+        let t = std::time::Instant::now();
+        let r = self.read_inner(offset, len).await;
+        self.stats.read.record(len as u64, t.elapsed(), r.is_ok());
+        r
+    }
+
+    async fn read_inner(&self, offset: u64, len: u32) -> Result<Bytes, EngineError> {
         self.check_range(offset, len as u64)?;
         self.check_running()?;
         let _g = self.gate.read().await;

@@ -5,6 +5,7 @@ pub mod client;
 pub mod engine;
 pub mod proto;
 pub mod server;
+pub mod stats;
 
 pub use client::{ClientError, ReplicaClient};
 pub use engine::{

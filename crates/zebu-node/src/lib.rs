@@ -175,6 +175,53 @@ impl NodeAgent {
         &self.nbd_addr
     }
 
+    /// Prometheus text: per-volume I/O of the engines on this node, replica modes and rebuild
+    /// progress as the engines see them.
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        zebu_engine::stats::write_headers(&mut out);
+        let _ = writeln!(
+            out,
+            "# HELP zebu_engine_replica_mode Replica mode in the engine's set (1 for the current value)."
+        );
+        let _ = writeln!(out, "# TYPE zebu_engine_replica_mode gauge");
+        let _ = writeln!(
+            out,
+            "# HELP zebu_engine_rebuild_bytes Rebuild progress of a replica: total, copied and skipped bytes."
+        );
+        let _ = writeln!(out, "# TYPE zebu_engine_rebuild_bytes gauge");
+        for vol in self.exports.names() {
+            let Some(engine) = self.exports.get(&vol) else {
+                continue;
+            };
+            engine.stats().render(&vol, &mut out);
+            for r in engine.replicas() {
+                for m in [Mode::RW, Mode::WO, Mode::ERR] {
+                    let _ = writeln!(
+                        out,
+                        "zebu_engine_replica_mode{{volume=\"{vol}\",replica=\"{}\",mode=\"{}\"}} {}",
+                        r.name,
+                        m.as_str(),
+                        u8::from(r.mode == m)
+                    );
+                }
+                for (kind, v) in [
+                    ("total", r.rebuild.total),
+                    ("copied", r.rebuild.copied),
+                    ("skipped", r.rebuild.skipped),
+                ] {
+                    let _ = writeln!(
+                        out,
+                        "zebu_engine_rebuild_bytes{{volume=\"{vol}\",replica=\"{}\",kind=\"{kind}\"}} {v}",
+                        r.name
+                    );
+                }
+            }
+        }
+        out
+    }
+
     fn replica_dir(&self, name: &str) -> PathBuf {
         self.cfg.data_dir.join("replicas").join(name)
     }

@@ -53,6 +53,9 @@ pub struct NodeArgs {
     nbd_listen: String,
     #[arg(long)]
     name: Option<String>,
+    /// Where the node serves /metrics.
+    #[arg(long, default_value = "127.0.0.1:9501")]
+    metrics_listen: String,
 }
 
 #[derive(Subcommand)]
@@ -89,7 +92,7 @@ async fn until_signal() -> Result<()> {
 }
 
 pub async fn server(a: ServerArgs) -> Result<()> {
-    let (_m, addr, token) = start_manager(&a.data_dir, &a.api_listen, Some(a.name.clone())).await?;
+    let (m, addr, token) = start_manager(&a.data_dir, &a.api_listen, Some(a.name.clone())).await?;
     let api = ApiClient::new(&format!("http://{addr}"), &token)?;
     let nbd = bind_listener(&a.nbd_listen).await?;
     let cfg = NodeConfig {
@@ -101,8 +104,56 @@ pub async fn server(a: ServerArgs) -> Result<()> {
         io_timeout: Duration::from_secs(10),
     };
     let agent = NodeAgent::start(cfg, api, nbd).await?;
+    let weak = Arc::downgrade(&agent);
+    m.add_metrics(Box::new(move || {
+        weak.upgrade().map(|a| a.metrics_text()).unwrap_or_default()
+    }));
     println!("nbd listening on {}", agent.nbd_addr());
     until_signal().await
+}
+
+/// Serves a node's `/metrics` (bearer token required).
+async fn serve_node_metrics(agent: Arc<NodeAgent>, token: String, listen: &str) -> Result<String> {
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+    let l = bind_listener(listen).await?;
+    let addr = l.local_addr()?.to_string();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move |h: HeaderMap| {
+            let (agent, token) = (agent.clone(), token.clone());
+            async move {
+                let ok = h
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .is_some_and(|t| {
+                        zebu_control::controller::constant_time_eq(t.as_bytes(), token.as_bytes())
+                    });
+                if !ok {
+                    let body =
+                        r#"{"code":"Unauthorized","message":"missing or wrong bearer token"}"#;
+                    return (
+                        StatusCode::UNAUTHORIZED,
+                        [("content-type", "application/json")],
+                        body.to_string(),
+                    )
+                        .into_response();
+                }
+                (
+                    [("content-type", "text/plain; version=0.0.4")],
+                    agent.metrics_text(),
+                )
+                    .into_response()
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(l, app).await {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    });
+    Ok(addr)
 }
 
 pub async fn manager(a: ManagerArgs) -> Result<()> {
@@ -142,5 +193,7 @@ pub async fn node(g: &cli::Global, a: NodeArgs) -> Result<()> {
     };
     let agent = NodeAgent::start(cfg, api, nbd).await?;
     println!("nbd listening on {}", agent.nbd_addr());
+    let maddr = serve_node_metrics(agent, token, &a.metrics_listen).await?;
+    println!("metrics listening on {maddr}");
     until_signal().await
 }

@@ -92,6 +92,31 @@ fn quickstart_volume_lifecycle() {
         let v = json_of(&srv.cli(&["volume", "get", "v1", "-o", "json"]));
         (v["status"]["robustness"] == "healthy").then_some(())
     });
+    // Metrics: the manager's and the built-in node's, with the I/O just done.
+    let (st, body) = raw_http(
+        srv.api(),
+        &format!(
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            srv.token
+        ),
+    );
+    assert_eq!(st, 200);
+    for needle in [
+        "zebu_reconcile_total",
+        "# TYPE zebu_volume_io_latency_seconds histogram",
+        "zebu_volume_io_latency_seconds_bucket{volume=\"v1\",op=\"write\",le=\"+Inf\"}",
+        "zebu_engine_replica_mode{volume=\"v1\"",
+        "zebu_engine_rebuild_bytes{volume=\"v1\"",
+    ] {
+        assert!(body.contains(needle), "metrics lack {needle}:\n{body}");
+    }
+    let writes: u64 = body
+        .lines()
+        .find(|l| l.starts_with("zebu_volume_io_bytes_total{volume=\"v1\",op=\"write\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(writes >= 66 << 20, "write bytes counted: {writes}");
     // An attached volume cannot be deleted.
     let (ok, _, err) = zebu_cli(srv.api(), &srv.token, &["volume", "delete", "v1"]);
     assert!(
@@ -294,6 +319,8 @@ fn node_proc(name: &str, manager: &str, token: &str, dir: &std::path::Path) -> P
             "--data-dir",
             dir.to_str().expect("utf8"),
             "--nbd-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
             "127.0.0.1:0",
             "--name",
             name,
