@@ -917,9 +917,9 @@ impl Manager {
             (Some(_), _) => VolumeState::Attaching,
             (None, Some(_)) => VolumeState::Detaching,
             (None, None) => {
-                if live.iter().any(|r| r.status.address.is_some())
-                    || v.status.state != VolumeState::Creating
-                {
+                let all_running = live.len() as u32 >= v.spec.replicas
+                    && live.iter().all(|r| r.status.address.is_some());
+                if all_running || v.status.state != VolumeState::Creating {
                     VolumeState::Detached
                 } else {
                     VolumeState::Creating

@@ -553,8 +553,20 @@ fn schemathesis_finds_no_server_errors() {
 /// Waits until every volume settled: deleted ones gone, attached ones attached and healthy,
 /// detached ones detached with all their replicas running.
 fn converge(srv: &Server, what: &str) -> Vec<Value> {
+    converge_with(&|a: &[&str]| srv.cli(a), what)
+}
+
+fn converge_with(cli: &dyn Fn(&[&str]) -> String, what: &str) -> Vec<Value> {
     wait_for(what, 90, || {
-        let vols = json_of(&srv.cli(&["volume", "list", "-o", "json"]));
+        // Every replica running, none being deleted.
+        let reps = json_of(&cli(&["replica", "list", "-o", "json"]));
+        let reps_settled = reps.as_array()?.iter().all(|r| {
+            r["metadata"]["deletionRequested"].is_null() && r["status"]["state"] == "running"
+        });
+        if !reps_settled {
+            return None;
+        }
+        let vols = json_of(&cli(&["volume", "list", "-o", "json"]));
         let vols = vols.as_array()?.clone();
         let settled = vols.iter().all(|v| {
             if !v["metadata"]["deletionRequested"].is_null() {
@@ -573,7 +585,19 @@ fn converge(srv: &Server, what: &str) -> Vec<Value> {
 /// No duplicated or orphaned replicas: each volume has exactly its replica count, every replica
 /// belongs to a volume, and the replica directories on disk are exactly the replica objects.
 fn check_replicas(srv: &Server, vols: &[Value]) {
-    let reps = json_of(&srv.cli(&["replica", "list", "-o", "json"]));
+    check_replicas_with(
+        &|a: &[&str]| srv.cli(a),
+        &[srv.data.join("node").join("replicas")],
+        vols,
+    )
+}
+
+fn check_replicas_with(
+    cli: &dyn Fn(&[&str]) -> String,
+    dirs: &[std::path::PathBuf],
+    vols: &[Value],
+) {
+    let reps = json_of(&cli(&["replica", "list", "-o", "json"]));
     let reps = reps.as_array().expect("array");
     for v in vols {
         let name = v["metadata"]["name"].as_str().expect("name");
@@ -591,13 +615,18 @@ fn check_replicas(srv: &Server, vols: &[Value]) {
             "orphaned replica object {r}"
         );
     }
-    let mut on_disk: Vec<String> = std::fs::read_dir(srv.data.join("node").join("replicas"))
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.file_name().to_str().map(str::to_string))
-                .collect()
+    let mut on_disk: Vec<String> = dirs
+        .iter()
+        .flat_map(|d| {
+            std::fs::read_dir(d)
+                .map(|rd| {
+                    rd.flatten()
+                        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
         })
-        .unwrap_or_default();
+        .collect();
     on_disk.sort();
     let mut objects: Vec<String> = reps
         .iter()
@@ -752,5 +781,174 @@ fn sigkill_server_during_volume_operations() {
     let srv = Server::start(&data);
     let vols = converge(&srv, "final convergence");
     check_replicas(&srv, &vols);
+    println!("operations: {ops:?}");
+}
+
+/// SIGKILL of the manager or of a node at random points of create/attach/detach/delete, 20 times,
+/// with two nodes: afterwards no orphaned or duplicated replica, attached volumes come back
+/// attached, data intact.
+#[test]
+fn sigkill_manager_and_nodes_during_volume_operations() {
+    let tmp = TempDir::new("chaos2");
+    let mdir = tmp.path().join("manager");
+    let start_mgr = |port: &str| {
+        Proc::start(
+            "manager",
+            &[
+                "manager",
+                "--data-dir",
+                mdir.to_str().expect("utf8"),
+                "--api-listen",
+                port,
+            ],
+        )
+    };
+    let mut mgr = start_mgr("127.0.0.1:0");
+    let api_port = mgr.addr.clone();
+    let token = std::fs::read_to_string(mdir.join("api-token"))
+        .expect("token")
+        .trim()
+        .to_string();
+    let node_dirs: Vec<std::path::PathBuf> =
+        (1..=2).map(|i| tmp.path().join(format!("n{i}"))).collect();
+    let mut nodes: Vec<Proc> = (0..2)
+        .map(|i| node_proc(&format!("n{}", i + 1), &api_port, &token, &node_dirs[i]))
+        .collect();
+    let cli = |args: &[&str]| {
+        let (ok, out, err) = zebu_cli(&api_port, &token, args);
+        assert!(ok, "zebu {args:?}: {err}");
+        out
+    };
+    let node_ready = |name: &str, nbd: &str| {
+        let n = json_of(&cli(&["node", "get", name, "-o", "json"]));
+        (n[0]["status"]["state"] == "up" && n[0]["status"]["nbdAddress"] == nbd).then_some(())
+    };
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let mut rng: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut written: std::collections::HashMap<String, u64> = Default::default();
+    let mut created = 0u32;
+    let mut ops = Vec::new();
+    let dirs: Vec<std::path::PathBuf> = node_dirs.iter().map(|d| d.join("replicas")).collect();
+    for i in 0..20u64 {
+        for (k, n) in nodes.iter().enumerate() {
+            wait_for("node up with its current NBD address", 30, || {
+                node_ready(&format!("n{}", k + 1), &n.addr)
+            });
+        }
+        let vols = converge_with(&cli, &format!("convergence before step {i}"));
+        check_replicas_with(&cli, &dirs, &vols);
+        written.retain(|k, _| vols.iter().any(|v| v["metadata"]["name"] == k.as_str()));
+        for v in &vols {
+            let name = v["metadata"]["name"].as_str().expect("name").to_string();
+            if let (Some(uri), Some(tag)) = (v["status"]["nbdUri"].as_str(), written.get(&name)) {
+                let (addr, export) = nbd_parts(uri);
+                let got = rt.block_on(async {
+                    let mut c = zebu_nbd::client::NbdClient::connect(&addr, &export)
+                        .await
+                        .expect("connect");
+                    c.read(0, 256 << 10).await.expect("read")
+                });
+                assert!(
+                    got == block_data(0, *tag, 256 << 10),
+                    "volume {name} lost its flushed data at step {i}"
+                );
+            }
+        }
+        let names: Vec<String> = vols
+            .iter()
+            .filter_map(|v| v["metadata"]["name"].as_str().map(str::to_string))
+            .collect();
+        let attached: Vec<String> = vols
+            .iter()
+            .filter(|v| !v["spec"]["node"].is_null())
+            .filter_map(|v| v["metadata"]["name"].as_str().map(str::to_string))
+            .collect();
+        let detached: Vec<String> = names
+            .iter()
+            .filter(|n| !attached.contains(n))
+            .cloned()
+            .collect();
+        let pick = |l: &[String], r: u64| l[(r % l.len() as u64) as usize].clone();
+        let choice = next() % 5;
+        let args: Vec<String> = if names.len() < 2 || (choice == 0 && names.len() < 4) {
+            created += 1;
+            vec![
+                "volume".into(),
+                "create".into(),
+                format!("c{created}"),
+                "--size".into(),
+                "16MiB".into(),
+                "--replicas".into(),
+                "2".into(),
+                "--wait".into(),
+            ]
+        } else if choice <= 2 && !detached.is_empty() {
+            let vol = pick(&detached, next());
+            let node = format!("n{}", 1 + next() % 2);
+            let uri = cli(&["volume", "attach", &vol, "--node", &node]);
+            let (addr, export) = nbd_parts(uri.trim());
+            rt.block_on(async {
+                let mut c = zebu_nbd::client::NbdClient::connect(&addr, &export)
+                    .await
+                    .expect("connect");
+                if let Some(tag) = written.get(&vol) {
+                    let got = c.read(0, 256 << 10).await.expect("read");
+                    assert!(
+                        got == block_data(0, *tag, 256 << 10),
+                        "volume {vol} lost its data while detached"
+                    );
+                }
+                c.write(0, &block_data(0, i + 1, 256 << 10), false)
+                    .await
+                    .expect("write");
+                c.flush().await.expect("flush");
+            });
+            written.insert(vol.clone(), i + 1);
+            vec!["volume".into(), "get".into(), vol]
+        } else if choice == 3 && !attached.is_empty() {
+            vec!["volume".into(), "detach".into(), pick(&attached, next())]
+        } else if !detached.is_empty() {
+            vec!["volume".into(), "delete".into(), pick(&detached, next())]
+        } else {
+            vec!["volume".into(), "detach".into(), pick(&attached, next())]
+        };
+        let mut child = std::process::Command::new(ZEBU)
+            .args(&args)
+            .env("ZEBU_API", format!("http://{api_port}"))
+            .env("ZEBU_TOKEN", &token)
+            .env("ZEBU_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("cli");
+        let delay = next() % 700;
+        std::thread::sleep(Duration::from_millis(delay));
+        let victim = next() % 3;
+        if victim == 0 {
+            mgr.kill();
+            let _ = child.kill();
+            let _ = child.wait();
+            mgr = start_mgr(&api_port);
+        } else {
+            let k = (victim - 1) as usize;
+            nodes[k].kill();
+            nodes[k] = node_proc(&format!("n{}", k + 1), &api_port, &token, &node_dirs[k]);
+            let _ = child.wait();
+        }
+        ops.push(format!(
+            "{} {} (kill {} after {delay} ms)",
+            args[1],
+            args[2],
+            ["manager", "n1", "n2"][victim as usize]
+        ));
+    }
+    let vols = converge_with(&cli, "final convergence");
+    check_replicas_with(&cli, &dirs, &vols);
     println!("operations: {ops:?}");
 }
