@@ -429,7 +429,7 @@ impl Manager {
                     &rm.name,
                     &er.volume,
                     rm.mode,
-                    Some((rm.rebuild_copied, rm.rebuild_skipped)),
+                    Some((rm.rebuild_copied, rm.rebuild_skipped, rm.rebuild_total)),
                 )?;
             }
         }
@@ -502,7 +502,7 @@ impl Manager {
         replica: &str,
         volume: &str,
         mode: ReplicaMode,
-        rebuild: Option<(u64, u64)>,
+        rebuild: Option<(u64, u64, u64)>,
     ) -> Result<Option<Replica>, ApiError> {
         Ok(store::modify::<Replica>(&*self.store, replica, |r| {
             if r.spec.volume != volume {
@@ -518,9 +518,10 @@ impl Manager {
                     }
                 }
             }
-            if let Some((c, s)) = rebuild {
+            if let Some((c, s, t)) = rebuild {
                 r.status.rebuild_copied = c;
                 r.status.rebuild_skipped = s;
+                r.status.rebuild_total = t;
             }
             r.status != before
         })?)

@@ -153,6 +153,9 @@ pub struct ReplicaStatus {
     pub rebuild_copied: u64,
     #[serde(default)]
     pub rebuild_skipped: u64,
+    /// Bytes its last (or current) rebuild has to go through.
+    #[serde(default)]
+    pub rebuild_total: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -327,6 +330,8 @@ pub struct EngineReplicaReport {
     pub mode: ReplicaMode,
     pub rebuild_copied: u64,
     pub rebuild_skipped: u64,
+    #[serde(default)]
+    pub rebuild_total: u64,
 }
 
 /// What the manager wants a node to run, sent back on every heartbeat.

@@ -309,6 +309,7 @@ impl NodeAgent {
                         mode: mode_of(r.mode),
                         rebuild_copied: r.rebuild.copied,
                         rebuild_skipped: r.rebuild.skipped,
+                        rebuild_total: r.rebuild.total,
                     })
                     .collect(),
             });

@@ -76,6 +76,14 @@ pub enum VolumeCmd {
     Detach {
         name: String,
     },
+    /// Wait until the volume is healthy (attached) or settled (detached), showing rebuild
+    /// progress bars on stderr.
+    Wait {
+        name: String,
+        /// Seconds to wait before giving up.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -294,6 +302,14 @@ pub async fn volume(g: &Global, cmd: VolumeCmd) -> Result<()> {
                 Ok(())
             }
         }
+        VolumeCmd::Wait { name, timeout } => {
+            let v = wait_healthy(g, &api, &name, timeout).await?;
+            if g.output == Output::Json {
+                print_json(&v)
+            } else {
+                show_volumes(g, &[v])
+            }
+        }
         VolumeCmd::Detach { name } => {
             let _: Volume = api
                 .post(&format!("/v1/volumes/{name}/detach"), &json!({}))
@@ -308,6 +324,84 @@ pub async fn volume(g: &Global, cmd: VolumeCmd) -> Result<()> {
                 show_volumes(g, &[v])
             }
         }
+    }
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / 1048576.0)
+}
+
+fn bar(done: u64, total: u64) -> String {
+    let pct = (done.min(total) * 100).checked_div(total).unwrap_or(0) as usize;
+    format!(
+        "[{}{}] {pct:>3}%",
+        "#".repeat(pct / 5),
+        ".".repeat(20 - pct / 5)
+    )
+}
+
+async fn wait_healthy(g: &Global, api: &ApiClient, name: &str, secs: u64) -> Result<Volume> {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stderr().is_terminal();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut last = String::new();
+    let mut last_print = tokio::time::Instant::now();
+    loop {
+        let v: Volume = api.get(&format!("/v1/volumes/{name}")).await?;
+        let reps: Vec<Replica> = api.get(&format!("/v1/replicas?volume={name}")).await?;
+        let settled = match v.status.state {
+            VolumeState::Attached => {
+                v.status.robustness == zebu_control::model::Robustness::Healthy
+            }
+            VolumeState::Detached => reps.iter().all(|r| r.status.state == "running"),
+            _ => false,
+        };
+        if settled {
+            if tty && !last.is_empty() {
+                eprintln!();
+            }
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "volume {name} is not healthy after {secs}s (state {}, robustness {})",
+                enum_str(&v.status.state),
+                enum_str(&v.status.robustness)
+            );
+        }
+        // One line per replica that is not RW yet.
+        let lines: Vec<String> = reps
+            .iter()
+            .filter(|r| r.status.mode != Some(zebu_control::model::ReplicaMode::RW))
+            .map(|r| {
+                let done = r.status.rebuild_copied + r.status.rebuild_skipped;
+                format!(
+                    "{} on {}: {} {}/{} ({} copied)",
+                    r.metadata.name,
+                    r.spec.node,
+                    bar(done, r.status.rebuild_total),
+                    mib(done),
+                    mib(r.status.rebuild_total),
+                    mib(r.status.rebuild_copied),
+                )
+            })
+            .collect();
+        let text = if lines.is_empty() {
+            format!("volume {name}: {}", enum_str(&v.status.state))
+        } else {
+            lines.join(" | ")
+        };
+        if g.output == Output::Table {
+            if tty {
+                eprint!("\r\x1b[2K{text}");
+                let _ = std::io::stderr().flush();
+            } else if text != last && last_print.elapsed() >= Duration::from_secs(2) {
+                eprintln!("{text}");
+                last_print = tokio::time::Instant::now();
+            }
+        }
+        last = text;
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 

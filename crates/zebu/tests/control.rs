@@ -439,20 +439,29 @@ fn node_failure_delta_rebuild_and_replacement() {
     write(&mut c, 40, &mut acked);
     // Back within the wait: its replica is reused by a delta rebuild.
     nodes[2] = node_proc("n3", &mgr.addr, &token, &tmp.path().join("n3"));
+    // `volume wait` follows the rebuild and returns once the volume is healthy.
+    let (ok, out, err) = zebu_cli(
+        &mgr.addr,
+        &token,
+        &["volume", "wait", "vol", "--timeout", "120"],
+    );
+    assert!(ok && out.contains("healthy"), "volume wait: {out} {err}");
     wait_for("healthy again", 120, || {
         write(&mut c, 2, &mut acked);
         (json_of(&cli(&["volume", "get", "vol", "-o", "json"]))["status"]["robustness"]
             == "healthy")
             .then_some(())
     });
-    let reps = json_of(&cli(&["replica", "list", "--volume", "vol", "-o", "json"]));
-    let n3 = reps
-        .as_array()
-        .expect("array")
-        .iter()
-        .find(|r| r["spec"]["node"] == "n3")
-        .expect("n3 replica")
-        .clone();
+    // The rebuild's figures arrive with the node's next heartbeat.
+    let n3 = wait_for("the rebuild figures of the returning replica", 30, || {
+        let reps = json_of(&cli(&["replica", "list", "--volume", "vol", "-o", "json"]));
+        let r = reps
+            .as_array()?
+            .iter()
+            .find(|r| r["spec"]["node"] == "n3")?
+            .clone();
+        (r["status"]["rebuildTotal"].as_u64()? > 0).then_some(r)
+    });
     let copied = n3["status"]["rebuildCopied"].as_u64().unwrap_or(u64::MAX);
     let skipped = n3["status"]["rebuildSkipped"].as_u64().unwrap_or(0);
     println!(
