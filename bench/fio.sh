@@ -20,6 +20,11 @@ wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/n
 # name rw bs iodepth
 JOBS=("randread4k randread 4k 16" "randwrite4k randwrite 4k 16" "seqread1m read 1M 16" "seqwrite1m write 1M 16" "randread4k-qd1 randread 4k 1" "randwrite4k-qd1 randwrite 4k 1")
 
+# ONLY=job1,job2 and REPLICAS="1 3" narrow a run.
+if [ -n "${ONLY:-}" ]; then
+  sel=(); for j in "${JOBS[@]}"; do set -- $j; [[ ",$ONLY," == *",$1,"* ]] && sel+=("$j"); done; JOBS=("${sel[@]}")
+fi
+
 run_fio() { # uri name rw bs qd -> "iops bw_kib lat_us"
   fio --name="$2" --ioengine=nbd --uri="$1" --rw="$3" --bs="$4" --iodepth="$5" --size=1G \
       --time_based --runtime="$RUNTIME" --ramp_time=2 --output-format=json --output="$WORK/fio.json" >/dev/null 2>&1
@@ -48,7 +53,7 @@ qemu-nbd -f raw -t -b 127.0.0.1 -p 10901 -x exp "$WORK/raw.img" & PIDS+=($!)
 wait_port 10901
 measure qemu "nbd://127.0.0.1:10901/exp"
 
-for n in 1 3; do
+for n in ${REPLICAS:-1 3}; do
   mkdir -p "$WORK/z$n"
   "$ZEBU" server --data-dir "$WORK/z$n" --api-listen 127.0.0.1:1092$n --nbd-listen 127.0.0.1:1091$n >/dev/null 2>"$WORK/z$n.log" & PIDS+=($!)
   wait_port 1092$n

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use zebu_types::Generation;
 
 use crate::proto::*;
-use crate::server::read_frame;
+use crate::server::{ReplicaService, read_frame};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
@@ -31,25 +31,40 @@ pub enum ClientError {
 
 type Waiter = oneshot::Sender<Result<Response, ClientError>>;
 
-/// A connected replica.
+/// A connected replica: over TCP, or called directly when it runs in this process.
 pub struct ReplicaClient {
     addr: String,
+    timeout: Duration,
+    local: Option<(Arc<ReplicaService>, Generation)>,
     tx: mpsc::UnboundedSender<(u8, u64, Bytes)>,
     pending: Arc<Mutex<HashMap<u64, Waiter>>>,
     next_id: AtomicU64,
     closed: Arc<AtomicBool>,
-    timeout: Duration,
 }
 
 /// A submitted request waiting for its reply.
 pub struct Pending {
-    rx: oneshot::Receiver<Result<Response, ClientError>>,
+    rx: Option<oneshot::Receiver<Result<Response, ClientError>>>,
+    ready: Option<Response>,
     timeout: Duration,
+}
+
+fn remote_result(r: Response) -> Result<Response, ClientError> {
+    match r {
+        Response::Error { code, message } => Err(ClientError::Remote { code, message }),
+        r => Ok(r),
+    }
 }
 
 impl Pending {
     pub async fn wait(self) -> Result<Response, ClientError> {
-        match tokio::time::timeout(self.timeout, self.rx).await {
+        if let Some(r) = self.ready {
+            return remote_result(r);
+        }
+        let Some(rx) = self.rx else {
+            return Err(ClientError::Closed);
+        };
+        match tokio::time::timeout(self.timeout, rx).await {
             Err(_) => Err(ClientError::Timeout(self.timeout)),
             Ok(Err(_)) => Err(ClientError::Closed),
             Ok(Ok(Ok(Response::Error { code, message }))) => {
@@ -72,6 +87,36 @@ impl ReplicaClient {
         generation: Generation,
         timeout: Duration,
     ) -> Result<Arc<ReplicaClient>, ClientError> {
+        // A replica served by this process is called directly, with the same checks as over TCP.
+        if let Some(svc) = ReplicaService::lookup_local(addr) {
+            if svc.volume() != volume {
+                return Err(ClientError::Remote {
+                    code: ErrorCode::Invalid,
+                    message: format!(
+                        "this replica belongs to volume {:?}, not {volume:?}",
+                        svc.volume()
+                    ),
+                });
+            }
+            let s2 = svc.clone();
+            tokio::task::spawn_blocking(move || s2.write_store().accept_generation(generation))
+                .await
+                .map_err(|_| ClientError::Closed)?
+                .map_err(|e| ClientError::Remote {
+                    code: ErrorCode::StaleGeneration,
+                    message: e.to_string(),
+                })?;
+            let (tx, _) = mpsc::unbounded_channel();
+            return Ok(Arc::new(ReplicaClient {
+                addr: addr.to_string(),
+                timeout,
+                local: Some((svc, generation)),
+                tx,
+                pending: Arc::new(Mutex::new(HashMap::new())),
+                next_id: AtomicU64::new(1),
+                closed: Arc::new(AtomicBool::new(false)),
+            }));
+        }
         let cerr = |m: String| ClientError::Connect {
             addr: addr.to_string(),
             message: m,
@@ -121,11 +166,12 @@ impl ReplicaClient {
         });
         let client = Arc::new(ReplicaClient {
             addr: addr.to_string(),
+            timeout,
+            local: None,
             tx,
             pending,
             next_id: AtomicU64::new(1),
             closed,
-            timeout,
         });
         let hello = Request::Hello {
             magic: MAGIC,
@@ -145,11 +191,64 @@ impl ReplicaClient {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::SeqCst)
+        match &self.local {
+            Some((svc, _)) => svc.is_stopped(),
+            None => self.closed.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Whether the replica runs in this process (requests execute in place).
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
+    }
+
+    /// Runs a request on a local replica now, in order with every other submit.
+    fn execute_local(
+        &self,
+        svc: &ReplicaService,
+        generation: Generation,
+        req: Request,
+    ) -> Result<Pending, ClientError> {
+        if svc.is_stopped() {
+            return Err(ClientError::Closed);
+        }
+        let quick = matches!(
+            req,
+            Request::Read { .. }
+                | Request::Write { fua: false, .. }
+                | Request::Zero { fua: false, .. }
+                | Request::Status
+                | Request::ListLayers
+        );
+        let multi = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let resp = if quick || !multi {
+            svc.execute(generation, req)
+        } else {
+            tokio::task::block_in_place(|| svc.execute(generation, req))
+        };
+        Ok(Pending {
+            rx: None,
+            ready: Some(resp),
+            timeout: self.timeout,
+        })
+    }
+
+    /// Submits a request; a local replica executes it at once.
+    pub fn submit_request(&self, req: &Request) -> Result<Pending, ClientError> {
+        if let Some((svc, generation)) = &self.local {
+            return self.execute_local(svc, *generation, req.clone());
+        }
+        let (kind, body) = encode_request(req);
+        self.submit(kind, body)
     }
 
     /// Queues an already-encoded request; the reply arrives through the returned [`Pending`].
     pub fn submit(&self, kind: u8, body: Bytes) -> Result<Pending, ClientError> {
+        if let Some((svc, generation)) = &self.local {
+            let req = decode_request(kind, &body).map_err(|_| ClientError::Unexpected)?;
+            return self.execute_local(svc, *generation, req);
+        }
         if self.is_closed() {
             return Err(ClientError::Closed);
         }
@@ -161,15 +260,15 @@ impl ReplicaClient {
             return Err(ClientError::Closed);
         }
         Ok(Pending {
-            rx,
+            rx: Some(rx),
+            ready: None,
             timeout: self.timeout,
         })
     }
 
     /// Sends a request and waits for its reply.
     pub async fn call(&self, req: &Request) -> Result<Response, ClientError> {
-        let (kind, body) = encode_request(req);
-        self.submit(kind, body)?.wait().await
+        self.submit_request(req)?.wait().await
     }
 
     /// Like [`Self::call`] with a longer deadline, for operations such as snapshot or flush of a
@@ -179,8 +278,7 @@ impl ReplicaClient {
         req: &Request,
         timeout: Duration,
     ) -> Result<Response, ClientError> {
-        let (kind, body) = encode_request(req);
-        let mut p = self.submit(kind, body)?;
+        let mut p = self.submit_request(req)?;
         p.timeout = timeout;
         p.wait().await
     }

@@ -412,6 +412,10 @@ impl Engine {
             let mut shared: Option<(u8, Bytes)> = None;
             for slot in slots.iter().filter(|s| s.mode() != Mode::ERR) {
                 let req = make(slot);
+                if slot.client.is_local() {
+                    waits.push((slot.clone(), slot.client.submit_request(&req)));
+                    continue;
+                }
                 // Identical requests are encoded once.
                 let (kind, body) = match &shared {
                     Some((k, b))

@@ -24,6 +24,16 @@ const MERGE_STEP: u64 = 16;
 /// The head of every new replica: all replicas of a volume start with the same layer ids.
 pub const INITIAL_HEAD: LayerId = LayerId(1);
 
+/// Replica services listening in this process, by listen address, so an engine on the same node
+/// can call them directly instead of over TCP.
+fn local_registry()
+-> &'static std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<ReplicaService>>> {
+    static R: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<ReplicaService>>>,
+    > = std::sync::OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
 /// One replica, served.
 pub struct ReplicaService {
     volume: String,
@@ -108,8 +118,29 @@ impl ReplicaService {
         self.stop.send_replace(true);
     }
 
+    /// The service listening on `addr` in this process, if any and still serving.
+    pub fn lookup_local(addr: &str) -> Option<Arc<ReplicaService>> {
+        let reg = local_registry().lock().unwrap_or_else(|p| p.into_inner());
+        reg.get(addr)
+            .and_then(std::sync::Weak::upgrade)
+            .filter(|s| !s.is_stopped())
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    pub fn volume(&self) -> &str {
+        &self.volume
+    }
+
     /// Serves connections until the listener fails or [`Self::shutdown`].
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        if let Ok(a) = listener.local_addr() {
+            let mut reg = local_registry().lock().unwrap_or_else(|p| p.into_inner());
+            reg.retain(|_, w| w.strong_count() > 0);
+            reg.insert(a.to_string(), Arc::downgrade(&self));
+        }
         let mut stop = self.stop.subscribe();
         loop {
             if *stop.borrow() {
@@ -203,19 +234,10 @@ impl ReplicaService {
             }
             Ok::<(), std::io::Error>(())
         });
-        let (jtx, mut jrx) = mpsc::unbounded_channel::<(u64, Request)>();
-        let svc = self.clone();
-        let worker = std::thread::Builder::new()
-            .name("zebu-replica-io".into())
-            .spawn(move || {
-                while let Some((id, req)) = jrx.blocking_recv() {
-                    let resp = svc.execute(generation, req);
-                    if wtx.send((id, resp)).is_err() {
-                        break;
-                    }
-                }
-            })
-            .map_err(|e| e.to_string())?;
+        // Requests run in arrival order on this task: page-cache reads and writes inline, anything
+        // that syncs or reshapes the chain off the async workers (block_in_place).
+        let multi = tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread;
         let mut stop = self.stop.subscribe();
         let result = loop {
             if *stop.borrow() {
@@ -232,15 +254,28 @@ impl ReplicaService {
             };
             match decode_request(kind, &body) {
                 Ok(req) => {
-                    if jtx.send((id, req)).is_err() {
+                    let quick = matches!(
+                        req,
+                        Request::Read { .. }
+                            | Request::Write { fua: false, .. }
+                            | Request::Zero { fua: false, .. }
+                            | Request::Status
+                            | Request::ListLayers
+                            | Request::Allocation { .. }
+                    );
+                    let resp = if quick || !multi {
+                        self.execute(generation, req)
+                    } else {
+                        tokio::task::block_in_place(|| self.execute(generation, req))
+                    };
+                    if wtx.send((id, resp)).is_err() {
                         break Ok(());
                     }
                 }
                 Err(e) => break Err(format!("malformed frame: {e}")),
             }
         };
-        drop(jtx);
-        let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+        drop(wtx);
         let _ = writer.await;
         result
     }
