@@ -1,7 +1,8 @@
-//! The replica server: serves one replica store over the replica protocol. Each connection gets a
-//! reader task (decodes frames), a worker thread (executes requests in arrival order, so every
-//! replica applies a volume's writes in the same order) and a writer task (sends replies). A
-//! background thread performs snapshot-delete merges in short steps.
+//! The replica server: serves one replica store over the replica protocol. Each connection's task
+//! decodes frames and executes them in arrival order (so every replica applies a volume's writes
+//! in the same order; syncs run in `block_in_place`), and a writer task sends the replies. A
+//! background thread performs snapshot-delete merges in short steps. Services register their
+//! listen address so an engine in the same process can call them directly.
 
 use std::path::Path;
 use std::sync::mpsc as stdmpsc;
