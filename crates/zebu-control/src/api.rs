@@ -215,18 +215,23 @@ fn found<T>(o: Option<T>, kind: &str, name: &str) -> Result<T, ApiError> {
     })
 }
 
+/// Authorizes, validates the name and reads one object of kind `T`.
+fn get_named<T: Object>(m: &Manager, h: &HeaderMap, name: &str) -> ApiResult<T> {
+    authorize(m, h)?;
+    check_name(name)?;
+    Ok(Json(found(
+        store::get::<T>(&*m.store, name)?,
+        T::KIND,
+        name,
+    )?))
+}
+
 async fn get_volume(
     State(m): State<Arc<Manager>>,
     h: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult<Volume> {
-    authorize(&m, &h)?;
-    check_name(&name)?;
-    Ok(Json(found(
-        store::get::<Volume>(&*m.store, &name)?,
-        "volume",
-        &name,
-    )?))
+    get_named(&m, &h, &name)
 }
 
 async fn delete_volume(
@@ -314,13 +319,7 @@ async fn get_replica(
     h: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult<Replica> {
-    authorize(&m, &h)?;
-    check_name(&name)?;
-    Ok(Json(found(
-        store::get::<Replica>(&*m.store, &name)?,
-        "replica",
-        &name,
-    )?))
+    get_named(&m, &h, &name)
 }
 
 async fn delete_replica(
@@ -348,13 +347,7 @@ async fn get_node(
     h: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult<Node> {
-    authorize(&m, &h)?;
-    check_name(&name)?;
-    Ok(Json(found(
-        store::get::<Node>(&*m.store, &name)?,
-        "node",
-        &name,
-    )?))
+    get_named(&m, &h, &name)
 }
 
 async fn heartbeat(

@@ -651,6 +651,66 @@ fn nbd_parts(uri: &str) -> (String, String) {
     (addr.to_string(), name.to_string())
 }
 
+/// Attached volumes hold the pattern last written and flushed to their first 256 KiB.
+fn check_attached_data(
+    rt: &tokio::runtime::Runtime,
+    vols: &[Value],
+    written: &mut std::collections::HashMap<String, u64>,
+    step: u64,
+) {
+    written.retain(|k, _| vols.iter().any(|v| v["metadata"]["name"] == k.as_str()));
+    for v in vols {
+        let name = v["metadata"]["name"].as_str().expect("name").to_string();
+        if let (Some(uri), Some(tag)) = (v["status"]["nbdUri"].as_str(), written.get(&name)) {
+            let (addr, export) = nbd_parts(uri);
+            let got = rt.block_on(async {
+                let mut c = zebu_nbd::client::NbdClient::connect(&addr, &export)
+                    .await
+                    .expect("connect");
+                c.read(0, 256 << 10).await.expect("read")
+            });
+            assert!(
+                got == block_data(0, *tag, 256 << 10),
+                "volume {name} lost its flushed data at step {step}"
+            );
+        }
+    }
+}
+
+/// Attaches `vol` (on `node` when given), checks its old pattern and writes and flushes a new one.
+fn attach_and_write(
+    rt: &tokio::runtime::Runtime,
+    cli: &dyn Fn(&[&str]) -> String,
+    vol: &str,
+    node: Option<&str>,
+    written: &mut std::collections::HashMap<String, u64>,
+    tag: u64,
+) {
+    let mut args = vec!["volume", "attach", vol];
+    if let Some(n) = node {
+        args.extend(["--node", n]);
+    }
+    let uri = cli(&args);
+    let (addr, export) = nbd_parts(uri.trim());
+    rt.block_on(async {
+        let mut c = zebu_nbd::client::NbdClient::connect(&addr, &export)
+            .await
+            .expect("connect");
+        if let Some(old) = written.get(vol) {
+            let got = c.read(0, 256 << 10).await.expect("read");
+            assert!(
+                got == block_data(0, *old, 256 << 10),
+                "volume {vol} lost its data while detached"
+            );
+        }
+        c.write(0, &block_data(0, tag, 256 << 10), false)
+            .await
+            .expect("write");
+        c.flush().await.expect("flush");
+    });
+    written.insert(vol.to_string(), tag);
+}
+
 /// SIGKILL of `zebu server` at random points of create/attach/detach/delete, 20 times: afterwards
 /// no orphaned or duplicated replica, attached volumes come back attached, data intact.
 #[test]
@@ -674,23 +734,7 @@ fn sigkill_server_during_volume_operations() {
         let vols = converge(&srv, &format!("convergence after restart {i}"));
         check_replicas(&srv, &vols);
         // Attached volumes came back attached, with their data.
-        for v in &vols {
-            let name = v["metadata"]["name"].as_str().expect("name").to_string();
-            written.retain(|k, _| vols.iter().any(|v| v["metadata"]["name"] == k.as_str()));
-            if let (Some(uri), Some(tag)) = (v["status"]["nbdUri"].as_str(), written.get(&name)) {
-                let (addr, export) = nbd_parts(uri);
-                let got = rt.block_on(async {
-                    let mut c = zebu_nbd::client::NbdClient::connect(&addr, &export)
-                        .await
-                        .expect("connect");
-                    c.read(0, 256 << 10).await.expect("read")
-                });
-                assert!(
-                    got == block_data(0, *tag, 256 << 10),
-                    "volume {name} lost its flushed data after restart {i}"
-                );
-            }
-        }
+        check_attached_data(&rt, &vols, &mut written, i);
         let names: Vec<String> = vols
             .iter()
             .filter_map(|v| v["metadata"]["name"].as_str().map(str::to_string))
@@ -747,25 +791,14 @@ fn sigkill_server_during_volume_operations() {
         // An attached volume gets a fresh pattern before the kill.
         if op.0 == "attach" {
             let vol = op.1[2].clone();
-            let uri = srv.cli(&["volume", "attach", &vol]);
-            let (addr, export) = nbd_parts(uri.trim());
-            rt.block_on(async {
-                let mut c = zebu_nbd::client::NbdClient::connect(&addr, &export)
-                    .await
-                    .expect("connect");
-                if let Some(tag) = written.get(&vol) {
-                    let got = c.read(0, 256 << 10).await.expect("read");
-                    assert!(
-                        got == block_data(0, *tag, 256 << 10),
-                        "volume {vol} lost its data while detached"
-                    );
-                }
-                c.write(0, &block_data(0, i + 1, 256 << 10), false)
-                    .await
-                    .expect("write");
-                c.flush().await.expect("flush");
-            });
-            written.insert(vol, i + 1);
+            attach_and_write(
+                &rt,
+                &|a: &[&str]| srv.cli(a),
+                &vol,
+                None,
+                &mut written,
+                i + 1,
+            );
         }
         let delay = next() % 700;
         let mut cli = std::process::Command::new(ZEBU)
@@ -852,23 +885,7 @@ fn sigkill_manager_and_nodes_during_volume_operations() {
         }
         let vols = converge_with(&cli, &format!("convergence before step {i}"));
         check_replicas_with(&cli, &dirs, &vols);
-        written.retain(|k, _| vols.iter().any(|v| v["metadata"]["name"] == k.as_str()));
-        for v in &vols {
-            let name = v["metadata"]["name"].as_str().expect("name").to_string();
-            if let (Some(uri), Some(tag)) = (v["status"]["nbdUri"].as_str(), written.get(&name)) {
-                let (addr, export) = nbd_parts(uri);
-                let got = rt.block_on(async {
-                    let mut c = zebu_nbd::client::NbdClient::connect(&addr, &export)
-                        .await
-                        .expect("connect");
-                    c.read(0, 256 << 10).await.expect("read")
-                });
-                assert!(
-                    got == block_data(0, *tag, 256 << 10),
-                    "volume {name} lost its flushed data at step {i}"
-                );
-            }
-        }
+        check_attached_data(&rt, &vols, &mut written, i);
         let names: Vec<String> = vols
             .iter()
             .filter_map(|v| v["metadata"]["name"].as_str().map(str::to_string))
@@ -900,25 +917,7 @@ fn sigkill_manager_and_nodes_during_volume_operations() {
         } else if choice <= 2 && !detached.is_empty() {
             let vol = pick(&detached, next());
             let node = format!("n{}", 1 + next() % 2);
-            let uri = cli(&["volume", "attach", &vol, "--node", &node]);
-            let (addr, export) = nbd_parts(uri.trim());
-            rt.block_on(async {
-                let mut c = zebu_nbd::client::NbdClient::connect(&addr, &export)
-                    .await
-                    .expect("connect");
-                if let Some(tag) = written.get(&vol) {
-                    let got = c.read(0, 256 << 10).await.expect("read");
-                    assert!(
-                        got == block_data(0, *tag, 256 << 10),
-                        "volume {vol} lost its data while detached"
-                    );
-                }
-                c.write(0, &block_data(0, i + 1, 256 << 10), false)
-                    .await
-                    .expect("write");
-                c.flush().await.expect("flush");
-            });
-            written.insert(vol.clone(), i + 1);
+            attach_and_write(&rt, &cli, &vol, Some(&node), &mut written, i + 1);
             vec!["volume".into(), "get".into(), vol]
         } else if choice == 3 && !attached.is_empty() {
             vec!["volume".into(), "detach".into(), pick(&attached, next())]
