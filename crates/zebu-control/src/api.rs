@@ -107,6 +107,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/volumes/{name}/attach"),
     ("post", "/v1/volumes/{name}/detach"),
     ("post", "/v1/volumes/{name}/expand"),
+    ("get", "/v1/volumes/{name}/snapshots"),
+    ("post", "/v1/volumes/{name}/snapshots"),
+    ("delete", "/v1/volumes/{name}/snapshots/{snapshot}"),
     ("get", "/v1/replicas"),
     ("get", "/v1/replicas/{name}"),
     ("delete", "/v1/replicas/{name}"),
@@ -129,6 +132,14 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/volumes/{name}/attach", post(attach_volume))
         .route("/v1/volumes/{name}/detach", post(detach_volume))
         .route("/v1/volumes/{name}/expand", post(expand_volume))
+        .route(
+            "/v1/volumes/{name}/snapshots",
+            get(list_snapshots).post(create_snapshot),
+        )
+        .route(
+            "/v1/volumes/{name}/snapshots/{snapshot}",
+            axum::routing::delete(delete_snapshot),
+        )
         .route("/v1/replicas", get(list_replicas))
         .route(
             "/v1/replicas/{name}",
@@ -293,6 +304,68 @@ async fn expand_volume(
     check_name(&name)?;
     let req: ExpandReq = body(&raw)?;
     Ok(Json(m.expand_volume(&name, req.size)?))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SnapshotReq {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+async fn list_snapshots(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Vec<SnapshotInfo>> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    Ok(Json(
+        m.list_snapshots(&name)?
+            .into_iter()
+            .filter(|x| x.metadata.deletion_requested.is_none())
+            .map(|x| SnapshotInfo {
+                name: x.spec.name,
+                created: x.status.created,
+                parent: x.status.parent,
+                user_created: x.status.user_created,
+                size: x.status.size,
+            })
+            .collect(),
+    ))
+}
+
+async fn create_snapshot(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    raw: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    let req: SnapshotReq = if raw.is_empty() {
+        SnapshotReq::default()
+    } else {
+        body(&raw)?
+    };
+    Ok((
+        StatusCode::CREATED,
+        Json(m.create_snapshot(&name, req.name.as_deref())?),
+    ))
+}
+
+async fn delete_snapshot(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    check_name(&snapshot)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(m.delete_snapshot(&name, &snapshot)?),
+    ))
 }
 
 #[derive(Debug, Deserialize)]

@@ -330,6 +330,68 @@ impl Manager {
         .ok_or_else(|| not_found("volume", name))
     }
 
+    fn attached_volume(&self, volume: &str) -> Result<Volume, ApiError> {
+        let v = self.get_volume(volume)?;
+        if v.status.state != VolumeState::Attached {
+            return Err(conflict(
+                "VolumeNotAttached",
+                format!("volume {volume:?} must be attached for snapshot operations"),
+            ));
+        }
+        Ok(v)
+    }
+
+    /// Asks for a snapshot of an attached volume; the engine's node takes it.
+    pub fn create_snapshot(&self, volume: &str, name: Option<&str>) -> Result<Snapshot, ApiError> {
+        self.attached_volume(volume)?;
+        let name = name
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("snap-{:08x}", rand::random::<u32>()));
+        zebu_types::validate_name(&name)
+            .map_err(|e| ApiError::bad("InvalidName", e.to_string()))?;
+        if name.starts_with("rebuild-") {
+            return Err(ApiError::bad(
+                "InvalidName",
+                "snapshot names starting with \"rebuild-\" are reserved",
+            ));
+        }
+        let sn = Snapshot {
+            metadata: Meta {
+                name: format!("{volume}.{name}"),
+                ..Default::default()
+            },
+            spec: SnapshotSpec {
+                volume: volume.to_string(),
+                name,
+            },
+            status: SnapshotStatus::default(),
+        };
+        Ok(store::create(&*self.store, &sn)?)
+    }
+
+    pub fn delete_snapshot(&self, volume: &str, name: &str) -> Result<Snapshot, ApiError> {
+        self.attached_volume(volume)?;
+        let key = format!("{volume}.{name}");
+        store::modify::<Snapshot>(&*self.store, &key, |x| {
+            if x.metadata.deletion_requested.is_some() {
+                return false;
+            }
+            x.metadata.deletion_requested = Some(now());
+            true
+        })?
+        .ok_or_else(|| not_found("snapshot", name))
+    }
+
+    pub fn list_snapshots(&self, volume: &str) -> Result<Vec<Snapshot>, ApiError> {
+        self.get_volume(volume)?;
+        let mut v: Vec<Snapshot> = store::list::<Snapshot>(&*self.store)?
+            .into_iter()
+            .filter(|x| x.spec.volume == volume)
+            .collect();
+        v.sort_by_key(|x| (x.status.created, x.metadata.created));
+        Ok(v)
+    }
+
     pub fn delete_replica(&self, name: &str) -> Result<Replica, ApiError> {
         let r =
             store::get::<Replica>(&*self.store, name)?.ok_or_else(|| not_found("replica", name))?;
@@ -433,7 +495,48 @@ impl Manager {
                 )?;
             }
         }
+        // Snapshots as the engines report them.
+        let snaps = store::list::<Snapshot>(&*self.store)?;
+        for er in &hb.engines {
+            for sn in snaps.iter().filter(|x| x.spec.volume == er.volume) {
+                let found = er.snapshots.iter().find(|i| i.name == sn.spec.name);
+                match (found, sn.metadata.deletion_requested) {
+                    (None, Some(_)) => match store::delete(&*self.store, sn) {
+                        Ok(())
+                        | Err(StoreError::NotFound { .. })
+                        | Err(StoreError::Conflict { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    },
+                    (Some(i), _) => {
+                        store::modify::<Snapshot>(&*self.store, &sn.metadata.name, |x| {
+                            let st = SnapshotStatus {
+                                ready: true,
+                                created: i.created,
+                                parent: i.parent.clone(),
+                                user_created: i.user_created,
+                                size: i.size,
+                            };
+                            let changed = x.status != st;
+                            x.status = st;
+                            changed
+                        })?;
+                    }
+                    (None, None) => {}
+                }
+            }
+        }
         let mut a = Assignments::default();
+        for sn in &snaps {
+            let here = store::get::<Engine>(&*self.store, &sn.spec.volume)?
+                .is_some_and(|e| e.spec.node == node && e.metadata.deletion_requested.is_none());
+            if here {
+                a.snapshots.push(SnapshotOp {
+                    volume: sn.spec.volume.clone(),
+                    name: sn.spec.name.clone(),
+                    delete: sn.metadata.deletion_requested.is_some(),
+                });
+            }
+        }
         for r in store::list::<Replica>(&*self.store)? {
             if r.spec.node != node {
                 continue;
@@ -630,6 +733,12 @@ impl Manager {
                     }
                 }
                 if vreps.is_empty() {
+                    for sn in store::list::<Snapshot>(s)?
+                        .iter()
+                        .filter(|x| x.spec.volume == name)
+                    {
+                        let _ = store::delete(s, sn);
+                    }
                     tracing::info!(volume = %name, "volume deleted");
                     match store::delete(s, v) {
                         Ok(())

@@ -262,6 +262,52 @@ object!(Node, "node");
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+pub struct SnapshotSpec {
+    pub volume: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotStatus {
+    /// Taken on every replica of the volume.
+    #[serde(default)]
+    pub ready: bool,
+    #[serde(default)]
+    pub created: u64,
+    #[serde(default)]
+    pub parent: String,
+    #[serde(default)]
+    pub user_created: bool,
+    /// Bytes the snapshot's layer holds.
+    #[serde(default)]
+    pub size: u64,
+}
+
+/// A snapshot the user asked for; its object name is `<volume>.<snapshot>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    pub metadata: Meta,
+    pub spec: SnapshotSpec,
+    #[serde(default)]
+    pub status: SnapshotStatus,
+}
+object!(Snapshot, "snapshot");
+
+/// One snapshot as listed (DESIGN §7: name, created, parent, userCreated, size).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub created: u64,
+    pub parent: String,
+    pub user_created: bool,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Setting {
     pub metadata: Meta,
     pub value: String,
@@ -321,6 +367,9 @@ pub struct EngineReport {
     pub generation: u64,
     pub nbd_uri: String,
     pub replicas: Vec<EngineReplicaReport>,
+    /// The volume's snapshots, oldest first.
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -342,6 +391,17 @@ pub struct Assignments {
     pub engines: Vec<EngineSpec>,
     /// Replicas whose files the node must delete (their objects are being deleted).
     pub delete_replicas: Vec<String>,
+    /// Snapshots that must exist (or, with `delete`, must not) on volumes whose engine runs here.
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotOp>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotOp {
+    pub volume: String,
+    pub name: String,
+    pub delete: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -124,6 +124,32 @@ impl EngineHook for ApiHook {
     }
 }
 
+/// The engine's named layers, oldest first, as listed to users (layers being deleted are left out).
+async fn snapshot_infos(engine: &Engine) -> Vec<SnapshotInfo> {
+    let Ok(layers) = engine.layers().await else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut parent = String::new();
+    for l in layers {
+        let Some(name) = l.meta.name.clone() else {
+            continue;
+        };
+        if l.meta.deleting {
+            continue;
+        }
+        out.push(SnapshotInfo {
+            name: name.clone(),
+            created: l.meta.created,
+            parent: parent.clone(),
+            user_created: l.meta.user_created,
+            size: l.allocated,
+        });
+        parent = name;
+    }
+    out
+}
+
 fn disk_status(path: &std::path::Path) -> DiskStatus {
     let mut out = DiskStatus {
         path: path.display().to_string(),
@@ -296,7 +322,9 @@ impl NodeAgent {
         }
         let mut engines = Vec::new();
         for (vol, e) in self.engines.lock().await.iter() {
+            let snapshots = snapshot_infos(&e.engine).await;
             engines.push(EngineReport {
+                snapshots,
                 volume: vol.clone(),
                 generation: e.generation,
                 nbd_uri: format!("nbd://{}/{vol}", self.nbd_addr),
@@ -352,8 +380,35 @@ impl NodeAgent {
         }
         // Engines first: one that stops flushes to its replicas before any of them goes.
         self.reconcile_engines(&a.engines).await;
+        self.reconcile_snapshots(&a.snapshots).await;
         for name in &a.delete_replicas {
             self.delete_replica(name).await;
+        }
+    }
+
+    /// Takes the snapshots that should exist and deletes the ones that should not.
+    async fn reconcile_snapshots(&self, ops: &[SnapshotOp]) {
+        let engines = self.engines.lock().await;
+        for op in ops {
+            let Some(e) = engines.get(&op.volume) else {
+                continue;
+            };
+            let have = snapshot_infos(&e.engine)
+                .await
+                .iter()
+                .any(|s| s.name == op.name);
+            let res = match (op.delete, have) {
+                (false, false) => e
+                    .engine
+                    .snapshot(Some(op.name.clone()), true)
+                    .await
+                    .map(|_| ()),
+                (true, true) => e.engine.delete_snapshot(&op.name).await,
+                _ => Ok(()),
+            };
+            if let Err(err) = res {
+                tracing::warn!(volume = %op.volume, snapshot = %op.name, error = %err, "snapshot operation failed");
+            }
         }
     }
 

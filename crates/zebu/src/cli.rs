@@ -87,6 +87,24 @@ pub enum VolumeCmd {
 }
 
 #[derive(Subcommand)]
+pub enum SnapshotCmd {
+    /// Take a snapshot of an attached volume; prints its name.
+    Create {
+        volume: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    List {
+        volume: String,
+    },
+    /// Delete a snapshot; its data is merged away in the background.
+    Delete {
+        volume: String,
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum ReplicaCmd {
     List {
         #[arg(long)]
@@ -433,6 +451,87 @@ pub async fn replica(g: &Global, cmd: ReplicaCmd) -> Result<()> {
             .collect(),
     );
     Ok(())
+}
+
+pub async fn snapshot(g: &Global, cmd: SnapshotCmd) -> Result<()> {
+    use zebu_control::model::{Snapshot, SnapshotInfo};
+    let api = client(g)?;
+    match cmd {
+        SnapshotCmd::Create { volume, name } => {
+            let body = match name {
+                Some(n) => json!({"name": n}),
+                None => json!({}),
+            };
+            let sn: Snapshot = api
+                .post(&format!("/v1/volumes/{volume}/snapshots"), &body)
+                .await?;
+            let name = sn.spec.name.clone();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            loop {
+                let list: Vec<SnapshotInfo> =
+                    api.get(&format!("/v1/volumes/{volume}/snapshots")).await?;
+                if let Some(info) = list.into_iter().find(|i| i.name == name && i.created > 0) {
+                    return if g.output == Output::Json {
+                        print_json(&info)
+                    } else {
+                        println!("{name}");
+                        Ok(())
+                    };
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    bail!(
+                        "snapshot {name} of volume {volume} was requested but is not taken after 120s"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        SnapshotCmd::List { volume } => {
+            let list: Vec<SnapshotInfo> =
+                api.get(&format!("/v1/volumes/{volume}/snapshots")).await?;
+            if g.output == Output::Json {
+                return print_json(&list);
+            }
+            table(
+                &["NAME", "CREATED", "PARENT", "USER", "SIZE"],
+                list.iter()
+                    .map(|i| {
+                        vec![
+                            i.name.clone(),
+                            i.created.to_string(),
+                            i.parent.clone(),
+                            i.user_created.to_string(),
+                            mib(i.size),
+                        ]
+                    })
+                    .collect(),
+            );
+            Ok(())
+        }
+        SnapshotCmd::Delete { volume, name } => {
+            let _: Snapshot = api
+                .delete(&format!("/v1/volumes/{volume}/snapshots/{name}"))
+                .await?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            loop {
+                let list: Vec<SnapshotInfo> =
+                    api.get(&format!("/v1/volumes/{volume}/snapshots")).await?;
+                if !list.iter().any(|i| i.name == name) {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    bail!("snapshot {name} of volume {volume} is still there after 120s");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            if g.output == Output::Json {
+                print_json(&json!({"deleted": name}))
+            } else {
+                println!("snapshot {name} deleted");
+                Ok(())
+            }
+        }
+    }
 }
 
 pub async fn node(g: &Global, cmd: NodeCmd) -> Result<()> {

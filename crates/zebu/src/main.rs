@@ -40,6 +40,9 @@ enum Cmd {
     /// Replicas: list, delete.
     #[command(subcommand)]
     Replica(cli::ReplicaCmd),
+    /// Snapshots of attached volumes: create, list, delete.
+    #[command(subcommand)]
+    Snapshot(cli::SnapshotCmd),
     /// Settings: list, set.
     #[command(subcommand)]
     Setting(cli::SettingCmd),
@@ -137,6 +140,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Node(args) => services::node(&cli.global, args).await,
         Cmd::Volume(c) => cli::volume(&cli.global, c).await,
         Cmd::Replica(c) => cli::replica(&cli.global, c).await,
+        Cmd::Snapshot(c) => cli::snapshot(&cli.global, c).await,
         Cmd::Setting(c) => cli::setting(&cli.global, c).await,
         Cmd::ReplicaServer {
             dir,

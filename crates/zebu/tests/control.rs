@@ -47,17 +47,7 @@ fn quickstart_volume_lifecycle() {
     );
     let out = must(
         "qemu-io",
-        &[
-            "-f",
-            "raw",
-            uri,
-            "-c",
-            "write -P 0x5a 0 2M",
-            "-c",
-            "read -P 0x5a 0 2M",
-            "-c",
-            "flush",
-        ],
+        &["-f", "raw", uri, "-c", "write -P 0x5a 0 2M", "-c", "flush"],
     );
     assert!(!out.contains("failed"), "{out}");
     let src = tmp.path().join("in.img");
@@ -117,6 +107,69 @@ fn quickstart_volume_lifecycle() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     assert!(writes >= 66 << 20, "write bytes counted: {writes}");
+    // Snapshots through the CLI; deleting one keeps the volume's data as it is.
+    must(
+        "qemu-io",
+        &["-f", "raw", uri, "-c", "write -P 0x11 8M 1M", "-c", "flush"],
+    );
+    assert_eq!(
+        srv.cli(&["snapshot", "create", "v1", "--name", "s1"])
+            .trim(),
+        "s1"
+    );
+    must(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            uri,
+            "-c",
+            "write -P 0x22 8M 512k",
+            "-c",
+            "flush",
+        ],
+    );
+    let list = json_of(&srv.cli(&["snapshot", "list", "v1", "-o", "json"]));
+    let s1 = list
+        .as_array()
+        .and_then(|l| l.iter().find(|i| i["name"] == "s1"))
+        .cloned()
+        .expect("s1 listed");
+    assert_eq!(s1["userCreated"], true);
+    assert!(
+        s1["size"].as_u64().unwrap_or(0) > 0 && s1["created"].as_u64().unwrap_or(0) > 0,
+        "{s1}"
+    );
+    let (ok, _, err) = zebu_cli(
+        srv.api(),
+        &srv.token,
+        &["snapshot", "create", "v1", "--name", "Bad/Name"],
+    );
+    assert!(
+        !ok && err.contains("invalid name") && err.lines().count() == 1,
+        "{err}"
+    );
+    srv.cli(&["snapshot", "delete", "v1", "s1"]);
+    let list = json_of(&srv.cli(&["snapshot", "list", "v1", "-o", "json"]));
+    assert!(
+        !list
+            .as_array()
+            .is_some_and(|l| l.iter().any(|i| i["name"] == "s1")),
+        "{list}"
+    );
+    let out = must(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            uri,
+            "-c",
+            "read -P 0x22 8M 512k",
+            "-c",
+            "read -P 0x11 8704k 512k",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
     // An attached volume cannot be deleted.
     let (ok, _, err) = zebu_cli(srv.api(), &srv.token, &["volume", "delete", "v1"]);
     assert!(
