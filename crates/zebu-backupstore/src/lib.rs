@@ -1,0 +1,10 @@
+//! Zebu's backup format and store: content-addressed compressed blocks ([`block`]), checksummed
+//! manifests ([`manifest`]) and the [`store::BackupStore`] trait with its file-system backend.
+
+pub mod block;
+pub mod manifest;
+pub mod store;
+
+pub use block::{BlockHash, Codec};
+pub use manifest::Manifest;
+pub use store::{BackupStore, FsStore, StoreError};
