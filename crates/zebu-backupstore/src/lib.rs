@@ -1,6 +1,7 @@
 //! Zebu's backup format and store: content-addressed compressed blocks ([`block`]), checksummed
 //! manifests ([`manifest`]) and the [`store::BackupStore`] trait with its file-system backend.
 
+pub mod backup;
 pub mod block;
 pub mod manifest;
 pub mod store;

@@ -1,0 +1,374 @@
+//! Backup and restore of one snapshot, independent of where the blocks come from or go to:
+//! blocks are read from a [`SnapshotSource`], hashed, deduplicated against the store, compressed
+//! and uploaded with bounded concurrency; the manifest is written last. A block counts as uploaded
+//! only after its write is confirmed (or its presence is); the result is Completed only once the
+//! manifest is durable. Restore checks every block's hash.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::block::{self, BlockHash, Codec};
+use crate::manifest::Manifest;
+use crate::store::{BackupStore, StoreError};
+
+/// Where a snapshot's bytes come from (an engine reading a snapshot's view).
+pub trait SnapshotSource: Send + Sync + 'static {
+    fn size(&self) -> u64;
+    fn read(&self, offset: u64, len: u64) -> impl Future<Output = Result<Vec<u8>, String>> + Send;
+}
+
+/// Where restored bytes go (an engine writing to every replica of a new volume).
+pub trait RestoreSink: Send + Sync + 'static {
+    fn write(&self, offset: u64, data: Vec<u8>) -> impl Future<Output = Result<(), String>> + Send;
+    fn zero(&self, offset: u64, len: u64) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// Counters a caller can watch while a backup or restore runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub total: AtomicU64,
+    /// Blocks whose upload was confirmed.
+    pub uploaded: AtomicU64,
+    /// Blocks already in the store (or unchanged since the parent backup).
+    pub present: AtomicU64,
+    pub zero: AtomicU64,
+    pub bytes_uploaded: AtomicU64,
+    pub bytes_stored: AtomicU64,
+    /// Blocks restored.
+    pub restored: AtomicU64,
+}
+
+impl Progress {
+    pub fn done(&self) -> u64 {
+        self.uploaded.load(Ordering::Relaxed)
+            + self.present.load(Ordering::Relaxed)
+            + self.zero.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackupError {
+    #[error("reading the snapshot at offset {offset}: {message}")]
+    Source { offset: u64, message: String },
+    #[error("backup target: {0}")]
+    Store(#[from] StoreError),
+    #[error("block {0} is missing from the backup target")]
+    MissingBlock(BlockHash),
+    #[error("{0}")]
+    Block(#[from] block::BlockError),
+    #[error("manifest: {0}")]
+    Manifest(#[from] crate::manifest::ManifestError),
+    #[error("writing the restored volume at offset {offset}: {message}")]
+    Sink { offset: u64, message: String },
+    #[error("invalid backup request: {0}")]
+    Invalid(String),
+}
+
+pub struct BackupSpec {
+    pub volume: String,
+    pub backup: String,
+    pub snapshot: String,
+    pub block_size: u32,
+    pub codec: Codec,
+    /// The previous backup of this volume and the byte ranges changed since its snapshot; blocks
+    /// outside them are taken from the parent without reading. `None`: full scan.
+    pub parent: Option<(Manifest, Vec<(u64, u64)>)>,
+    pub concurrency: usize,
+    pub created: u64,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+pub fn block_key(h: &BlockHash) -> String {
+    let hex = h.to_hex();
+    format!("blocks/{}/{hex}.blk", &hex[..2])
+}
+
+pub fn manifest_key(volume: &str, backup: &str) -> String {
+    format!("volumes/{volume}/backups/{backup}.manifest")
+}
+
+/// Retries transient target errors with exponential backoff (6 tries, about 6 s in all).
+async fn retry<T, F, Fut>(mut f: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    let mut tries = 0;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e @ (StoreError::BadKey(_) | StoreError::Unavailable(_))) => return Err(e),
+            Err(e) if tries >= 5 => return Err(e),
+            Err(_) => {
+                tries += 1;
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+}
+
+/// Backs up a snapshot; returns the manifest once it is durable in the target.
+pub async fn run_backup<S: BackupStore, Src: SnapshotSource>(
+    store: Arc<S>,
+    src: Arc<Src>,
+    spec: BackupSpec,
+    progress: Arc<Progress>,
+) -> Result<Manifest, BackupError> {
+    let bs = spec.block_size as u64;
+    if spec.block_size == 0 || !spec.block_size.is_power_of_two() || bs > block::MAX_BLOCK as u64 {
+        return Err(BackupError::Invalid(format!(
+            "block size {} must be a power of two up to 16 MiB",
+            spec.block_size
+        )));
+    }
+    let size = src.size();
+    let n = Manifest::block_count(size, spec.block_size);
+    progress.total.store(n, Ordering::Relaxed);
+    let mut blocks: Vec<Option<BlockHash>> = vec![None; n as usize];
+    // Which blocks need reading.
+    let mut todo: Vec<u64> = Vec::new();
+    match &spec.parent {
+        Some((parent, changed))
+            if parent.block_size == spec.block_size && parent.volume_size == size =>
+        {
+            let mut dirty = BTreeSet::new();
+            for (off, len) in changed {
+                if *len == 0 {
+                    continue;
+                }
+                let first = off / bs;
+                let last = (off + len - 1) / bs;
+                dirty.extend(first..=last.min(n.saturating_sub(1)));
+            }
+            for i in 0..n {
+                if dirty.contains(&i) {
+                    todo.push(i);
+                } else {
+                    blocks[i as usize] = parent.blocks[i as usize];
+                    if parent.blocks[i as usize].is_some() {
+                        progress.present.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        progress.zero.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        _ => todo.extend(0..n),
+    }
+    let sem = Arc::new(Semaphore::new(spec.concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut first_err: Option<BackupError> = None;
+    for i in todo {
+        let permit = sem
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| BackupError::Invalid("cancelled".into()))?;
+        let (store, src, progress, codec) =
+            (store.clone(), src.clone(), progress.clone(), spec.codec);
+        tasks.spawn(async move {
+            let _permit = permit;
+            let off = i * bs;
+            let len = bs.min(size - off);
+            let data = src
+                .read(off, len)
+                .await
+                .map_err(|message| BackupError::Source {
+                    offset: off,
+                    message,
+                })?;
+            if block::is_zero(&data) {
+                progress.zero.fetch_add(1, Ordering::Relaxed);
+                return Ok((i, None));
+            }
+            let h = BlockHash::of(&data);
+            let key = block_key(&h);
+            if retry(|| store.exists(&key)).await? {
+                progress.present.fetch_add(1, Ordering::Relaxed);
+                return Ok((i, Some(h)));
+            }
+            let enc = block::encode(&data, codec)?;
+            let stored = enc.len() as u64;
+            let wrote = retry(|| store.put_if_absent(&key, enc.clone())).await?;
+            // Counted only now that the write is confirmed.
+            if wrote {
+                progress.uploaded.fetch_add(1, Ordering::Relaxed);
+                progress.bytes_uploaded.fetch_add(len, Ordering::Relaxed);
+                progress.bytes_stored.fetch_add(stored, Ordering::Relaxed);
+            } else {
+                progress.present.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, BackupError>((i, Some(h)))
+        });
+        // Collect finished tasks as we go; stop starting new ones at the first error.
+        while let Some(r) = tasks.try_join_next() {
+            match r
+                .map_err(|e| BackupError::Invalid(e.to_string()))
+                .and_then(|x| x)
+            {
+                Ok((i, h)) => blocks[i as usize] = h,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if first_err.is_some() {
+            break;
+        }
+    }
+    // Let every started upload finish, so the counts match what landed.
+    while let Some(r) = tasks.join_next().await {
+        match r
+            .map_err(|e| BackupError::Invalid(e.to_string()))
+            .and_then(|x| x)
+        {
+            Ok((i, h)) => blocks[i as usize] = h,
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    let manifest = Manifest {
+        volume: spec.volume.clone(),
+        backup: spec.backup.clone(),
+        snapshot: spec.snapshot.clone(),
+        parent: spec
+            .parent
+            .as_ref()
+            .map(|(p, _)| p.backup.clone())
+            .unwrap_or_default(),
+        created: spec.created,
+        volume_size: size,
+        block_size: spec.block_size,
+        labels: spec.labels.clone(),
+        blocks,
+    };
+    let key = manifest_key(&spec.volume, &spec.backup);
+    let bytes = manifest.encode();
+    retry(|| store.put(&key, bytes.clone())).await?;
+    Ok(manifest)
+}
+
+/// Reads a backup's manifest.
+pub async fn read_manifest<S: BackupStore>(
+    store: &S,
+    volume: &str,
+    backup: &str,
+) -> Result<Option<Manifest>, BackupError> {
+    let key = manifest_key(volume, backup);
+    match retry(|| store.get(&key)).await? {
+        Some(b) => Ok(Some(Manifest::decode(&b)?)),
+        None => Ok(None),
+    }
+}
+
+/// Restores a backup into `sink`, checking every block's hash. Zero blocks are zeroed unless the
+/// sink is known to be fresh (all zeros already).
+pub async fn run_restore<S: BackupStore, D: RestoreSink>(
+    store: Arc<S>,
+    manifest: &Manifest,
+    sink: Arc<D>,
+    fresh: bool,
+    concurrency: usize,
+    progress: Arc<Progress>,
+) -> Result<(), BackupError> {
+    let bs = manifest.block_size as u64;
+    progress
+        .total
+        .store(manifest.blocks.len() as u64, Ordering::Relaxed);
+    let sem = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, entry) in manifest.blocks.iter().enumerate() {
+        let off = i as u64 * bs;
+        let len = bs.min(manifest.volume_size - off);
+        let Some(h) = *entry else {
+            if !fresh {
+                sink.zero(off, len)
+                    .await
+                    .map_err(|message| BackupError::Sink {
+                        offset: off,
+                        message,
+                    })?;
+            }
+            progress.restored.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let permit = sem
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| BackupError::Invalid("cancelled".into()))?;
+        let (store, sink, progress) = (store.clone(), sink.clone(), progress.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            let key = block_key(&h);
+            let stored = retry(|| store.get(&key))
+                .await?
+                .ok_or(BackupError::MissingBlock(h))?;
+            let data = block::decode(&stored, &h)?;
+            if data.len() as u64 != len {
+                return Err(BackupError::Invalid(format!(
+                    "block {h} has {} bytes, expected {len}",
+                    data.len()
+                )));
+            }
+            sink.write(off, data)
+                .await
+                .map_err(|message| BackupError::Sink {
+                    offset: off,
+                    message,
+                })?;
+            progress.restored.fetch_add(1, Ordering::Relaxed);
+            Ok::<(), BackupError>(())
+        });
+        while let Some(r) = tasks.try_join_next() {
+            r.map_err(|e| BackupError::Invalid(e.to_string()))??;
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.map_err(|e| BackupError::Invalid(e.to_string()))??;
+    }
+    Ok(())
+}
+
+/// A problem `verify` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    Missing(BlockHash),
+    Corrupt(BlockHash, String),
+}
+
+/// Checks that every block a backup references exists; `deep` also re-hashes each one.
+pub async fn verify<S: BackupStore>(
+    store: &S,
+    manifest: &Manifest,
+    deep: bool,
+) -> Result<Vec<Problem>, BackupError> {
+    let mut problems = Vec::new();
+    for h in manifest.referenced() {
+        let key = block_key(&h);
+        if deep {
+            match retry(|| store.get(&key)).await? {
+                None => problems.push(Problem::Missing(h)),
+                Some(b) => {
+                    if let Err(e) = block::decode(&b, &h) {
+                        problems.push(Problem::Corrupt(h, e.to_string()));
+                    }
+                }
+            }
+        } else if !retry(|| store.exists(&key)).await? {
+            problems.push(Problem::Missing(h));
+        }
+    }
+    Ok(problems)
+}
