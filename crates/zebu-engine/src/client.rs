@@ -215,6 +215,7 @@ impl ReplicaClient {
         let quick = matches!(
             req,
             Request::Read { .. }
+                | Request::ReadSnapshot { .. }
                 | Request::Write { fua: false, .. }
                 | Request::Zero { fua: false, .. }
                 | Request::Status

@@ -573,6 +573,27 @@ impl Engine {
         }
     }
 
+    /// Reads the volume as snapshot `name` saw it (from one healthy replica).
+    pub async fn read_snapshot(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, EngineError> {
+        self.check_range(offset, len as u64)?;
+        match self
+            .read_one(&Request::ReadSnapshot {
+                name: name.to_string(),
+                offset,
+                len,
+            })
+            .await?
+        {
+            Response::Data(d) if d.len() == len as usize => Ok(d),
+            _ => Err(EngineError::Replica(ClientError::Unexpected)),
+        }
+    }
+
     /// Allocation extents `(length, allocated)` of a range.
     pub async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, EngineError> {
         self.check_range(offset, len)?;

@@ -108,6 +108,12 @@ pub enum Request {
         layers: Vec<LayerMeta>,
     },
     Status,
+    /// Reads the volume as snapshot `name` saw it.
+    ReadSnapshot {
+        name: String,
+        offset: u64,
+        len: u32,
+    },
 }
 
 /// Error classes carried in an error response.
@@ -170,6 +176,7 @@ const K_LUNSET: u8 = 17;
 const K_INSYNC: u8 = 18;
 const K_RESET: u8 = 19;
 const K_STATUS: u8 = 20;
+const K_READSNAP: u8 = 21;
 const R_OK: u8 = 64;
 const R_DATA: u8 = 65;
 const R_LAYERS: u8 = 66;
@@ -428,6 +435,12 @@ pub fn encode_request(req: &Request) -> (u8, Bytes) {
             K_RESET
         }
         Request::Status => K_STATUS,
+        Request::ReadSnapshot { name, offset, len } => {
+            w.str(name);
+            w.0.put_u64(*offset);
+            w.0.put_u32(*len);
+            K_READSNAP
+        }
     };
     (kind, w.0.freeze())
 }
@@ -516,6 +529,11 @@ pub fn decode_request(kind: u8, body: &[u8]) -> Result<Request, ProtoError> {
             Request::ResetChain { layers }
         }
         K_STATUS => Request::Status,
+        K_READSNAP => Request::ReadSnapshot {
+            name: r.str()?,
+            offset: r.u64()?,
+            len: r.u32()?,
+        },
         k => return Err(ProtoError::UnknownKind(k)),
     };
     r.end()?;

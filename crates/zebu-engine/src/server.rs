@@ -258,6 +258,7 @@ impl ReplicaService {
                     let quick = matches!(
                         req,
                         Request::Read { .. }
+                            | Request::ReadSnapshot { .. }
                             | Request::Write { fua: false, .. }
                             | Request::Zero { fua: false, .. }
                             | Request::Status
@@ -416,6 +417,18 @@ impl ReplicaService {
                 r
             }
             Request::Status => Ok(Response::Status(self.read_store().status())),
+            Request::ReadSnapshot { name, offset, len } => {
+                if len > MAX_BODY {
+                    return Response::Error {
+                        code: ErrorCode::Invalid,
+                        message: "read too large".into(),
+                    };
+                }
+                let mut buf = vec![0u8; len as usize];
+                self.read_store()
+                    .read_snapshot(&name, offset, &mut buf)
+                    .map(|_| Response::Data(Bytes::from(buf)))
+            }
         };
         res.unwrap_or_else(|e| store_error(&e))
     }
