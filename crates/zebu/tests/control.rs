@@ -527,10 +527,9 @@ fn node_failure_delta_rebuild_and_replacement() {
     // Kept down past the wait: a new replica is built on a node with none of this volume.
     let _n4 = node_proc("n4", &mgr.addr, &token, &tmp.path().join("n4"));
     wait_for("n4 up", 30, || {
-        json_of(&cli(&["node", "get", "n4", "-o", "json"]))[0]["status"]["state"]
-            .as_str()
-            .filter(|s| *s == "up")
-            .map(|_| ())
+        // Not found until its first heartbeat.
+        let (ok, out, _) = zebu_cli(&mgr.addr, &token, &["node", "get", "n4", "-o", "json"]);
+        (ok && json_of(&out)[0]["status"]["state"] == "up").then_some(())
     });
     cli(&["setting", "set", "replica-replenishment-wait-interval", "2"]);
     nodes[2].kill();
@@ -915,7 +914,9 @@ fn sigkill_manager_and_nodes_during_volume_operations() {
         out
     };
     let node_ready = |name: &str, nbd: &str| {
-        let n = json_of(&cli(&["node", "get", name, "-o", "json"]));
+        // Not found until its first heartbeat; the manager may be restarting.
+        let (ok, out, _) = zebu_cli(&api_port, &token, &["node", "get", name, "-o", "json"]);
+        let n = if ok { json_of(&out) } else { return None };
         (n[0]["status"]["state"] == "up" && n[0]["status"]["nbdAddress"] == nbd).then_some(())
     };
     let rt = tokio::runtime::Runtime::new().expect("rt");
