@@ -4,6 +4,7 @@
 pub mod backup;
 pub mod block;
 pub mod manifest;
+pub mod s3;
 pub mod store;
 
 pub use block::{BlockHash, Codec};

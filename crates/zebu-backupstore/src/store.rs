@@ -40,7 +40,7 @@ pub trait BackupStore: Send + Sync + 'static {
     fn delete(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
-fn check_key(key: &str) -> Result<(), StoreError> {
+pub(crate) fn check_key(key: &str) -> Result<(), StoreError> {
     let ok = !key.is_empty()
         && key.len() <= 1024
         && !key.starts_with('/')

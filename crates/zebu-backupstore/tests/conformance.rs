@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use zebu_backupstore::s3::{S3Options, S3Store};
 use zebu_backupstore::store::{BackupStore, FsStore, MARKER, StoreError};
 
 fn tempdir() -> PathBuf {
@@ -122,4 +123,88 @@ async fn an_unmounted_target_is_unavailable_not_empty() {
         "opening without init must not create the marker"
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A moto S3 server on a loopback port, killed on drop.
+struct Moto {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn moto() -> Moto {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let child = std::process::Command::new("moto_server")
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("moto_server (the test command installs moto[server] with pip)");
+    let m = Moto { child, port };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "moto_server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    m
+}
+
+fn create_bucket(port: u16, bucket: &str) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(s, "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").expect("send");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "create bucket: {out}");
+}
+
+fn s3_options(port: u16, bucket: &str, prefix: &str) -> S3Options {
+    S3Options {
+        bucket: bucket.into(),
+        prefix: prefix.into(),
+        endpoint: Some(format!("http://127.0.0.1:{port}")),
+        region: "us-east-1".into(),
+        access_key_id: "test".into(),
+        secret_access_key: "test".into(),
+        path_style: true,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_store_conforms_on_moto() {
+    let m = moto();
+    create_bucket(m.port, "zebu");
+    // An uninitialised bucket is unavailable, not empty.
+    match S3Store::open(&s3_options(m.port, "zebu", "t1"), false).await {
+        Err(StoreError::Unavailable(_)) => {}
+        other => panic!("want Unavailable, got {other:?}"),
+    }
+    let s = S3Store::open(&s3_options(m.port, "zebu", "t1"), true)
+        .await
+        .expect("open");
+    conformance(&s).await;
+    // A second target under another prefix of the same bucket is separate.
+    let other = S3Store::open(&s3_options(m.port, "zebu", "t2"), true)
+        .await
+        .expect("open");
+    assert!(other.list("").await.expect("list").is_empty());
+    // The server goes away: operations fail, listing included.
+    drop(m);
+    assert!(
+        s.list("volumes").await.is_err(),
+        "a listing of an unreachable target must fail"
+    );
 }

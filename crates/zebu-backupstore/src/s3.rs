@@ -1,0 +1,191 @@
+//! The S3 backend of [`BackupStore`] (and S3-compatible servers), through object_store. Options
+//! come from the target, never from the process environment. Blocks are written with a
+//! conditional PUT (`If-None-Match: *`), so an existing block is never overwritten.
+
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::store::{BackupStore, LAYOUT_VERSION, MARKER, StoreError};
+
+/// Where and how to reach a bucket.
+#[derive(Debug, Clone, Default)]
+pub struct S3Options {
+    pub bucket: String,
+    /// Key prefix inside the bucket (no leading or trailing `/`).
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub path_style: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    s3: Arc<AmazonS3>,
+    prefix: String,
+}
+
+fn io(key: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io {
+        key: key.to_string(),
+        message: e.to_string(),
+    }
+}
+
+impl S3Store {
+    /// Connects to a bucket. `init` writes the target marker when it is missing; otherwise a
+    /// missing marker makes the target unavailable.
+    pub async fn open(o: &S3Options, init: bool) -> Result<S3Store, StoreError> {
+        let mut b = AmazonS3Builder::new()
+            .with_bucket_name(&o.bucket)
+            .with_region(if o.region.is_empty() {
+                "us-east-1"
+            } else {
+                &o.region
+            })
+            .with_access_key_id(&o.access_key_id)
+            .with_secret_access_key(&o.secret_access_key)
+            .with_virtual_hosted_style_request(!o.path_style);
+        if let Some(e) = &o.endpoint {
+            b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
+        }
+        let s3 = b
+            .build()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let s = S3Store {
+            s3: Arc::new(s3),
+            prefix: o.prefix.trim_matches('/').to_string(),
+        };
+        let marker = s.path(MARKER);
+        match s.s3.get(&marker).await {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) if init => {
+                let body = format!("{{\"layoutVersion\":{LAYOUT_VERSION}}}\n");
+                s.s3.put(&marker, PutPayload::from(body.into_bytes()))
+                    .await
+                    .map_err(|e| io(MARKER, e))?;
+            }
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(StoreError::Unavailable(format!(
+                    "bucket {} has no {MARKER}",
+                    o.bucket
+                )));
+            }
+            Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+        }
+        Ok(s)
+    }
+
+    fn path(&self, key: &str) -> Path {
+        if self.prefix.is_empty() {
+            Path::from(key)
+        } else {
+            Path::from(format!("{}/{key}", self.prefix))
+        }
+    }
+
+    async fn check_marker(&self) -> Result<(), StoreError> {
+        match self.s3.head(&self.path(MARKER)).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        }
+    }
+}
+
+fn check(key: &str) -> Result<(), StoreError> {
+    crate::store::check_key(key)
+}
+
+impl BackupStore for S3Store {
+    async fn put_if_absent(&self, key: &str, data: Vec<u8>) -> Result<bool, StoreError> {
+        check(key)?;
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .s3
+            .put_opts(&self.path(key), PutPayload::from(data), opts)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(io(key, e)),
+        }
+    }
+
+    async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
+        check(key)?;
+        self.s3
+            .put(&self.path(key), PutPayload::from(data))
+            .await
+            .map(|_| ())
+            .map_err(|e| io(key, e))
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        check(key)?;
+        self.check_marker().await?;
+        match self.s3.get(&self.path(key)).await {
+            Ok(r) => Ok(Some(r.bytes().await.map_err(|e| io(key, e))?.to_vec())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(io(key, e)),
+        }
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        check(key)?;
+        match self.s3.head(&self.path(key)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(io(key, e)),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = prefix.trim_end_matches('/');
+        if !prefix.is_empty() {
+            check(prefix)?;
+        }
+        // A listing of an unreachable or uninitialised target is an error, never empty.
+        self.check_marker().await?;
+        let base = if prefix.is_empty() {
+            (!self.prefix.is_empty()).then(|| Path::from(self.prefix.as_str()))
+        } else {
+            Some(self.path(prefix))
+        };
+        let metas: Vec<_> = self
+            .s3
+            .list(base.as_ref())
+            .try_collect()
+            .await
+            .map_err(|e| io(prefix, e))?;
+        let strip = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let mut out: Vec<String> = metas
+            .into_iter()
+            .map(|m| m.location.to_string())
+            .filter_map(|k| k.strip_prefix(&strip).map(str::to_string))
+            .filter(|k| k != MARKER)
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        check(key)?;
+        match self.s3.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(io(key, e)),
+        }
+    }
+}
