@@ -284,3 +284,59 @@ impl ReplicaClient {
         p.wait().await
     }
 }
+
+/// Typed views of a reply; any other kind of reply is [`ClientError::Unexpected`].
+impl Response {
+    pub fn into_data(self) -> Result<Bytes, ClientError> {
+        match self {
+            Response::Data(d) => Ok(d),
+            _ => Err(ClientError::Unexpected),
+        }
+    }
+
+    /// Data of exactly `len` bytes.
+    pub fn into_data_of(self, len: u32) -> Result<Bytes, ClientError> {
+        self.into_data().and_then(|d| {
+            if d.len() == len as usize {
+                Ok(d)
+            } else {
+                Err(ClientError::Unexpected)
+            }
+        })
+    }
+
+    pub fn into_layers(self) -> Result<Vec<zebu_replica::LayerInfo>, ClientError> {
+        match self {
+            Response::Layers(l) => Ok(l),
+            _ => Err(ClientError::Unexpected),
+        }
+    }
+
+    pub fn into_runs(self) -> Result<Vec<zebu_replica::Run>, ClientError> {
+        match self {
+            Response::Runs(r) => Ok(r),
+            _ => Err(ClientError::Unexpected),
+        }
+    }
+
+    pub fn into_extents(self) -> Result<Vec<(u64, bool)>, ClientError> {
+        match self {
+            Response::Extents(e) => Ok(e),
+            _ => Err(ClientError::Unexpected),
+        }
+    }
+
+    pub fn into_checksums(self) -> Result<Vec<[u8; 16]>, ClientError> {
+        match self {
+            Response::Checksums(c) => Ok(c),
+            _ => Err(ClientError::Unexpected),
+        }
+    }
+
+    pub fn into_status(self) -> Result<zebu_replica::StoreStatus, ClientError> {
+        match self {
+            Response::Status(s) => Ok(s),
+            _ => Err(ClientError::Unexpected),
+        }
+    }
+}

@@ -312,13 +312,16 @@ impl Engine {
         let mut last_err = EngineError::NoReplicas;
         for (name, addr) in candidates {
             match ReplicaClient::connect(addr, &cfg.volume, cfg.generation, cfg.io_timeout).await {
-                Ok(client) => match client.call(&Request::Status).await {
-                    Ok(Response::Status(st)) => {
+                Ok(client) => match client
+                    .call(&Request::Status)
+                    .await
+                    .and_then(Response::into_status)
+                {
+                    Ok(st) => {
                         if best.as_ref().is_none_or(|(seq, _, _)| st.flush_seq > *seq) {
                             best = Some((st.flush_seq, name.clone(), client));
                         }
                     }
-                    Ok(_) => last_err = EngineError::Replica(ClientError::Unexpected),
                     Err(e) => last_err = e.into(),
                 },
                 Err(e) => last_err = e.into(),
@@ -567,10 +570,10 @@ impl Engine {
         self.check_range(offset, len as u64)?;
         self.check_running()?;
         let _g = self.gate.read().await;
-        match self.read_one(&Request::Read { offset, len }).await? {
-            Response::Data(d) if d.len() == len as usize => Ok(d),
-            _ => Err(EngineError::Replica(ClientError::Unexpected)),
-        }
+        Ok(self
+            .read_one(&Request::Read { offset, len })
+            .await?
+            .into_data_of(len)?)
     }
 
     /// Reads the volume as snapshot `name` saw it (from one healthy replica).
@@ -581,34 +584,26 @@ impl Engine {
         len: u32,
     ) -> Result<Bytes, EngineError> {
         self.check_range(offset, len as u64)?;
-        match self
-            .read_one(&Request::ReadSnapshot {
-                name: name.to_string(),
-                offset,
-                len,
-            })
-            .await?
-        {
-            Response::Data(d) if d.len() == len as usize => Ok(d),
-            _ => Err(EngineError::Replica(ClientError::Unexpected)),
-        }
+        let req = Request::ReadSnapshot {
+            name: name.to_string(),
+            offset,
+            len,
+        };
+        Ok(self.read_one(&req).await?.into_data_of(len)?)
     }
 
     /// Allocation extents `(length, allocated)` of a range.
     pub async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, EngineError> {
         self.check_range(offset, len)?;
-        match self.read_one(&Request::Allocation { offset, len }).await? {
-            Response::Extents(e) => Ok(e),
-            _ => Err(EngineError::Replica(ClientError::Unexpected)),
-        }
+        Ok(self
+            .read_one(&Request::Allocation { offset, len })
+            .await?
+            .into_extents()?)
     }
 
     /// The snapshot chain as a healthy replica has it (bottom first, head last).
     pub async fn layers(&self) -> Result<Vec<LayerInfo>, EngineError> {
-        match self.read_one(&Request::ListLayers).await? {
-            Response::Layers(l) => Ok(l),
-            _ => Err(EngineError::Replica(ClientError::Unexpected)),
-        }
+        Ok(self.read_one(&Request::ListLayers).await?.into_layers()?)
     }
 
     /// Takes a snapshot at one consistent point on every active replica. Returns its name.
@@ -686,10 +681,7 @@ impl Engine {
             from: from.to_string(),
             to: to.map(str::to_string),
         };
-        match self.read_one(&req).await? {
-            Response::Runs(r) => Ok(r),
-            _ => Err(EngineError::Replica(ClientError::Unexpected)),
-        }
+        Ok(self.read_one(&req).await?.into_runs()?)
     }
 
     /// Adds a replica and rebuilds it while I/O continues: it joins the write set at once (WO),
@@ -728,10 +720,11 @@ impl Engine {
                 .find(|s| s.mode() == Mode::RW)
                 .cloned()
                 .ok_or(EngineError::NoReplicas)?;
-            let layers = match source.client.call(&Request::ListLayers).await? {
-                Response::Layers(l) => l,
-                _ => return Err(EngineError::Replica(ClientError::Unexpected)),
-            };
+            let layers = source
+                .client
+                .call(&Request::ListLayers)
+                .await?
+                .into_layers()?;
             let metas = layers.into_iter().map(|l| l.meta).collect();
             slot.client
                 .call_slow(&Request::ResetChain { layers: metas }, slow)
@@ -803,24 +796,14 @@ impl Engine {
     }
 
     async fn copy_layers(&self, src: &ReplicaSlot, dst: &ReplicaSlot) -> Result<(), EngineError> {
-        let layers = |r: Response| match r {
-            Response::Layers(l) => Ok(l),
-            _ => Err(EngineError::Replica(ClientError::Unexpected)),
-        };
-        let runs = |r: Response| match r {
-            Response::Runs(l) => Ok(l),
-            _ => Err(EngineError::Replica(ClientError::Unexpected)),
-        };
-        let sums = |r: Response| match r {
-            Response::Checksums(l) => Ok(l),
-            _ => Err(EngineError::Replica(ClientError::Unexpected)),
-        };
-        let src_layers = layers(src.client.call(&Request::ListLayers).await?)?;
-        let dst_layers = layers(dst.client.call(&Request::ListLayers).await?)?;
-        let cs = match src.client.call(&Request::Status).await? {
-            Response::Status(s) => s.cluster_size as u64,
-            _ => return Err(EngineError::Replica(ClientError::Unexpected)),
-        };
+        let src_layers = src.client.call(&Request::ListLayers).await?.into_layers()?;
+        let dst_layers = dst.client.call(&Request::ListLayers).await?.into_layers()?;
+        let cs = src
+            .client
+            .call(&Request::Status)
+            .await?
+            .into_status()?
+            .cluster_size as u64;
         let sealed = &src_layers[..src_layers.len().saturating_sub(1)];
         let total: u64 = sealed.iter().map(|l| l.allocated).sum();
         dst.progress.total.store(total, Ordering::Relaxed);
@@ -835,11 +818,15 @@ impl Engine {
             }
             // Every cluster either side holds.
             let mut union = zebu_replica::bitmap::ClusterMap::new();
-            for r in runs(src.client.call(&Request::LayerRuns { layer: id }).await?)? {
-                union.apply(r, true);
-            }
-            for r in runs(dst.client.call(&Request::LayerRuns { layer: id }).await?)? {
-                union.apply(r, true);
+            for side in [src, dst] {
+                for r in side
+                    .client
+                    .call(&Request::LayerRuns { layer: id })
+                    .await?
+                    .into_runs()?
+                {
+                    union.apply(r, true);
+                }
             }
             for run in union.runs() {
                 let mut c = run.start;
@@ -850,8 +837,8 @@ impl Engine {
                         cluster: c,
                         count: n as u32,
                     };
-                    let a = sums(src.client.call(&req).await?)?;
-                    let b = sums(dst.client.call(&req).await?)?;
+                    let a = src.client.call(&req).await?.into_checksums()?;
+                    let b = dst.client.call(&req).await?.into_checksums()?;
                     if a.len() != n as usize || b.len() != n as usize {
                         return Err(EngineError::Replica(ClientError::Unexpected));
                     }
@@ -881,18 +868,12 @@ impl Engine {
                                 })
                                 .await?;
                         } else {
-                            let data = match src
-                                .client
-                                .call(&Request::ReadLayer {
-                                    layer: id,
-                                    cluster: start,
-                                    count,
-                                })
-                                .await?
-                            {
-                                Response::Data(d) => d,
-                                _ => return Err(EngineError::Replica(ClientError::Unexpected)),
+                            let req = Request::ReadLayer {
+                                layer: id,
+                                cluster: start,
+                                count,
                             };
+                            let data = src.client.call(&req).await?.into_data()?;
                             dst.client
                                 .call(&Request::WriteLayer {
                                     layer: id,
