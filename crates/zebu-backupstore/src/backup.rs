@@ -114,6 +114,27 @@ where
     }
 }
 
+type Joined<T> = Result<Result<T, BackupError>, tokio::task::JoinError>;
+
+/// The result of a finished task, with a panicked or cancelled task as an error.
+fn flatten<T>(r: Joined<T>) -> Result<T, BackupError> {
+    r.map_err(|e| BackupError::Invalid(e.to_string()))?
+}
+
+/// Records a finished block task: its hash in the manifest, or the first error.
+fn absorb(
+    r: Joined<(u64, Option<BlockHash>)>,
+    blocks: &mut [Option<BlockHash>],
+    first_err: &mut Option<BackupError>,
+) {
+    match flatten(r) {
+        Ok((i, h)) => blocks[i as usize] = h,
+        Err(e) => {
+            first_err.get_or_insert(e);
+        }
+    }
+}
+
 /// Backs up a snapshot; returns the manifest once it is durable in the target.
 pub async fn run_backup<S: BackupStore, Src: SnapshotSource>(
     store: Arc<S>,
@@ -209,15 +230,7 @@ pub async fn run_backup<S: BackupStore, Src: SnapshotSource>(
         });
         // Collect finished tasks as we go; stop starting new ones at the first error.
         while let Some(r) = tasks.try_join_next() {
-            match r
-                .map_err(|e| BackupError::Invalid(e.to_string()))
-                .and_then(|x| x)
-            {
-                Ok((i, h)) => blocks[i as usize] = h,
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
+            absorb(r, &mut blocks, &mut first_err);
         }
         if first_err.is_some() {
             break;
@@ -225,15 +238,7 @@ pub async fn run_backup<S: BackupStore, Src: SnapshotSource>(
     }
     // Let every started upload finish, so the counts match what landed.
     while let Some(r) = tasks.join_next().await {
-        match r
-            .map_err(|e| BackupError::Invalid(e.to_string()))
-            .and_then(|x| x)
-        {
-            Ok((i, h)) => blocks[i as usize] = h,
-            Err(e) => {
-                first_err.get_or_insert(e);
-            }
-        }
+        absorb(r, &mut blocks, &mut first_err);
     }
     if let Some(e) = first_err {
         return Err(e);
@@ -332,11 +337,11 @@ pub async fn run_restore<S: BackupStore, D: RestoreSink>(
             Ok::<(), BackupError>(())
         });
         while let Some(r) = tasks.try_join_next() {
-            r.map_err(|e| BackupError::Invalid(e.to_string()))??;
+            flatten(r)?;
         }
     }
     while let Some(r) = tasks.join_next().await {
-        r.map_err(|e| BackupError::Invalid(e.to_string()))??;
+        flatten(r)?;
     }
     Ok(())
 }
