@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 use crate::block::{self, BlockHash, Codec};
+use crate::gc::Lease;
 use crate::manifest::Manifest;
 use crate::store::{BackupStore, StoreError};
 
@@ -67,6 +68,8 @@ pub enum BackupError {
     Sink { offset: u64, message: String },
     #[error("invalid backup request: {0}")]
     Invalid(String),
+    #[error("{0} not found in the backup target")]
+    NotFound(String),
 }
 
 pub struct BackupSpec {
@@ -81,6 +84,31 @@ pub struct BackupSpec {
     pub concurrency: usize,
     pub created: u64,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Upload limit in bytes per second (stored bytes); `None`: unlimited.
+    pub bandwidth: Option<u64>,
+}
+
+/// Spaces uploads so they average at most `rate` bytes per second.
+struct Limiter {
+    rate: u64,
+    next: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Limiter {
+    async fn take(&self, bytes: u64) {
+        let wait = {
+            let Ok(mut next) = self.next.lock() else {
+                return;
+            };
+            let now = tokio::time::Instant::now();
+            let start = (*next).max(now);
+            *next = start + Duration::from_secs_f64(bytes as f64 / self.rate.max(1) as f64);
+            start - now
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
 }
 
 pub fn block_key(h: &BlockHash) -> String {
@@ -123,12 +151,16 @@ fn flatten<T>(r: Joined<T>) -> Result<T, BackupError> {
 
 /// Records a finished block task: its hash in the manifest, or the first error.
 fn absorb(
-    r: Joined<(u64, Option<BlockHash>)>,
+    r: Joined<(u64, Option<BlockHash>, bool)>,
     blocks: &mut [Option<BlockHash>],
+    uploaded: &mut [bool],
     first_err: &mut Option<BackupError>,
 ) {
     match flatten(r) {
-        Ok((i, h)) => blocks[i as usize] = h,
+        Ok((i, h, up)) => {
+            blocks[i as usize] = h;
+            uploaded[i as usize] = up;
+        }
         Err(e) => {
             first_err.get_or_insert(e);
         }
@@ -183,6 +215,32 @@ pub async fn run_backup<S: BackupStore, Src: SnapshotSource>(
         }
         _ => todo.extend(0..n),
     }
+    // Claim the blocks this backup relies on before the first existence check.
+    let lease = retry(|| Lease::acquire(store.clone(), &spec.volume, &spec.backup)).await?;
+    let res = upload(store, src, &spec, progress, &lease, blocks, todo).await;
+    lease.release().await;
+    res
+}
+
+/// Reads, deduplicates and uploads the `todo` blocks, then writes the manifest.
+async fn upload<S: BackupStore, Src: SnapshotSource>(
+    store: Arc<S>,
+    src: Arc<Src>,
+    spec: &BackupSpec,
+    progress: Arc<Progress>,
+    lease: &Lease<S>,
+    mut blocks: Vec<Option<BlockHash>>,
+    todo: Vec<u64>,
+) -> Result<Manifest, BackupError> {
+    let bs = spec.block_size as u64;
+    let size = src.size();
+    let mut uploaded = vec![false; blocks.len()];
+    let limiter = spec.bandwidth.map(|rate| {
+        Arc::new(Limiter {
+            rate,
+            next: std::sync::Mutex::new(tokio::time::Instant::now()),
+        })
+    });
     let sem = Arc::new(Semaphore::new(spec.concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     let mut first_err: Option<BackupError> = None;
@@ -192,8 +250,13 @@ pub async fn run_backup<S: BackupStore, Src: SnapshotSource>(
             .acquire_owned()
             .await
             .map_err(|_| BackupError::Invalid("cancelled".into()))?;
-        let (store, src, progress, codec) =
-            (store.clone(), src.clone(), progress.clone(), spec.codec);
+        let (store, src, progress, codec, limiter) = (
+            store.clone(),
+            src.clone(),
+            progress.clone(),
+            spec.codec,
+            limiter.clone(),
+        );
         tasks.spawn(async move {
             let _permit = permit;
             let off = i * bs;
@@ -207,16 +270,19 @@ pub async fn run_backup<S: BackupStore, Src: SnapshotSource>(
                 })?;
             if block::is_zero(&data) {
                 progress.zero.fetch_add(1, Ordering::Relaxed);
-                return Ok((i, None));
+                return Ok((i, None, false));
             }
             let h = BlockHash::of(&data);
             let key = block_key(&h);
             if retry(|| store.exists(&key)).await? {
                 progress.present.fetch_add(1, Ordering::Relaxed);
-                return Ok((i, Some(h)));
+                return Ok((i, Some(h), false));
             }
             let enc = block::encode(&data, codec)?;
             let stored = enc.len() as u64;
+            if let Some(l) = &limiter {
+                l.take(stored).await;
+            }
             let wrote = retry(|| store.put_if_absent(&key, enc.clone())).await?;
             // Counted only now that the write is confirmed.
             if wrote {
@@ -226,11 +292,11 @@ pub async fn run_backup<S: BackupStore, Src: SnapshotSource>(
             } else {
                 progress.present.fetch_add(1, Ordering::Relaxed);
             }
-            Ok::<_, BackupError>((i, Some(h)))
+            Ok::<_, BackupError>((i, Some(h), wrote))
         });
         // Collect finished tasks as we go; stop starting new ones at the first error.
         while let Some(r) = tasks.try_join_next() {
-            absorb(r, &mut blocks, &mut first_err);
+            absorb(r, &mut blocks, &mut uploaded, &mut first_err);
         }
         if first_err.is_some() {
             break;
@@ -238,10 +304,17 @@ pub async fn run_backup<S: BackupStore, Src: SnapshotSource>(
     }
     // Let every started upload finish, so the counts match what landed.
     while let Some(r) = tasks.join_next().await {
-        absorb(r, &mut blocks, &mut first_err);
+        absorb(r, &mut blocks, &mut uploaded, &mut first_err);
     }
     if let Some(e) = first_err {
         return Err(e);
+    }
+    // A GC that ran without seeing this backup's lease may have removed blocks it relies on.
+    if retry(|| lease.gc_overlapped()).await? {
+        recheck(
+            &*store, &*src, &blocks, &uploaded, bs, spec.codec, &progress,
+        )
+        .await?;
     }
     let manifest = Manifest {
         volume: spec.volume.clone(),
@@ -262,6 +335,49 @@ pub async fn run_backup<S: BackupStore, Src: SnapshotSource>(
     let bytes = manifest.encode();
     retry(|| store.put(&key, bytes.clone())).await?;
     Ok(manifest)
+}
+
+/// Re-uploads any block the manifest references that is no longer in the store.
+async fn recheck<S: BackupStore, Src: SnapshotSource>(
+    store: &S,
+    src: &Src,
+    blocks: &[Option<BlockHash>],
+    uploaded: &[bool],
+    bs: u64,
+    codec: Codec,
+    progress: &Progress,
+) -> Result<(), BackupError> {
+    let size = src.size();
+    for (i, h) in blocks.iter().enumerate() {
+        let Some(h) = h else { continue };
+        let key = block_key(h);
+        if retry(|| store.exists(&key)).await? {
+            continue;
+        }
+        let off = i as u64 * bs;
+        let len = bs.min(size - off);
+        let data = src
+            .read(off, len)
+            .await
+            .map_err(|message| BackupError::Source {
+                offset: off,
+                message,
+            })?;
+        if BlockHash::of(&data) != *h {
+            return Err(BackupError::Invalid(format!(
+                "the snapshot changed under the backup at offset {off}"
+            )));
+        }
+        let enc = block::encode(&data, codec)?;
+        let stored = enc.len() as u64;
+        if retry(|| store.put_if_absent(&key, enc.clone())).await? && !uploaded[i] {
+            progress.present.fetch_sub(1, Ordering::Relaxed);
+            progress.uploaded.fetch_add(1, Ordering::Relaxed);
+            progress.bytes_uploaded.fetch_add(len, Ordering::Relaxed);
+            progress.bytes_stored.fetch_add(stored, Ordering::Relaxed);
+        }
+    }
+    Ok(())
 }
 
 /// Reads a backup's manifest.

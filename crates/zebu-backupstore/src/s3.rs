@@ -5,9 +5,14 @@
 use std::sync::Arc;
 
 use futures::TryStreamExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use std::time::Duration;
+
+use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{
+    BackoffConfig, Certificate, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
+    PutPayload, RetryConfig,
+};
 
 use crate::store::{BackupStore, LAYOUT_VERSION, MARKER, StoreError};
 
@@ -22,11 +27,27 @@ pub struct S3Options {
     pub access_key_id: String,
     pub secret_access_key: String,
     pub path_style: bool,
+    /// PEM file with extra root certificates (a private CA).
+    pub ca_cert: Option<std::path::PathBuf>,
+}
+
+/// Retries inside one request: a dead endpoint surfaces within seconds, not the crate's default
+/// three minutes; the backup driver retries whole operations on top of this.
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            base: 2.0,
+        },
+        max_retries: 2,
+        retry_timeout: Duration::from_secs(10),
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct S3Store {
-    s3: Arc<AmazonS3>,
+    s3: Arc<dyn ObjectStore>,
     prefix: String,
 }
 
@@ -51,9 +72,23 @@ impl S3Store {
             .with_access_key_id(&o.access_key_id)
             .with_secret_access_key(&o.secret_access_key)
             .with_virtual_hosted_style_request(!o.path_style);
+        let mut client = ClientOptions::new()
+            .with_timeout(Duration::from_secs(30))
+            .with_connect_timeout(Duration::from_secs(5));
         if let Some(e) = &o.endpoint {
-            b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
+            b = b.with_endpoint(e);
+            client = client.with_allow_http(e.starts_with("http://"));
         }
+        if let Some(ca) = &o.ca_cert {
+            let pem = std::fs::read(ca).map_err(|e| {
+                StoreError::Unavailable(format!("reading CA certificate {}: {e}", ca.display()))
+            })?;
+            let cert = Certificate::from_pem(&pem).map_err(|e| {
+                StoreError::Unavailable(format!("CA certificate {}: {e}", ca.display()))
+            })?;
+            client = client.with_root_certificate(cert);
+        }
+        b = b.with_client_options(client).with_retry(retry_config());
         let s3 = b
             .build()
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;

@@ -1,5 +1,6 @@
 //! Backup and restore through the file-system target with in-memory volumes: exact counts, zero
-//! blocks, incremental backups, corruption and missing blocks, and a target that fails mid-backup.
+//! blocks, incremental backups, corruption and missing blocks, a target that fails mid-backup,
+//! deletion in every order, and a backup racing a delete's block collection.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -78,6 +79,7 @@ fn spec(backup: &str, parent: Option<(Manifest, Vec<(u64, u64)>)>) -> BackupSpec
         concurrency: 4,
         created: 1,
         labels: BTreeMap::new(),
+        bandwidth: None,
     }
 }
 
@@ -280,4 +282,267 @@ async fn failing_target_counts_only_landed_blocks_and_a_retry_reuses_them() {
     assert_eq!(p2.uploaded.load(Ordering::Relaxed), 5 - landed);
     assert!(verify(&*store, &m, true).await.expect("verify").is_empty());
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Every stored block key.
+async fn stored_blocks<S: BackupStore>(store: &S) -> std::collections::BTreeSet<String> {
+    store
+        .list("blocks")
+        .await
+        .expect("list blocks")
+        .into_iter()
+        .collect()
+}
+
+fn referenced_keys(ms: &[&Manifest]) -> std::collections::BTreeSet<String> {
+    ms.iter()
+        .flat_map(|m| m.referenced())
+        .map(|h| block_key(&h))
+        .collect()
+}
+
+/// Three backups sharing blocks (b2 incremental on b1, b3 of another volume state); deleting
+/// them in each of the six orders keeps exactly the blocks the remaining ones reference, and
+/// the remaining ones restore intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_backups_in_every_order_keeps_exactly_the_referenced_blocks() {
+    use zebu_backupstore::gc::delete_backup;
+    let orders = [
+        [0, 1, 2],
+        [0, 2, 1],
+        [1, 0, 2],
+        [1, 2, 0],
+        [2, 0, 1],
+        [2, 1, 0],
+    ];
+    for order in orders {
+        let dir = tempdir();
+        let store = Arc::new(FsStore::open(&dir, true).expect("open"));
+        let mut datas = Vec::new();
+        let mut d = volume();
+        let src = Arc::new(Mem(Mutex::new(d.clone())));
+        let m1 = run_backup(
+            store.clone(),
+            src,
+            spec("b1", None),
+            Arc::new(Progress::default()),
+        )
+        .await
+        .expect("b1");
+        datas.push(d.clone());
+        // b2: 2 MiB rewritten.
+        d[(1 << 20)..(3 << 20)].fill(0x5a);
+        let src = Arc::new(Mem(Mutex::new(d.clone())));
+        let m2 = run_backup(
+            store.clone(),
+            src,
+            spec("b2", Some((m1.clone(), vec![(1 << 20, 2 << 20)]))),
+            Arc::new(Progress::default()),
+        )
+        .await
+        .expect("b2");
+        datas.push(d.clone());
+        // b3: another change on top, full scan.
+        d[(9 << 20)..(10 << 20)].fill(0x33);
+        let src = Arc::new(Mem(Mutex::new(d.clone())));
+        let m3 = run_backup(
+            store.clone(),
+            src,
+            spec("b3", None),
+            Arc::new(Progress::default()),
+        )
+        .await
+        .expect("b3");
+        datas.push(d.clone());
+        let ms = [m1, m2, m3];
+        let mut alive = vec![true; 3];
+        assert_eq!(
+            stored_blocks(&*store).await,
+            referenced_keys(&[&ms[0], &ms[1], &ms[2]])
+        );
+        for &i in &order {
+            let r = delete_backup(&*store, "v1", &ms[i].backup)
+                .await
+                .expect("delete");
+            assert!(!r.deferred, "no backup runs, nothing defers");
+            alive[i] = false;
+            let rest: Vec<&Manifest> = (0..3).filter(|j| alive[*j]).map(|j| &ms[j]).collect();
+            assert_eq!(
+                stored_blocks(&*store).await,
+                referenced_keys(&rest),
+                "order {order:?}, after deleting b{}",
+                i + 1
+            );
+            assert!(
+                read_manifest(&*store, "v1", &ms[i].backup)
+                    .await
+                    .expect("read")
+                    .is_none()
+            );
+            for j in (0..3).filter(|j| alive[*j]) {
+                assert!(restore(&store, &ms[j]).await.expect("restore") == datas[j]);
+            }
+        }
+        assert!(
+            delete_backup(&*store, "v1", "b1").await.is_err(),
+            "deleting a deleted backup is an error"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// A source that holds its last block until released.
+struct Held {
+    data: Vec<u8>,
+    gate: tokio::sync::Semaphore,
+}
+
+impl SnapshotSource for Held {
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+    async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+        if offset + len == self.data.len() as u64 {
+            let _p = self.gate.acquire().await.map_err(|e| e.to_string())?;
+        }
+        Ok(self.data[offset as usize..(offset + len) as usize].to_vec())
+    }
+}
+
+/// A store whose first listing of backup leases pauses (after it was taken) until released: a
+/// GC that saw no lease while a backup starts.
+struct PausedGc {
+    inner: FsStore,
+    paused: tokio::sync::Notify,
+    release: tokio::sync::Semaphore,
+    once: std::sync::atomic::AtomicBool,
+}
+
+impl BackupStore for PausedGc {
+    async fn put_if_absent(&self, key: &str, data: Vec<u8>) -> Result<bool, StoreError> {
+        self.inner.put_if_absent(key, data).await
+    }
+    async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
+        self.inner.put(key, data).await
+    }
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        self.inner.exists(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let r = self.inner.list(prefix).await;
+        if prefix == "locks/backups" && !self.once.swap(true, Ordering::SeqCst) {
+            self.paused.notify_one();
+            let _p = self.release.acquire().await;
+        }
+        r
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A backup that relies on blocks of a backup being deleted loses nothing, whichever of the two
+/// sees the other first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_running_during_a_delete_loses_nothing() {
+    use zebu_backupstore::gc::{delete_backup, gc_pass};
+    let data = volume();
+    // (a) The GC sees the backup's lease: it defers; a later pass collects nothing b2 needs.
+    {
+        let dir = tempdir();
+        let store = Arc::new(FsStore::open(&dir, true).expect("open"));
+        let src = Arc::new(Mem(Mutex::new(data.clone())));
+        run_backup(
+            store.clone(),
+            src,
+            spec("b1", None),
+            Arc::new(Progress::default()),
+        )
+        .await
+        .expect("b1");
+        let held = Arc::new(Held {
+            data: data.clone(),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let p2 = Arc::new(Progress::default());
+        let b2 = tokio::spawn(run_backup(
+            store.clone(),
+            held.clone(),
+            spec("b2", None),
+            p2.clone(),
+        ));
+        wait_until("b2 to check its blocks", || p2.done() >= 15).await;
+        let r = delete_backup(&*store, "v1", "b1").await.expect("delete b1");
+        assert!(r.deferred, "a live lease defers collection: {r:?}");
+        assert_eq!(r.deleted_blocks, 0);
+        held.gate.add_permits(1);
+        let m2 = b2.await.expect("join").expect("b2");
+        let r = gc_pass(&*store).await.expect("gc");
+        assert!(!r.deferred);
+        assert_eq!(r.deleted_blocks, 0, "b2 references every block of b1");
+        assert!(restore(&store, &m2).await.expect("restore b2") == data);
+        assert!(verify(&*store, &m2, true).await.expect("verify").is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    // (b) The GC listed no lease, then the backup checked the blocks as present, then the GC
+    // deleted them: the backup notices the overlapping run and re-uploads before its manifest.
+    {
+        let dir = tempdir();
+        let fs = FsStore::open(&dir, true).expect("open");
+        let store = Arc::new(PausedGc {
+            inner: fs.clone(),
+            paused: tokio::sync::Notify::new(),
+            release: tokio::sync::Semaphore::new(0),
+            once: std::sync::atomic::AtomicBool::new(false),
+        });
+        let src = Arc::new(Mem(Mutex::new(data.clone())));
+        run_backup(
+            store.clone(),
+            src,
+            spec("b1", None),
+            Arc::new(Progress::default()),
+        )
+        .await
+        .expect("b1");
+        let st = store.clone();
+        let del = tokio::spawn(async move { delete_backup(&*st, "v1", "b1").await });
+        store.paused.notified().await;
+        let p2 = Arc::new(Progress::default());
+        let src = Arc::new(Mem(Mutex::new(data.clone())));
+        let b2 = tokio::spawn(run_backup(store.clone(), src, spec("b2", None), p2.clone()));
+        wait_until("b2 to check its blocks", || p2.done() >= 16).await;
+        assert_eq!(
+            p2.uploaded.load(Ordering::Relaxed),
+            0,
+            "all present before the GC deletes"
+        );
+        store.release.add_permits(1);
+        let r = del.await.expect("join").expect("delete b1");
+        assert!(!r.deferred);
+        assert_eq!(r.deleted_blocks, 5, "the GC did delete b1's blocks");
+        let m2 = b2.await.expect("join").expect("b2");
+        assert_eq!(
+            p2.uploaded.load(Ordering::Relaxed),
+            5,
+            "b2 re-uploaded what the GC removed"
+        );
+        let fs = Arc::new(fs);
+        assert!(restore(&fs, &m2).await.expect("restore b2") == data);
+        assert!(verify(&*fs, &m2, true).await.expect("verify").is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -180,6 +180,7 @@ fn s3_options(port: u16, bucket: &str, prefix: &str) -> S3Options {
         access_key_id: "test".into(),
         secret_access_key: "test".into(),
         path_style: true,
+        ca_cert: None,
     }
 }
 

@@ -526,6 +526,7 @@ async fn backup_a_snapshot_and_restore_it_into_another_volume() {
         concurrency: 4,
         created: 0,
         labels: Default::default(),
+        bandwidth: None,
     };
     let p1 = Arc::new(Progress::default());
     let source = Arc::new(SnapSource {

@@ -1,0 +1,228 @@
+//! Backup target URLs and options: parsing `file:///path` and `s3://bucket/prefix` (with their
+//! options) into a [`Target`], the one [`BackupStore`] the rest of Zebu holds.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::s3::{S3Options, S3Store};
+use crate::store::{BackupStore, FsStore, StoreError};
+
+/// Options a target URL scheme accepts.
+pub const S3_OPTIONS: &[&str] = &[
+    "endpoint",
+    "region",
+    "access-key-id",
+    "secret-access-key",
+    "path-style",
+    "ca-cert",
+];
+
+/// Option names whose values are secrets (stored, never shown).
+pub const SECRET_OPTIONS: &[&str] = &["secret-access-key"];
+
+/// A parsed target location.
+#[derive(Debug, Clone)]
+pub enum TargetSpec {
+    Fs(PathBuf),
+    S3(S3Options),
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct TargetSpecError(pub String);
+
+fn bad(msg: impl Into<String>) -> TargetSpecError {
+    TargetSpecError(msg.into())
+}
+
+impl TargetSpec {
+    /// Parses a target URL and its options; unknown schemes and options are errors.
+    pub fn parse(
+        url: &str,
+        options: &BTreeMap<String, String>,
+    ) -> Result<TargetSpec, TargetSpecError> {
+        if let Some(path) = url.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(bad(format!(
+                    "file target {url:?} needs an absolute path (file:///dir)"
+                )));
+            }
+            if let Some(k) = options.keys().next() {
+                return Err(bad(format!("option {k:?} does not apply to file targets")));
+            }
+            let path = path.trim_end_matches('/');
+            return Ok(TargetSpec::Fs(PathBuf::from(if path.is_empty() {
+                "/"
+            } else {
+                path
+            })));
+        }
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let bucket_ok = (3..=63).contains(&bucket.len())
+                && bucket
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b));
+            if !bucket_ok {
+                return Err(bad(format!("{bucket:?} is not a valid S3 bucket name")));
+            }
+            let prefix = prefix.trim_matches('/');
+            if !prefix.is_empty() {
+                crate::store::check_key(prefix)
+                    .map_err(|_| bad(format!("{prefix:?} is not a valid key prefix")))?;
+            }
+            for k in options.keys() {
+                if !S3_OPTIONS.contains(&k.as_str()) {
+                    return Err(bad(format!(
+                        "unknown S3 option {k:?} (known: {})",
+                        S3_OPTIONS.join(", ")
+                    )));
+                }
+            }
+            let get = |k: &str| options.get(k).cloned().unwrap_or_default();
+            let path_style = match options.get("path-style").map(String::as_str) {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(v) => return Err(bad(format!("path-style must be true or false, not {v:?}"))),
+            };
+            let endpoint = options.get("endpoint").cloned();
+            if let Some(e) = &endpoint
+                && !(e.starts_with("http://") || e.starts_with("https://"))
+            {
+                return Err(bad(format!(
+                    "endpoint {e:?} must start with http:// or https://"
+                )));
+            }
+            return Ok(TargetSpec::S3(S3Options {
+                bucket: bucket.to_string(),
+                prefix: prefix.to_string(),
+                endpoint,
+                region: get("region"),
+                access_key_id: get("access-key-id"),
+                secret_access_key: get("secret-access-key"),
+                path_style,
+                ca_cert: options.get("ca-cert").map(PathBuf::from),
+            }));
+        }
+        Err(bad(format!(
+            "unsupported backup target URL {url:?} (use file:///path or s3://bucket/prefix)"
+        )))
+    }
+
+    /// Connects. `init` writes the target's marker when it is missing (creating a target);
+    /// otherwise a target without one is unavailable.
+    pub async fn open(&self, init: bool) -> Result<Target, StoreError> {
+        match self {
+            TargetSpec::Fs(p) => {
+                let (p, init) = (p.clone(), init);
+                let s = tokio::task::spawn_blocking(move || FsStore::open(&p, init))
+                    .await
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+                Ok(Target::Fs(s))
+            }
+            TargetSpec::S3(o) => Ok(Target::S3(S3Store::open(o, init).await?)),
+        }
+    }
+}
+
+/// An open backup target of any supported kind.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Fs(FsStore),
+    S3(S3Store),
+}
+
+impl BackupStore for Target {
+    async fn put_if_absent(&self, key: &str, data: Vec<u8>) -> Result<bool, StoreError> {
+        match self {
+            Target::Fs(s) => s.put_if_absent(key, data).await,
+            Target::S3(s) => s.put_if_absent(key, data).await,
+        }
+    }
+    async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
+        match self {
+            Target::Fs(s) => s.put(key, data).await,
+            Target::S3(s) => s.put(key, data).await,
+        }
+    }
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self {
+            Target::Fs(s) => s.get(key).await,
+            Target::S3(s) => s.get(key).await,
+        }
+    }
+    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        match self {
+            Target::Fs(s) => s.exists(key).await,
+            Target::S3(s) => s.exists(key).await,
+        }
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        match self {
+            Target::Fs(s) => s.list(prefix).await,
+            Target::S3(s) => s.list(prefix).await,
+        }
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self {
+            Target::Fs(s) => s.delete(key).await,
+            Target::S3(s) => s.delete(key).await,
+        }
+    }
+}
+
+/// Every backup in a target as `(volume, backup)`, from the manifest keys.
+pub async fn list_backups<S: BackupStore>(store: &S) -> Result<Vec<(String, String)>, StoreError> {
+    let keys = store.list("volumes").await?;
+    Ok(keys
+        .iter()
+        .filter_map(|k| {
+            let rest = k.strip_prefix("volumes/")?;
+            let (vol, rest) = rest.split_once("/backups/")?;
+            let b = rest.strip_suffix(".manifest")?;
+            (!vol.contains('/') && !b.contains('/')).then(|| (vol.to_string(), b.to_string()))
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn urls_and_options_are_checked() {
+        assert!(matches!(
+            TargetSpec::parse("file:///var/backups/", &opts(&[])),
+            Ok(TargetSpec::Fs(p)) if p.as_path() == std::path::Path::new("/var/backups")
+        ));
+        assert!(TargetSpec::parse("file://relative", &opts(&[])).is_err());
+        assert!(TargetSpec::parse("file:///x", &opts(&[("region", "a")])).is_err());
+        let s = TargetSpec::parse(
+            "s3://my-bucket/some/prefix/",
+            &opts(&[
+                ("endpoint", "http://127.0.0.1:9000"),
+                ("path-style", "true"),
+            ]),
+        );
+        match s {
+            Ok(TargetSpec::S3(o)) => {
+                assert_eq!(o.bucket, "my-bucket");
+                assert_eq!(o.prefix, "some/prefix");
+                assert!(o.path_style);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(TargetSpec::parse("s3://B/x", &opts(&[])).is_err());
+        assert!(TargetSpec::parse("s3://bucket", &opts(&[("colour", "red")])).is_err());
+        assert!(TargetSpec::parse("s3://bucket", &opts(&[("path-style", "maybe")])).is_err());
+        assert!(TargetSpec::parse("s3://bucket", &opts(&[("endpoint", "ftp://x")])).is_err());
+        assert!(TargetSpec::parse("nfs://server/export", &opts(&[])).is_err());
+        assert!(TargetSpec::parse("", &opts(&[])).is_err());
+    }
+}
