@@ -355,7 +355,7 @@ async fn deleting_backups_in_every_order_keeps_exactly_the_referenced_blocks() {
         .expect("b3");
         datas.push(d.clone());
         let ms = [m1, m2, m3];
-        let mut alive = vec![true; 3];
+        let mut alive = [true; 3];
         assert_eq!(
             stored_blocks(&*store).await,
             referenced_keys(&[&ms[0], &ms[1], &ms[2]])
