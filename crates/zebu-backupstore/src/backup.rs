@@ -60,6 +60,8 @@ pub enum BackupError {
     Store(#[from] StoreError),
     #[error("block {0} is missing from the backup target")]
     MissingBlock(BlockHash),
+    #[error("block {0} in the backup target is unusable: {1}")]
+    CorruptBlock(BlockHash, String),
     #[error("{0}")]
     Block(#[from] block::BlockError),
     #[error("manifest: {0}")]
@@ -436,7 +438,8 @@ pub async fn run_restore<S: BackupStore, D: RestoreSink>(
             let stored = retry(|| store.get(&key))
                 .await?
                 .ok_or(BackupError::MissingBlock(h))?;
-            let data = block::decode(&stored, &h)?;
+            let data = block::decode(&stored, &h)
+                .map_err(|e| BackupError::CorruptBlock(h, e.to_string()))?;
             if data.len() as u64 != len {
                 return Err(BackupError::Invalid(format!(
                     "block {h} has {} bytes, expected {len}",

@@ -120,6 +120,18 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/replica-events"),
     ("get", "/v1/settings"),
     ("put", "/v1/settings/{name}"),
+    ("get", "/v1/backup-targets"),
+    ("post", "/v1/backup-targets"),
+    ("get", "/v1/backup-targets/{name}"),
+    ("put", "/v1/backup-targets/{name}"),
+    ("delete", "/v1/backup-targets/{name}"),
+    ("post", "/v1/backup-targets/{name}/sync"),
+    ("get", "/v1/backup-volumes"),
+    ("get", "/v1/backups"),
+    ("post", "/v1/backups"),
+    ("get", "/v1/backups/{name}"),
+    ("delete", "/v1/backups/{name}"),
+    ("post", "/v1/backups/{name}/verify"),
     ("get", "/metrics"),
 ];
 
@@ -152,6 +164,16 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/replica-events", post(replica_event))
         .route("/v1/settings", get(list_settings))
         .route("/v1/settings/{name}", put(put_setting))
+        .route("/v1/backup-targets", get(list_targets).post(create_target))
+        .route(
+            "/v1/backup-targets/{name}",
+            get(get_target).put(update_target).delete(delete_target),
+        )
+        .route("/v1/backup-targets/{name}/sync", post(sync_target))
+        .route("/v1/backup-volumes", get(list_backup_volumes))
+        .route("/v1/backups", get(list_backups).post(create_backup))
+        .route("/v1/backups/{name}", get(get_backup).delete(delete_backup))
+        .route("/v1/backups/{name}/verify", post(verify_backup))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(m)
@@ -187,9 +209,13 @@ async fn metrics(State(m): State<Arc<Manager>>, h: HeaderMap) -> Result<Response
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateVolume {
     pub name: String,
-    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
     #[serde(default = "three")]
     pub replicas: u32,
+    /// Restore this backup into the new volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_backup: Option<String>,
 }
 
 fn three() -> u32 {
@@ -208,7 +234,12 @@ async fn create_volume(
 ) -> Result<(StatusCode, Json<Volume>), ApiError> {
     authorize(&m, &h)?;
     let req: CreateVolume = body(&raw)?;
-    let v = m.create_volume(&req.name, req.size, req.replicas)?;
+    let v = m.create_volume_from(
+        &req.name,
+        req.size,
+        req.replicas,
+        req.from_backup.as_deref(),
+    )?;
     Ok((StatusCode::CREATED, Json(v)))
 }
 
@@ -465,4 +496,193 @@ async fn put_setting(
     authorize(&m, &h)?;
     let req: SettingReq = body(&raw)?;
     Ok(Json(m.put_setting(&name, &req.value)?))
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TargetReq {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_interval: Option<u64>,
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
+}
+
+async fn list_targets(State(m): State<Arc<Manager>>, h: HeaderMap) -> ApiResult<Vec<BackupTarget>> {
+    authorize(&m, &h)?;
+    Ok(Json(
+        store::list::<BackupTarget>(&*m.store)?
+            .into_iter()
+            .map(crate::backups::redact)
+            .collect(),
+    ))
+}
+
+async fn create_target(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    raw: axum::body::Bytes,
+) -> Result<(StatusCode, Json<BackupTarget>), ApiError> {
+    authorize(&m, &h)?;
+    let req: TargetReq = body(&raw)?;
+    let t = m
+        .create_target(
+            &req.name,
+            req.url.as_deref().unwrap_or(""),
+            req.poll_interval,
+            req.options,
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(t)))
+}
+
+async fn get_target(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<BackupTarget> {
+    let Json(t) = get_named::<BackupTarget>(&m, &h, &name)?;
+    Ok(Json(crate::backups::redact(t)))
+}
+
+async fn update_target(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    raw: axum::body::Bytes,
+) -> ApiResult<BackupTarget> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    let req: TargetReq = body(&raw)?;
+    if !req.name.is_empty() && req.name != name {
+        return Err(ApiError::bad(
+            "InvalidName",
+            "a backup target cannot be renamed",
+        ));
+    }
+    Ok(Json(
+        m.update_target(&name, req.url.as_deref(), req.poll_interval, req.options)
+            .await?,
+    ))
+}
+
+async fn delete_target(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<BackupTarget> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    Ok(Json(m.delete_target(&name)?))
+}
+
+async fn sync_target(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<BackupTarget> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    m.sync_target(&name).await?;
+    let t = found(
+        store::get::<BackupTarget>(&*m.store, &name)?,
+        "backup target",
+        &name,
+    )?;
+    Ok(Json(crate::backups::redact(t)))
+}
+
+async fn list_backup_volumes(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+) -> ApiResult<Vec<BackupVolume>> {
+    authorize(&m, &h)?;
+    Ok(Json(store::list::<BackupVolume>(&*m.store)?))
+}
+
+#[derive(Debug, Deserialize)]
+struct BackupQuery {
+    volume: Option<String>,
+    target: Option<String>,
+}
+
+async fn list_backups(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Query(q): Query<BackupQuery>,
+) -> ApiResult<Vec<Backup>> {
+    authorize(&m, &h)?;
+    Ok(Json(
+        m.list_backups(q.volume.as_deref(), q.target.as_deref())?,
+    ))
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackupReq {
+    pub volume: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+async fn create_backup(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    raw: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Backup>), ApiError> {
+    authorize(&m, &h)?;
+    let req: BackupReq = body(&raw)?;
+    check_name(&req.volume)?;
+    if let Some(t) = &req.target {
+        check_name(t)?;
+    }
+    let b = m.create_backup(&req.volume, req.snapshot.as_deref(), req.target.as_deref())?;
+    Ok((StatusCode::CREATED, Json(b)))
+}
+
+async fn get_backup(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Backup> {
+    get_named(&m, &h, &name)
+}
+
+async fn delete_backup(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Backup> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    Ok(Json(m.delete_backup(&name).await?))
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VerifyReq {
+    #[serde(default)]
+    pub deep: bool,
+}
+
+async fn verify_backup(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    raw: axum::body::Bytes,
+) -> ApiResult<crate::backups::VerifyResult> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    let req: VerifyReq = if raw.is_empty() {
+        VerifyReq::default()
+    } else {
+        body(&raw)?
+    };
+    Ok(Json(m.verify_backup(&name, req.deep).await?))
 }

@@ -68,6 +68,9 @@ pub struct Manager {
     reconcile_errors: AtomicU64,
     /// More metrics to append to `/metrics` (the built-in node of `zebu server`).
     extra_metrics: std::sync::OnceLock<Box<dyn Fn() -> String + Send + Sync>>,
+    /// Backup targets asked to sync now.
+    pub(crate) sync_requests: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    pub(crate) sync_notify: tokio::sync::Notify,
 }
 
 fn conflict(code: &'static str, msg: impl Into<String>) -> ApiError {
@@ -95,7 +98,10 @@ impl Manager {
             reconciles: AtomicU64::new(0),
             reconcile_errors: AtomicU64::new(0),
             extra_metrics: std::sync::OnceLock::new(),
+            sync_requests: std::sync::Mutex::new(Default::default()),
+            sync_notify: tokio::sync::Notify::new(),
         });
+        m.ensure_default_target()?;
         // What engines report is only known again after their nodes' next heartbeats.
         for e in store::list::<Engine>(&*m.store)? {
             store::modify::<Engine>(&*m.store, &e.metadata.name, |e| {
@@ -123,7 +129,7 @@ impl Manager {
         Ok(m)
     }
 
-    fn setting(&self, name: &str) -> String {
+    pub(crate) fn setting(&self, name: &str) -> String {
         if let Ok(Some(s)) = store::get::<Setting>(&*self.store, name) {
             return s.value;
         }
@@ -134,7 +140,7 @@ impl Manager {
             .unwrap_or_default()
     }
 
-    fn setting_u64(&self, name: &str) -> u64 {
+    pub(crate) fn setting_u64(&self, name: &str) -> u64 {
         self.setting(name).parse().unwrap_or(0)
     }
 
@@ -148,6 +154,12 @@ impl Manager {
         };
         let ok = match name {
             "replica-soft-anti-affinity" => value == "true" || value == "false",
+            "backup-compression" => zebu_backupstore::Codec::parse(value).is_some(),
+            "backup-block-size" => value
+                .parse::<u64>()
+                .is_ok_and(|v| v.is_power_of_two() && (65536..=16 << 20).contains(&v)),
+            "backup-bandwidth-limit" => value.parse::<u64>().is_ok(),
+            "backup-concurrency" => value.parse::<u64>().is_ok_and(|v| (1..=256).contains(&v)),
             _ => value.parse::<u64>().is_ok_and(|v| v > 0),
         };
         if !ok {
@@ -172,7 +184,36 @@ impl Manager {
     }
 
     pub fn create_volume(&self, name: &str, size: u64, replicas: u32) -> Result<Volume, ApiError> {
+        self.create_volume_from(name, Some(size), replicas, None)
+    }
+
+    /// Creates an empty volume of `size`, or one restored from `from_backup`.
+    pub fn create_volume_from(
+        &self,
+        name: &str,
+        size: Option<u64>,
+        replicas: u32,
+        from_backup: Option<&str>,
+    ) -> Result<Volume, ApiError> {
         zebu_types::validate_name(name).map_err(|e| ApiError::bad("InvalidName", e.to_string()))?;
+        let restored = match from_backup {
+            Some(b) => {
+                zebu_types::validate_name(b)
+                    .map_err(|e| ApiError::bad("InvalidName", e.to_string()))?;
+                Some(self.restore_volume(name, b, size, replicas)?)
+            }
+            None => None,
+        };
+        let size = match (&restored, size) {
+            (Some(v), _) => v.spec.size,
+            (None, Some(s)) => s,
+            (None, None) => {
+                return Err(ApiError::bad(
+                    "InvalidSize",
+                    "a volume needs a size (or a backup to restore from)",
+                ));
+            }
+        };
         let max = self.setting_u64("max-volume-size");
         if size == 0 {
             return Err(ApiError::bad("InvalidSize", "size must be greater than 0"));
@@ -210,7 +251,7 @@ impl Manager {
                 ));
             }
         }
-        let v = Volume {
+        let mut v = restored.unwrap_or_else(|| Volume {
             metadata: Meta {
                 name: name.to_string(),
                 ..Default::default()
@@ -220,12 +261,10 @@ impl Manager {
                 replicas,
                 ..Default::default()
             },
-            status: VolumeStatus {
-                state: VolumeState::Creating,
-                robustness: Robustness::Unknown,
-                ..Default::default()
-            },
-        };
+            ..Default::default()
+        });
+        v.status.state = VolumeState::Creating;
+        v.status.robustness = Robustness::Unknown;
         Ok(store::create(&*self.store, &v)?)
     }
 
@@ -263,6 +302,19 @@ impl Manager {
             return Err(conflict(
                 "VolumeDeleting",
                 format!("volume {name:?} is being deleted"),
+            ));
+        }
+        if !crate::backups::restore_done(&v) {
+            let why = v
+                .status
+                .restore
+                .as_ref()
+                .filter(|r| r.state == "error")
+                .map(|r| format!("its restore failed: {}", r.error))
+                .unwrap_or_else(|| "it is still being restored".into());
+            return Err(conflict(
+                "RestoreInProgress",
+                format!("volume {name:?} cannot be attached: {why}"),
             ));
         }
         let node = match node.map(str::to_string).or_else(|| self.local_node.clone()) {
@@ -495,6 +547,12 @@ impl Manager {
                 )?;
             }
         }
+        for er in &hb.engines {
+            if let Some(r) = &er.restore {
+                self.restore_report(&er.volume, r)?;
+            }
+        }
+        self.backup_reports(node, &hb.backups)?;
         // Snapshots as the engines report them.
         let snaps = store::list::<Snapshot>(&*self.store)?;
         for er in &hb.engines {
@@ -525,7 +583,10 @@ impl Manager {
                 }
             }
         }
-        let mut a = Assignments::default();
+        let mut a = Assignments {
+            backups: self.backup_orders(node)?,
+            ..Default::default()
+        };
         for sn in &snaps {
             let here = store::get::<Engine>(&*self.store, &sn.spec.volume)?
                 .is_some_and(|e| e.spec.node == node && e.metadata.deletion_requested.is_none());
@@ -792,6 +853,7 @@ impl Manager {
                 self.stop_engine(e, &nodes)?;
             }
         }
+        self.reconcile_backups()?;
         Ok(())
     }
 
@@ -927,6 +989,38 @@ impl Manager {
         out
     }
 
+    /// Where the volume's engine should run: the node it is attached to, or while it is being
+    /// restored, the all-in-one node or a node holding one of its replicas.
+    fn engine_node(
+        &self,
+        v: &Volume,
+        restoring: bool,
+        live: &[Replica],
+        nodes: &HashMap<String, Node>,
+    ) -> Option<String> {
+        if v.spec.node.is_some() {
+            return v.spec.node.clone();
+        }
+        let failed = v
+            .status
+            .restore
+            .as_ref()
+            .is_some_and(|r| r.state == "error");
+        if !restoring || failed {
+            return None;
+        }
+        let up = |n: &str| nodes.get(n).is_some_and(|n| n.status.state == "up");
+        if let Some(l) = &self.local_node
+            && up(l)
+        {
+            return Some(l.clone());
+        }
+        live.iter()
+            .filter(|r| r.status.address.is_some() && up(&r.spec.node))
+            .map(|r| r.spec.node.clone())
+            .min()
+    }
+
     fn reconcile_engine(
         &self,
         v: &Volume,
@@ -935,7 +1029,9 @@ impl Manager {
         nodes: &HashMap<String, Node>,
     ) -> Result<(), ApiError> {
         let s = &*self.store;
-        match (&v.spec.node, engine) {
+        let restore = self.restore_order(v);
+        let want = self.engine_node(v, restore.is_some(), live, nodes);
+        match (&want, engine) {
             (Some(node), None) => {
                 let reps = self.engine_replicas(live, nodes);
                 if !reps.iter().any(|r| r.candidate) {
@@ -953,6 +1049,8 @@ impl Manager {
                         size: v.spec.size,
                         generation,
                         replicas: reps,
+                        frontend: restore.is_none(),
+                        restore,
                     },
                     status: EngineStatus {
                         state: "starting".into(),
@@ -1022,7 +1120,9 @@ impl Manager {
                 && e.metadata.deletion_requested.is_none()
                 && node_up(&e.spec.node)
         });
+        let restoring = !crate::backups::restore_done(v);
         let state = match (&v.spec.node, &engine) {
+            _ if restoring => VolumeState::Creating,
             (Some(_), Some(_)) if running => VolumeState::Attached,
             (Some(_), _) => VolumeState::Attaching,
             (None, Some(_)) => VolumeState::Detaching,
@@ -1061,9 +1161,18 @@ impl Manager {
         } else {
             None
         };
+        let bv = store::get::<BackupVolume>(
+            s,
+            &format!("{}.{}", crate::backups::volume_target(v), v.metadata.name),
+        )?;
+        let (last_backup, last_backup_at) = bv
+            .map(|b| (b.status.last_backup, b.status.last_backup_at))
+            .unwrap_or_default();
         store::modify::<Volume>(s, &v.metadata.name, |v| {
             let before = v.status.clone();
             v.status.state = state;
+            v.status.last_backup = last_backup.clone();
+            v.status.last_backup_at = last_backup_at;
             v.status.robustness = robustness;
             v.status.nbd_uri = nbd_uri.clone();
             v.status.node = node.clone();

@@ -1,5 +1,6 @@
 //! The control plane's object model: Kubernetes-shaped objects (metadata, spec, status) for nodes,
-//! volumes, engines, replicas and settings. Field names are camelCase on the wire.
+//! volumes, engines, replicas, settings, backup targets, backup volumes and backups. Field names
+//! are camelCase on the wire.
 
 use std::collections::BTreeMap;
 
@@ -85,6 +86,27 @@ pub struct VolumeSpec {
     /// The node the volume should be attached to; `None` = detached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The backup this volume is restored from (on its backup target); empty for a new volume.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub from_backup: String,
+}
+
+/// Where a volume's restore stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreStatus {
+    #[serde(default)]
+    pub requested_backup: String,
+    #[serde(default)]
+    pub last_restored_backup: String,
+    /// 0–100.
+    #[serde(default)]
+    pub progress: u32,
+    /// `restoring`, `completed`, `error`.
+    #[serde(default)]
+    pub state: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +123,8 @@ pub struct VolumeStatus {
     pub last_backup: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_backup_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreStatus>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
 }
@@ -188,6 +212,31 @@ pub struct EngineSpec {
     pub generation: u64,
     /// Replicas the engine should have in its set (it rebuilds the ones that are not).
     pub replicas: Vec<EngineReplica>,
+    /// Serve the volume over NBD (false while it is being restored).
+    #[serde(default = "yes")]
+    pub frontend: bool,
+    /// A backup to restore into the volume before anything else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreOrder>,
+}
+
+/// A resolved backup target: where it is and how to reach it (with secrets; node-internal).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetRef {
+    pub name: String,
+    pub url: String,
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreOrder {
+    pub backup: String,
+    /// The volume the backup was taken of (its backup volume on the target).
+    pub source_volume: String,
+    pub target: TargetRef,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -314,6 +363,173 @@ pub struct Setting {
 }
 object!(Setting, "setting");
 
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupTargetSpec {
+    /// `file:///path` or `s3://bucket/prefix`; empty until set (the `default` target).
+    #[serde(default)]
+    pub url: String,
+    /// Seconds between syncs.
+    #[serde(default = "default_poll")]
+    pub poll_interval: u64,
+    /// Scheme options (S3: endpoint, region, access-key-id, secret-access-key, path-style, ca-cert).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+fn default_poll() -> u64 {
+    300
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupTargetStatus {
+    #[serde(default)]
+    pub available: bool,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_synced_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupTarget {
+    pub metadata: Meta,
+    pub spec: BackupTargetSpec,
+    #[serde(default)]
+    pub status: BackupTargetStatus,
+}
+object!(BackupTarget, "backuptarget");
+
+/// The name of the target every volume uses unless told otherwise; it always exists.
+pub const DEFAULT_TARGET: &str = "default";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupVolumeSpec {
+    pub target: String,
+    pub volume: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupVolumeStatus {
+    /// The newest completed backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup_at: Option<u64>,
+    #[serde(default)]
+    pub backups: u64,
+    /// Volume size of the newest backup.
+    #[serde(default)]
+    pub size: u64,
+}
+
+/// The backups of one volume on one target; its object name is `<target>.<volume>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupVolume {
+    pub metadata: Meta,
+    pub spec: BackupVolumeSpec,
+    #[serde(default)]
+    pub status: BackupVolumeStatus,
+}
+object!(BackupVolume, "backupvolume");
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BackupState {
+    #[default]
+    New,
+    InProgress,
+    Completed,
+    Error,
+}
+
+impl BackupState {
+    pub fn finished(self) -> bool {
+        matches!(self, BackupState::Completed | BackupState::Error)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    pub volume: String,
+    /// The snapshot to back up; empty: one is taken (named like the backup).
+    #[serde(default)]
+    pub snapshot: String,
+    pub target: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BlockCounts {
+    pub total: u64,
+    /// Uploaded by this backup, confirmed by the target.
+    pub uploaded: u64,
+    /// Already in the target (or unchanged since the parent backup).
+    pub present: u64,
+    pub zero: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ByteCounts {
+    /// Plain bytes of the uploaded blocks.
+    pub uploaded: u64,
+    /// Bytes they take in the target (compressed).
+    pub stored: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupStatus {
+    pub state: BackupState,
+    /// 0–100; 100 only once the manifest is durable.
+    #[serde(default)]
+    pub progress: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    /// Where the manifest lives: `<target url>/volumes/<volume>/backups/<name>.manifest`.
+    #[serde(default)]
+    pub url: String,
+    #[serde(default)]
+    pub blocks: BlockCounts,
+    #[serde(default)]
+    pub bytes: ByteCounts,
+    /// The snapshot actually backed up.
+    #[serde(default)]
+    pub snapshot: String,
+    /// The backup it is incremental to (empty: full scan).
+    #[serde(default)]
+    pub parent: String,
+    #[serde(default)]
+    pub volume_size: u64,
+    #[serde(default)]
+    pub block_size: u64,
+    /// Unix milliseconds when the backup was created (from its manifest once completed).
+    #[serde(default)]
+    pub created_ms: u64,
+    /// Unix seconds when it completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<u64>,
+    /// The node running it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Backup {
+    pub metadata: Meta,
+    pub spec: BackupSpec,
+    #[serde(default)]
+    pub status: BackupStatus,
+}
+object!(Backup, "backup");
+
 /// Settings and their defaults.
 pub const SETTINGS: &[(&str, &str, &str)] = &[
     (
@@ -336,6 +552,26 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "17592186044416",
         "largest volume in bytes (16 TiB)",
     ),
+    (
+        "backup-block-size",
+        "2097152",
+        "bytes per backup block (a power of two from 64 KiB to 16 MiB); applies to new backup volumes",
+    ),
+    (
+        "backup-compression",
+        "zstd",
+        "codec for backup blocks: zstd, lz4 or none",
+    ),
+    (
+        "backup-concurrency",
+        "8",
+        "blocks a backup or restore transfers in parallel",
+    ),
+    (
+        "backup-bandwidth-limit",
+        "0",
+        "upload limit per backup in bytes per second (0: unlimited)",
+    ),
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -350,6 +586,41 @@ pub struct Heartbeat {
     pub disks: Vec<DiskStatus>,
     pub replicas: Vec<ReplicaReport>,
     pub engines: Vec<EngineReport>,
+    /// Backups this node runs or finished since the manager last assigned them.
+    #[serde(default)]
+    pub backups: Vec<BackupReport>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupReport {
+    pub name: String,
+    pub state: BackupState,
+    #[serde(default)]
+    pub error: String,
+    pub blocks: BlockCounts,
+    pub bytes: ByteCounts,
+    #[serde(default)]
+    pub snapshot: String,
+    #[serde(default)]
+    pub parent: String,
+    #[serde(default)]
+    pub volume_size: u64,
+    #[serde(default)]
+    pub block_size: u64,
+    #[serde(default)]
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreReport {
+    pub backup: String,
+    /// `restoring`, `completed`, `error`.
+    pub state: String,
+    pub progress: u32,
+    #[serde(default)]
+    pub error: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -370,6 +641,8 @@ pub struct EngineReport {
     /// The volume's snapshots, oldest first.
     #[serde(default)]
     pub snapshots: Vec<SnapshotInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreReport>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -394,6 +667,26 @@ pub struct Assignments {
     /// Snapshots that must exist (or, with `delete`, must not) on volumes whose engine runs here.
     #[serde(default)]
     pub snapshots: Vec<SnapshotOp>,
+    /// Backups of volumes whose engine runs here that are not finished.
+    #[serde(default)]
+    pub backups: Vec<BackupOrder>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupOrder {
+    pub name: String,
+    pub volume: String,
+    pub snapshot: String,
+    pub state: BackupState,
+    pub target: TargetRef,
+    /// Completed backups of the volume on that target, newest first: (backup, snapshot).
+    pub parents: Vec<(String, String)>,
+    pub block_size: u32,
+    pub codec: String,
+    pub concurrency: u32,
+    /// Bytes per second; 0 = unlimited.
+    pub bandwidth: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -549,6 +549,12 @@ impl Engine {
                     self.settle().await;
                     return Ok(r);
                 }
+                // A request the replica finds invalid (unknown snapshot, out of range) is the
+                // caller's error, not the replica's.
+                Err(ClientError::Remote {
+                    code: ErrorCode::Invalid | ErrorCode::NotFound | ErrorCode::OutOfRange,
+                    message,
+                }) => return Err(EngineError::Invalid(message)),
                 Err(e) => {
                     if let Some(fatal) = Self::check(&e) {
                         return Err(fatal);

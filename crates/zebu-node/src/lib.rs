@@ -1,7 +1,9 @@
 //! The node agent: owns the replicas under its data directory and the engines of volumes attached
 //! to it, serves their NBD exports, and converges on what the manager assigns it on every
-//! heartbeat. On restart it re-opens the replicas it finds on disk; intact data is never rebuilt
-//! from scratch.
+//! heartbeat, including the backups and restores of those engines. On restart it re-opens the
+//! replicas it finds on disk; intact data is never rebuilt from scratch.
+
+pub mod backup;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -46,6 +48,7 @@ struct RunningEngine {
     engine: Arc<Engine>,
     generation: u64,
     healer: tokio::task::JoinHandle<()>,
+    restore: Option<backup::RestoreTask>,
 }
 
 pub struct NodeAgent {
@@ -55,6 +58,9 @@ pub struct NodeAgent {
     engines: Mutex<HashMap<String, RunningEngine>>,
     exports: Arc<Exports<Engine>>,
     nbd_addr: String,
+    backups: Mutex<HashMap<String, backup::BackupTask>>,
+    /// Backups waiting for their snapshot, since when.
+    waiting: Mutex<HashMap<String, tokio::time::Instant>>,
 }
 
 /// Reports engine membership changes to the manager, which records them before answering.
@@ -185,6 +191,8 @@ impl NodeAgent {
             engines: Mutex::new(HashMap::new()),
             exports,
             nbd_addr,
+            backups: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(HashMap::new()),
         });
         agent.open_existing().await;
         let a = agent.clone();
@@ -324,6 +332,7 @@ impl NodeAgent {
         for (vol, e) in self.engines.lock().await.iter() {
             let snapshots = snapshot_infos(&e.engine).await;
             engines.push(EngineReport {
+                restore: e.restore.as_ref().map(|r| r.report()),
                 snapshots,
                 volume: vol.clone(),
                 generation: e.generation,
@@ -342,7 +351,15 @@ impl NodeAgent {
                     .collect(),
             });
         }
+        let backups = self
+            .backups
+            .lock()
+            .await
+            .iter()
+            .map(|(name, t)| t.report(name))
+            .collect();
         Heartbeat {
+            backups,
             address: self.cfg.listen_host.clone(),
             nbd_address: self.nbd_addr.clone(),
             disks: vec![disk_status(&self.cfg.data_dir)],
@@ -381,6 +398,7 @@ impl NodeAgent {
         // Engines first: one that stops flushes to its replicas before any of them goes.
         self.reconcile_engines(&a.engines).await;
         self.reconcile_snapshots(&a.snapshots).await;
+        self.reconcile_backups(&a.backups).await;
         for name in &a.delete_replicas {
             self.delete_replica(name).await;
         }
@@ -409,6 +427,53 @@ impl NodeAgent {
             if let Err(err) = res {
                 tracing::warn!(volume = %op.volume, snapshot = %op.name, error = %err, "snapshot operation failed");
             }
+        }
+    }
+
+    /// Starts assigned backups, settles ones a restart interrupted, and forgets finished ones
+    /// the manager has recorded.
+    async fn reconcile_backups(&self, orders: &[BackupOrder]) {
+        let engines = self.engines.lock().await;
+        let mut tasks = self.backups.lock().await;
+        let mut waiting = self.waiting.lock().await;
+        tasks.retain(|name, t| {
+            let keep = orders.iter().any(|o| &o.name == name);
+            if !keep && !t.finished() {
+                t.handle.abort();
+            }
+            keep
+        });
+        waiting.retain(|name, _| orders.iter().any(|o| &o.name == name));
+        for o in orders {
+            if tasks.contains_key(&o.name) {
+                continue;
+            }
+            let Some(e) = engines.get(&o.volume) else {
+                continue;
+            };
+            if o.state == BackupState::InProgress {
+                tasks.insert(
+                    o.name.clone(),
+                    backup::settle_interrupted(o.clone(), self.cfg.name.clone()),
+                );
+                continue;
+            }
+            // A snapshot taken for the backup may arrive with the next assignments.
+            let have = snapshot_infos(&e.engine)
+                .await
+                .iter()
+                .any(|s| s.name == o.snapshot);
+            let since = *waiting
+                .entry(o.name.clone())
+                .or_insert_with(tokio::time::Instant::now);
+            if !have && since.elapsed() < Duration::from_secs(30) {
+                continue;
+            }
+            waiting.remove(&o.name);
+            tasks.insert(
+                o.name.clone(),
+                backup::start_backup(e.engine.clone(), o.clone()),
+            );
         }
     }
 
@@ -441,8 +506,13 @@ impl NodeAgent {
                 .iter()
                 .map(|r| (r.name.clone(), r.address.clone()))
                 .collect();
-            if let Some(e) = engines.get(&w.volume) {
+            if let Some(e) = engines.get_mut(&w.volume) {
                 e.engine.set_desired(desired);
+                if e.restore.is_none()
+                    && let Some(r) = &w.restore
+                {
+                    e.restore = Some(backup::start_restore(e.engine.clone(), r.clone(), 8));
+                }
                 continue;
             }
             let candidates: Vec<(String, String)> = w
@@ -463,7 +533,13 @@ impl NodeAgent {
             match Engine::open(cfg, &candidates, hook).await {
                 Ok(engine) => {
                     let healer = engine.spawn_healer(desired, Duration::from_millis(500));
-                    self.exports.insert(&w.volume, engine.clone());
+                    if w.frontend {
+                        self.exports.insert(&w.volume, engine.clone());
+                    }
+                    let restore = w
+                        .restore
+                        .as_ref()
+                        .map(|r| backup::start_restore(engine.clone(), r.clone(), 8));
                     tracing::info!(volume = %w.volume, generation = w.generation, "engine started");
                     engines.insert(
                         w.volume.clone(),
@@ -471,6 +547,7 @@ impl NodeAgent {
                             engine,
                             generation: w.generation,
                             healer,
+                            restore,
                         },
                     );
                 }

@@ -45,11 +45,14 @@ pub enum VolumeCmd {
     /// Create a volume.
     Create {
         name: String,
+        #[arg(long, required_unless_present = "from_backup")]
+        size: Option<ByteSize>,
+        /// Restore this backup into the new volume (its size is the backup's unless --size).
         #[arg(long)]
-        size: ByteSize,
+        from_backup: Option<String>,
         #[arg(long, default_value_t = 3)]
         replicas: u32,
-        /// Wait until every replica is running.
+        /// Wait until every replica is running (and a restore is complete).
         #[arg(long)]
         wait: bool,
     },
@@ -127,7 +130,7 @@ pub enum SettingCmd {
     Set { name: String, value: String },
 }
 
-fn client(g: &Global) -> Result<ApiClient> {
+pub(crate) fn client(g: &Global) -> Result<ApiClient> {
     let token = match &g.token {
         Some(t) => t.clone(),
         None => std::fs::read_to_string("zebu-data/api-token")
@@ -137,12 +140,12 @@ fn client(g: &Global) -> Result<ApiClient> {
     Ok(ApiClient::new(&g.api, &token)?)
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
-fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
@@ -166,7 +169,7 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
-fn enum_str<T: serde::Serialize>(v: &T) -> String {
+pub(crate) fn enum_str<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_value(v)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
@@ -204,7 +207,7 @@ fn show_volumes(g: &Global, vols: &[Volume]) -> Result<()> {
     Ok(())
 }
 
-async fn wait_volume(
+pub(crate) async fn wait_volume(
     api: &ApiClient,
     name: &str,
     what: &str,
@@ -233,16 +236,21 @@ pub async fn volume(g: &Global, cmd: VolumeCmd) -> Result<()> {
         VolumeCmd::Create {
             name,
             size,
+            from_backup,
             replicas,
             wait,
         } => {
-            let mut v: Volume = api
-                .post(
-                    "/v1/volumes",
-                    &json!({"name": name, "size": size.0, "replicas": replicas}),
-                )
-                .await?;
-            if wait {
+            let mut body = json!({"name": name, "replicas": replicas});
+            if let Some(s) = size {
+                body["size"] = json!(s.0);
+            }
+            if let Some(b) = &from_backup {
+                body["fromBackup"] = json!(b);
+            }
+            let mut v: Volume = api.post("/v1/volumes", &body).await?;
+            if wait && from_backup.is_some() {
+                v = crate::backup_cli::wait_restore(g, &api, &name).await?;
+            } else if wait {
                 v = wait_volume(&api, &name, "ready", 300, |v| {
                     v.status.state != VolumeState::Creating
                 })
@@ -345,11 +353,11 @@ pub async fn volume(g: &Global, cmd: VolumeCmd) -> Result<()> {
     }
 }
 
-fn mib(b: u64) -> String {
+pub(crate) fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / 1048576.0)
 }
 
-fn bar(done: u64, total: u64) -> String {
+pub(crate) fn bar(done: u64, total: u64) -> String {
     let pct = (done.min(total) * 100).checked_div(total).unwrap_or(0) as usize;
     format!(
         "[{}{}] {pct:>3}%",

@@ -1,6 +1,7 @@
 //! The `zebu` binary: `server` (manager + node in one process), `manager`, `node`, the CLI verbs
 //! over the REST API, and the bare `replica` and `engine` processes of the data path.
 
+mod backup_cli;
 mod cli;
 mod filehook;
 mod services;
@@ -46,6 +47,12 @@ enum Cmd {
     /// Settings: list, set.
     #[command(subcommand)]
     Setting(cli::SettingCmd),
+    /// Backup targets: create, update, list, get, delete, sync.
+    #[command(subcommand)]
+    BackupTarget(backup_cli::TargetCmd),
+    /// Backups: create, list, get, delete, verify.
+    #[command(subcommand)]
+    Backup(backup_cli::BackupCmd),
     /// Serve one replica of a volume over the replica protocol (bare data path, no manager).
     ReplicaServer {
         /// Directory holding the replica's files (created when missing).
@@ -142,6 +149,8 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Replica(c) => cli::replica(&cli.global, c).await,
         Cmd::Snapshot(c) => cli::snapshot(&cli.global, c).await,
         Cmd::Setting(c) => cli::setting(&cli.global, c).await,
+        Cmd::BackupTarget(c) => backup_cli::target(&cli.global, c).await,
+        Cmd::Backup(c) => backup_cli::backup(&cli.global, c).await,
         Cmd::ReplicaServer {
             dir,
             volume,

@@ -74,6 +74,7 @@ async fn start_manager(
     let store = Arc::new(RedbStore::open(&data_dir.join("store.redb")).context("open the store")?);
     let m = Manager::new(store, token.clone(), local).context("initialise the store")?;
     tokio::spawn(m.clone().run());
+    tokio::spawn(m.clone().run_backup_sync());
     let l = bind_listener(api_listen).await?;
     let addr = l.local_addr()?.to_string();
     let app = zebu_control::api::router(m.clone());

@@ -595,6 +595,9 @@ fn schemathesis_finds_no_server_errors() {
             "25",
             "--seed",
             "1",
+            // Target creation touches the paths and endpoints it is given; not for random input.
+            "--exclude-path-regex",
+            "^/v1/backup-targets",
         ])
         .env("NO_COLOR", "1")
         .output()

@@ -1,0 +1,376 @@
+//! Backups and restores the node runs for the engines it hosts: a snapshot read through the
+//! engine becomes a backup (incremental to the newest earlier backup whose snapshot still
+//! exists), and a backup is written through the engine to every replica of a new volume.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use zebu_backupstore::backup::{
+    BackupSpec, Progress, RestoreSink, SnapshotSource, read_manifest, run_backup, run_restore,
+};
+use zebu_backupstore::gc::now_ms;
+use zebu_backupstore::{Codec, Target, TargetSpec};
+use zebu_control::model::*;
+use zebu_engine::Engine;
+use zebu_replica::DEFAULT_CLUSTER_SIZE;
+
+/// A snapshot's view read through the engine.
+struct SnapSource {
+    engine: Arc<Engine>,
+    name: String,
+}
+
+impl SnapshotSource for SnapSource {
+    fn size(&self) -> u64 {
+        self.engine.size()
+    }
+    async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+        self.engine
+            .read_snapshot(&self.name, offset, len as u32)
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Restored bytes written through the engine (so every replica gets them).
+struct EngineSink(Arc<Engine>);
+
+impl RestoreSink for EngineSink {
+    async fn write(&self, offset: u64, data: Vec<u8>) -> Result<(), String> {
+        self.0
+            .write(offset, Bytes::from(data), false)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    async fn zero(&self, offset: u64, len: u64) -> Result<(), String> {
+        self.0
+            .zero(offset, len, false)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+async fn open(t: &TargetRef) -> Result<Target, String> {
+    let spec = TargetSpec::parse(&t.url, &t.options).map_err(|e| e.to_string())?;
+    spec.open(false)
+        .await
+        .map_err(|e| format!("backup target {:?}: {e}", t.name))
+}
+
+/// What a backup task knows besides its counters.
+#[derive(Debug, Clone, Default)]
+pub struct BackupInfo {
+    pub state: BackupState,
+    pub error: String,
+    pub snapshot: String,
+    pub parent: String,
+    pub volume_size: u64,
+    pub block_size: u64,
+    pub created_ms: u64,
+    /// Counts taken from a manifest (an interrupted backup found complete).
+    pub fixed: Option<BlockCounts>,
+}
+
+pub struct BackupTask {
+    pub progress: Arc<Progress>,
+    pub info: Arc<Mutex<BackupInfo>>,
+    pub handle: tokio::task::JoinHandle<()>,
+}
+
+impl BackupTask {
+    pub fn report(&self, name: &str) -> BackupReport {
+        let i = self.info.lock().map(|i| i.clone()).unwrap_or_default();
+        let p = &self.progress;
+        let blocks = i.fixed.unwrap_or(BlockCounts {
+            total: p.total.load(Ordering::Relaxed),
+            uploaded: p.uploaded.load(Ordering::Relaxed),
+            present: p.present.load(Ordering::Relaxed),
+            zero: p.zero.load(Ordering::Relaxed),
+        });
+        BackupReport {
+            name: name.to_string(),
+            state: i.state,
+            error: i.error,
+            blocks,
+            bytes: ByteCounts {
+                uploaded: p.bytes_uploaded.load(Ordering::Relaxed),
+                stored: p.bytes_stored.load(Ordering::Relaxed),
+            },
+            snapshot: i.snapshot,
+            parent: i.parent,
+            volume_size: i.volume_size,
+            block_size: i.block_size,
+            created_ms: i.created_ms,
+        }
+    }
+
+    pub fn finished(&self) -> bool {
+        self.info.lock().map(|i| i.state.finished()).unwrap_or(true)
+    }
+}
+
+fn set(info: &Mutex<BackupInfo>, f: impl FnOnce(&mut BackupInfo)) {
+    if let Ok(mut i) = info.lock() {
+        f(&mut i);
+    }
+}
+
+/// Starts a backup of `order` on `engine`.
+pub fn start_backup(engine: Arc<Engine>, order: BackupOrder) -> BackupTask {
+    let progress = Arc::new(Progress::default());
+    let info = Arc::new(Mutex::new(BackupInfo {
+        state: BackupState::InProgress,
+        snapshot: order.snapshot.clone(),
+        ..Default::default()
+    }));
+    let (p, i) = (progress.clone(), info.clone());
+    let handle = tokio::spawn(async move {
+        let name = order.name.clone();
+        let res = backup(engine, order, p, &i).await;
+        set(&i, |i| match res {
+            Ok(()) => i.state = BackupState::Completed,
+            Err(e) => {
+                tracing::warn!(backup = %name, error = %e, "backup failed");
+                i.state = BackupState::Error;
+                i.error = e;
+            }
+        });
+    });
+    BackupTask {
+        progress,
+        info,
+        handle,
+    }
+}
+
+async fn backup(
+    engine: Arc<Engine>,
+    order: BackupOrder,
+    progress: Arc<Progress>,
+    info: &Mutex<BackupInfo>,
+) -> Result<(), String> {
+    let store = open(&order.target).await?;
+    let snaps: Vec<String> = engine
+        .layers()
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|l| !l.meta.deleting)
+        .filter_map(|l| l.meta.name)
+        .collect();
+    if !snaps.contains(&order.snapshot) {
+        return Err(format!(
+            "snapshot {:?} does not exist on volume {:?}",
+            order.snapshot, order.volume
+        ));
+    }
+    let codec = Codec::parse(&order.codec)
+        .ok_or_else(|| format!("unknown compression {:?}", order.codec))?;
+    let size = engine.size();
+    // Incremental to the newest backup whose snapshot still exists.
+    let mut parent = None;
+    for (pb, psnap) in &order.parents {
+        if psnap.is_empty() || !snaps.contains(psnap) {
+            continue;
+        }
+        let Ok(Some(m)) = read_manifest(&store, &order.volume, pb).await else {
+            continue;
+        };
+        if m.block_size != order.block_size || m.volume_size != size {
+            continue;
+        }
+        let cs = DEFAULT_CLUSTER_SIZE as u64;
+        // The clusters that differ between the two snapshots, whichever is older.
+        let pi = snaps.iter().position(|x| x == psnap);
+        let si = snaps.iter().position(|x| x == &order.snapshot);
+        let runs = match pi.cmp(&si) {
+            std::cmp::Ordering::Equal => Ok(Vec::new()),
+            std::cmp::Ordering::Less => engine.diff(psnap, Some(&order.snapshot)).await,
+            std::cmp::Ordering::Greater => engine.diff(&order.snapshot, Some(psnap)).await,
+        }
+        .map_err(|e| e.to_string())?;
+        let changed = runs.iter().map(|r| (r.start * cs, r.len * cs)).collect();
+        parent = Some((m, changed));
+        break;
+    }
+    let created = now_ms();
+    set(info, |i| {
+        i.parent = parent
+            .as_ref()
+            .map(|(m, _)| m.backup.clone())
+            .unwrap_or_default();
+        i.volume_size = size;
+        i.block_size = order.block_size as u64;
+        i.created_ms = created;
+    });
+    tracing::info!(backup = %order.name, volume = %order.volume, snapshot = %order.snapshot,
+        parent = %parent.as_ref().map(|(m, _)| m.backup.as_str()).unwrap_or("-"), "backup started");
+    let spec = BackupSpec {
+        volume: order.volume.clone(),
+        backup: order.name.clone(),
+        snapshot: order.snapshot.clone(),
+        block_size: order.block_size,
+        codec,
+        parent,
+        concurrency: order.concurrency.max(1) as usize,
+        created,
+        labels: BTreeMap::new(),
+        bandwidth: (order.bandwidth > 0).then_some(order.bandwidth),
+    };
+    let src = Arc::new(SnapSource {
+        engine,
+        name: order.snapshot.clone(),
+    });
+    run_backup(Arc::new(store), src, spec, progress)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Settles a backup the manager believes runs here but this process never started (it
+/// restarted): Completed if its manifest is in the target, Error otherwise.
+pub fn settle_interrupted(order: BackupOrder, node: String) -> BackupTask {
+    let progress = Arc::new(Progress::default());
+    let info = Arc::new(Mutex::new(BackupInfo {
+        state: BackupState::InProgress,
+        snapshot: order.snapshot.clone(),
+        ..Default::default()
+    }));
+    let i = info.clone();
+    let handle = tokio::spawn(async move {
+        let found = match open(&order.target).await {
+            Ok(store) => read_manifest(&store, &order.volume, &order.name).await,
+            Err(e) => {
+                set(&i, |i| {
+                    i.state = BackupState::Error;
+                    i.error = format!("interrupted by a restart of node {node:?}; {e}");
+                });
+                return;
+            }
+        };
+        set(&i, |i| match found {
+            Ok(Some(m)) => {
+                let total = m.blocks.len() as u64;
+                let zero = m.blocks.iter().filter(|b| b.is_none()).count() as u64;
+                i.state = BackupState::Completed;
+                i.parent = m.parent.clone();
+                i.volume_size = m.volume_size;
+                i.block_size = m.block_size as u64;
+                i.created_ms = m.created;
+                i.fixed = Some(BlockCounts {
+                    total,
+                    uploaded: 0,
+                    present: total - zero,
+                    zero,
+                });
+            }
+            Ok(None) => {
+                i.state = BackupState::Error;
+                i.error = format!(
+                    "interrupted by a restart of node {node:?} before its manifest was written"
+                );
+            }
+            Err(e) => {
+                i.state = BackupState::Error;
+                i.error = format!("interrupted by a restart of node {node:?}; {e}");
+            }
+        });
+    });
+    BackupTask {
+        progress,
+        info,
+        handle,
+    }
+}
+
+/// A restore running into an engine.
+pub struct RestoreTask {
+    pub backup: String,
+    pub progress: Arc<Progress>,
+    pub outcome: Arc<Mutex<Option<Result<(), String>>>>,
+    pub handle: tokio::task::JoinHandle<()>,
+}
+
+impl RestoreTask {
+    pub fn report(&self) -> RestoreReport {
+        let total = self.progress.total.load(Ordering::Relaxed);
+        let done = self.progress.restored.load(Ordering::Relaxed);
+        let outcome = self.outcome.lock().ok().and_then(|o| o.clone());
+        let (state, error) = match outcome {
+            None => ("restoring", String::new()),
+            Some(Ok(())) => ("completed", String::new()),
+            Some(Err(e)) => ("error", e),
+        };
+        let progress = match state {
+            "completed" => 100,
+            _ if total > 0 => ((done * 100 / total) as u32).min(99),
+            _ => 0,
+        };
+        RestoreReport {
+            backup: self.backup.clone(),
+            state: state.into(),
+            progress,
+            error,
+        }
+    }
+}
+
+impl Drop for RestoreTask {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}
+
+/// Restores `order` into `engine` (a new volume: its blocks are all zero already).
+pub fn start_restore(engine: Arc<Engine>, order: RestoreOrder, concurrency: usize) -> RestoreTask {
+    let progress = Arc::new(Progress::default());
+    let outcome = Arc::new(Mutex::new(None));
+    let (p, o) = (progress.clone(), outcome.clone());
+    let backup = order.backup.clone();
+    let handle = tokio::spawn(async move {
+        let res = restore(engine, &order, p, concurrency).await;
+        if let Err(e) = &res {
+            tracing::warn!(backup = %order.backup, error = %e, "restore failed");
+        }
+        if let Ok(mut o) = o.lock() {
+            *o = Some(res);
+        }
+    });
+    RestoreTask {
+        backup,
+        progress,
+        outcome,
+        handle,
+    }
+}
+
+async fn restore(
+    engine: Arc<Engine>,
+    order: &RestoreOrder,
+    progress: Arc<Progress>,
+    concurrency: usize,
+) -> Result<(), String> {
+    let store = open(&order.target).await?;
+    let m = read_manifest(&store, &order.source_volume, &order.backup)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("backup {:?} is not in the target", order.backup))?;
+    if m.volume_size > engine.size() {
+        return Err(format!(
+            "backup {:?} holds {} bytes, more than the volume's {}",
+            order.backup,
+            m.volume_size,
+            engine.size()
+        ));
+    }
+    tracing::info!(volume = %engine.volume(), backup = %order.backup, "restore started");
+    let sink = Arc::new(EngineSink(engine.clone()));
+    run_restore(Arc::new(store), &m, sink, true, concurrency, progress)
+        .await
+        .map_err(|e| format!("restore of backup {:?} failed: {e}", order.backup))?;
+    engine.flush().await.map_err(|e| e.to_string())?;
+    Ok(())
+}
