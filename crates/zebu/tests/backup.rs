@@ -270,3 +270,224 @@ fn backup_incremental_named_snapshot_restore_verify_corrupt_and_delete_on_a_dire
     let v = json_of(&srv.cli(&["volume", "get", "v1", "-o", "json"]));
     assert!(v["status"].get("lastBackup").is_none(), "{v}");
 }
+
+fn backup_state(srv: &Server, name: &str) -> Value {
+    json_of(&srv.cli(&["backup", "get", name, "-o", "json"]))
+}
+
+#[test]
+fn cutting_the_s3_server_mid_backup_ends_in_error_and_a_new_backup_uploads_only_what_is_missing() {
+    let tmp = TempDir::new("bk-s3");
+    let s3 = moto("zebu");
+    let proxy = Proxy::start(s3.port);
+    let srv = Server::start(&tmp.path().join("data"));
+    let endpoint = format!("endpoint=http://127.0.0.1:{}", proxy.port);
+    srv.cli(&[
+        "backup-target",
+        "create",
+        "s3t",
+        "--url",
+        "s3://zebu/backups",
+        "--option",
+        &endpoint,
+        "--option",
+        "path-style=true",
+        "--option",
+        "region=us-east-1",
+        "--option",
+        "access-key-id=test",
+        "--option",
+        "secret-access-key=verysecret",
+    ]);
+    let t = json_of(&srv.cli(&["backup-target", "get", "s3t", "-o", "json"]));
+    assert_eq!(t["status"]["available"], true, "{t}");
+    assert_eq!(t["spec"]["options"]["secret-access-key"], "(hidden)");
+    assert!(!srv.cli(&["backup-target", "list"]).contains("verysecret"));
+
+    let uri = srv.volume("v1", "256MiB", 1);
+    let img = tmp.path().join("d.img");
+    write_file(&img, &[(128, None)]);
+    must("nbdcopy", &[img.to_str().expect("utf8"), &uri]);
+    let want = volume_hash(tmp.path(), &uri);
+    // Slow enough to cut it halfway.
+    srv.cli(&["setting", "set", "backup-bandwidth-limit", "8388608"]);
+    let b1 = srv
+        .cli(&["backup", "create", "v1", "--target", "s3t"])
+        .trim()
+        .to_string();
+    wait_for("the first blocks to land", 60, || {
+        (u(&backup_state(&srv, &b1)["status"]["blocks"]["uploaded"]) >= 8).then_some(())
+    });
+    proxy.cut();
+    let failed = wait_for("the backup to fail", 120, || {
+        let b = backup_state(&srv, &b1);
+        (b["status"]["state"] != "InProgress").then_some(b)
+    });
+    assert_eq!(failed["status"]["state"], "Error", "{failed}");
+    assert!(
+        !failed["status"]["error"].as_str().unwrap_or("").is_empty(),
+        "{failed}"
+    );
+    assert!(u(&failed["status"]["progress"]) < 100);
+    let counted = u(&failed["status"]["blocks"]["uploaded"]);
+    // Look at the bucket directly, around the proxy.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let direct = zebu_backupstore::s3::S3Options {
+        bucket: "zebu".into(),
+        prefix: "backups".into(),
+        endpoint: Some(format!("http://127.0.0.1:{}", s3.port)),
+        region: "us-east-1".into(),
+        access_key_id: "test".into(),
+        secret_access_key: "verysecret".into(),
+        path_style: true,
+        ca_cert: None,
+    };
+    let (stored, manifests) = rt.block_on(async {
+        use zebu_backupstore::BackupStore;
+        let s = zebu_backupstore::s3::S3Store::open(&direct, false)
+            .await
+            .expect("open bucket");
+        (
+            s.list("blocks").await.expect("list").len() as u64,
+            s.list("volumes").await.expect("list").len(),
+        )
+    });
+    assert!(
+        counted <= stored,
+        "counted {counted} uploads but only {stored} blocks landed"
+    );
+    assert!(stored < 64, "the cut happened mid-backup ({stored} blocks)");
+    assert_eq!(manifests, 0, "no manifest of a failed backup");
+
+    proxy.heal();
+    srv.cli(&["setting", "set", "backup-bandwidth-limit", "0"]);
+    srv.cli(&["backup-target", "sync", "s3t"]);
+    let b2 = backup_json(&srv, &["v1", "--target", "s3t"]);
+    let st = &b2["status"];
+    assert_eq!(u(&st["blocks"]["uploaded"]), 64 - stored, "{b2}");
+    assert_eq!(u(&st["blocks"]["present"]), stored);
+    assert_eq!(u(&st["blocks"]["zero"]), 64);
+    let b2n = b2["metadata"]["name"].as_str().expect("name").to_string();
+    let out = srv.cli(&["backup", "verify", &b2n, "--deep"]);
+    assert!(out.contains("ok"), "{out}");
+    assert_eq!(restore_hash(&srv, tmp.path(), "r1", &b2n), want);
+}
+
+#[test]
+fn two_targets_resync_after_recreate_and_a_backup_killed_with_its_server_ends_definite() {
+    let tmp = TempDir::new("bk-two");
+    let data = tmp.path().join("data");
+    let mut srv = Server::start(&data);
+    let (ta, tb) = (tmp.path().join("ta"), tmp.path().join("tb"));
+    srv.cli(&[
+        "backup-target",
+        "update",
+        "default",
+        "--url",
+        &format!("file://{}", ta.display()),
+    ]);
+    let url_b = format!("file://{}", tb.display());
+    srv.cli(&[
+        "backup-target",
+        "create",
+        "extra",
+        "--url",
+        &url_b,
+        "--poll-interval",
+        "1h",
+    ]);
+    let uri = srv.volume("v1", "64MiB", 1);
+    let img = tmp.path().join("d.img");
+    write_file(&img, &[(16, None)]);
+    must("nbdcopy", &[img.to_str().expect("utf8"), &uri]);
+    let want = volume_hash(tmp.path(), &uri);
+    let ba = backup_json(&srv, &["v1"]);
+    let bb = backup_json(&srv, &["v1", "--target", "extra"]);
+    let bbn = bb["metadata"]["name"].as_str().expect("name").to_string();
+    assert_eq!(ba["spec"]["target"], "default");
+    assert_eq!(bb["spec"]["target"], "extra");
+    assert_eq!(
+        u(&bb["status"]["blocks"]["uploaded"]),
+        8,
+        "a target dedups only within itself"
+    );
+    let snapshot = |dir: &Path| -> Vec<(std::path::PathBuf, String)> {
+        files_under(dir)
+            .into_iter()
+            .map(|p| {
+                let h = file_hash(&p);
+                (p, h)
+            })
+            .collect()
+    };
+    let before = snapshot(&tb);
+    // The default target cannot go; the extra one can, leaving its data alone.
+    let (ok, _, err) = zebu_cli(
+        srv.api(),
+        &srv.token,
+        &["backup-target", "delete", "default"],
+    );
+    assert!(!ok && err.lines().count() == 1, "{err}");
+    srv.cli(&["backup-target", "delete", "extra"]);
+    let list = json_of(&srv.cli(&["backup", "list", "--target", "extra", "-o", "json"]));
+    assert_eq!(list.as_array().map(Vec::len), Some(0));
+    let (ok, _, _) = zebu_cli(srv.api(), &srv.token, &["backup", "get", &bbn]);
+    assert!(!ok);
+    assert_eq!(snapshot(&tb), before, "remote data untouched");
+    // Re-created with the same URL: its backup comes back by sync, untouched.
+    srv.cli(&[
+        "backup-target",
+        "create",
+        "extra",
+        "--url",
+        &url_b,
+        "--poll-interval",
+        "1h",
+    ]);
+    let back = wait_for("the backup to come back by sync", 60, || {
+        let l = json_of(&srv.cli(&["backup", "list", "--target", "extra", "-o", "json"]));
+        l.as_array().and_then(|a| a.first().cloned())
+    });
+    assert_eq!(back["metadata"]["name"], bbn.as_str());
+    assert_eq!(back["status"]["state"], "Completed");
+    assert_eq!(back["spec"]["volume"], "v1");
+    assert_eq!(u(&back["status"]["blocks"]["total"]), 32);
+    assert_eq!(
+        snapshot(&tb),
+        before,
+        "sync never writes to the target's backups"
+    );
+    assert_eq!(restore_hash(&srv, tmp.path(), "r1", &bbn), want);
+
+    // A backup whose process is SIGKILLed ends Completed or Error after the restart.
+    write_file(&img, &[(48, None)]);
+    must("nbdcopy", &[img.to_str().expect("utf8"), &uri]);
+    srv.cli(&["setting", "set", "backup-bandwidth-limit", "2097152"]);
+    let bk = srv.cli(&["backup", "create", "v1"]).trim().to_string();
+    wait_for("the backup to be under way", 60, || {
+        (u(&backup_state(&srv, &bk)["status"]["blocks"]["uploaded"]) >= 2).then_some(())
+    });
+    srv.proc.kill();
+    srv = Server::start(&data);
+    let end = wait_for("the interrupted backup to settle", 90, || {
+        let b = backup_state(&srv, &bk);
+        let s = b["status"]["state"].as_str().unwrap_or("").to_string();
+        (s == "Completed" || s == "Error").then_some(b)
+    });
+    if end["status"]["state"] == "Error" {
+        assert!(
+            end["status"]["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("interrupted"),
+            "{end}"
+        );
+    }
+    srv.cli(&["setting", "set", "backup-bandwidth-limit", "0"]);
+    let v = json_of(&srv.cli(&["volume", "wait", "v1", "-o", "json"]));
+    let uri = v["status"]["nbdUri"].as_str().expect("uri").to_string();
+    let want2 = volume_hash(tmp.path(), &uri);
+    let b = backup_json(&srv, &["v1"]);
+    let bn = b["metadata"]["name"].as_str().expect("name").to_string();
+    assert_eq!(restore_hash(&srv, tmp.path(), "r2", &bn), want2);
+}

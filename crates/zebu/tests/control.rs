@@ -272,7 +272,12 @@ fn bad_input_is_refused_and_changes_nothing() {
             "InvalidReplicas",
         ),
         (json!({"name": "ok", "size": -5}), "InvalidBody"),
-        (json!({"name": "ok"}), "InvalidBody"),
+        (json!({"name": "ok"}), "InvalidSize"),
+        (json!({"name": "ok", "fromBackup": "nope"}), "NotFound"),
+        (
+            json!({"name": "ok", "fromBackup": "Bad_Name"}),
+            "InvalidName",
+        ),
         (
             json!({"name": "ok", "size": 4096, "bogus": 1}),
             "InvalidBody",

@@ -266,3 +266,110 @@ impl Server {
         self.cli(&["volume", "attach", name]).trim().to_string()
     }
 }
+
+/// A moto S3 server on a loopback port, killed on drop.
+pub struct Moto {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Starts moto_server and creates `bucket` in it.
+pub fn moto(bucket: &str) -> Moto {
+    use std::io::{Read, Write};
+    let port = free_port();
+    let child = Command::new("moto_server")
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("moto_server (the test command installs moto[server] with pip)");
+    let m = Moto { child, port };
+    wait_for("moto_server to listen", 60, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(s, "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").expect("send");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "create bucket: {out}");
+    m
+}
+
+/// A TCP proxy on loopback that can cut every connection (and refuse new ones) until healed.
+pub struct Proxy {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    pub fn start(upstream: u16) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = l.local_addr().expect("addr").port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, cs) = (cut.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for inc in l.incoming() {
+                let Ok(down) = inc else { continue };
+                if c.load(Ordering::SeqCst) {
+                    let _ = down.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(up) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                if let Ok(mut g) = cs.lock() {
+                    for s in [&down, &up] {
+                        if let Ok(s) = s.try_clone() {
+                            g.push(s);
+                        }
+                    }
+                }
+                for (mut a, mut b) in [
+                    (down.try_clone(), up.try_clone()),
+                    (up.try_clone(), down.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut a, &mut b);
+                        let _ = b.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Proxy { port, cut, conns }
+    }
+
+    /// Drops every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(mut g) = self.conns.lock() {
+            for s in g.drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    pub fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
