@@ -54,7 +54,7 @@ schemas = {
                         ["name", "created", "parent", "userCreated", "size"]),
     "CreateSnapshot": obj({"name": NAME}, extra=False),
     "Setting": obj({"metadata": ref("Meta"), "value": S()}, ["metadata", "value"]),
-    "CreateVolume": obj({"name": NAME, "size": I(), "replicas": I(minimum=1, maximum=16), "fromBackup": NAME}, ["name"], extra=False),
+    "CreateVolume": obj({"name": NAME, "size": I(), "replicas": I(minimum=1, maximum=16), "fromBackup": NAME, "backupTarget": NAME}, ["name"], extra=False),
     "BackupTarget": obj({"metadata": ref("Meta"),
         "spec": obj({"url": S(), "pollInterval": I(), "options": {"type": "object", "additionalProperties": S(),
                      "description": "secret values are shown as (hidden)"}}),

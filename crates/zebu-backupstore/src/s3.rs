@@ -1,5 +1,6 @@
-//! The S3 backend of [`BackupStore`] (and S3-compatible servers), through object_store. Options
-//! come from the target, never from the process environment. Blocks are written with a
+//! The object-store backends of [`BackupStore`] through the object_store crate: S3 (and
+//! S3-compatible servers), and any other object store handed to [`S3Store::open_with`] (Azure
+//! Blob, Google Cloud Storage). Options come from the target, never from the process environment. Blocks are written with a
 //! conditional PUT (`If-None-Match: *`), so an existing block is never overwritten.
 
 use std::sync::Arc;
@@ -59,6 +60,17 @@ fn io(key: &str, e: impl std::fmt::Display) -> StoreError {
 }
 
 impl S3Store {
+    /// Client settings every backend shares: timeouts and the retry budget.
+    pub fn client_options() -> ClientOptions {
+        ClientOptions::new()
+            .with_timeout(Duration::from_secs(30))
+            .with_connect_timeout(Duration::from_secs(5))
+    }
+
+    pub fn retry() -> RetryConfig {
+        retry_config()
+    }
+
     /// Connects to a bucket. `init` writes the target marker when it is missing; otherwise a
     /// missing marker makes the target unavailable.
     pub async fn open(o: &S3Options, init: bool) -> Result<S3Store, StoreError> {
@@ -72,9 +84,7 @@ impl S3Store {
             .with_access_key_id(&o.access_key_id)
             .with_secret_access_key(&o.secret_access_key)
             .with_virtual_hosted_style_request(!o.path_style);
-        let mut client = ClientOptions::new()
-            .with_timeout(Duration::from_secs(30))
-            .with_connect_timeout(Duration::from_secs(5));
+        let mut client = S3Store::client_options();
         if let Some(e) = &o.endpoint {
             b = b.with_endpoint(e);
             client = client.with_allow_http(e.starts_with("http://"));
@@ -92,9 +102,25 @@ impl S3Store {
         let s3 = b
             .build()
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        S3Store::open_with(
+            Arc::new(s3),
+            &o.prefix,
+            &format!("bucket {}", o.bucket),
+            init,
+        )
+        .await
+    }
+
+    /// Wraps any object store (Azure, GCS) the same way: `what` names it in errors.
+    pub async fn open_with(
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        what: &str,
+        init: bool,
+    ) -> Result<S3Store, StoreError> {
         let s = S3Store {
-            s3: Arc::new(s3),
-            prefix: o.prefix.trim_matches('/').to_string(),
+            s3: store,
+            prefix: prefix.trim_matches('/').to_string(),
         };
         let marker = s.path(MARKER);
         match s.s3.get(&marker).await {
@@ -106,10 +132,7 @@ impl S3Store {
                     .map_err(|e| io(MARKER, e))?;
             }
             Err(object_store::Error::NotFound { .. }) => {
-                return Err(StoreError::Unavailable(format!(
-                    "bucket {} has no {MARKER}",
-                    o.bucket
-                )));
+                return Err(StoreError::Unavailable(format!("{what} has no {MARKER}")));
             }
             Err(e) => return Err(StoreError::Unavailable(e.to_string())),
         }

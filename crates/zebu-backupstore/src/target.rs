@@ -1,5 +1,6 @@
-//! Backup target URLs and options: parsing `file:///path` and `s3://bucket/prefix` (with their
-//! options) into a [`Target`], the one [`BackupStore`] the rest of Zebu holds.
+//! Backup target URLs and options: parsing `file:///path`, `s3://bucket/prefix`,
+//! `az://container/prefix` and `gs://bucket/prefix` (with their options) into a [`Target`], the
+//! one [`BackupStore`] the rest of Zebu holds.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -17,14 +18,60 @@ pub const S3_OPTIONS: &[&str] = &[
     "ca-cert",
 ];
 
+/// Options of `az://container/prefix` (Azure Blob Storage; `endpoint` for Azurite and the like).
+pub const AZURE_OPTIONS: &[&str] = &["account", "access-key", "endpoint"];
+/// Options of `gs://bucket/prefix` (Google Cloud Storage).
+pub const GCS_OPTIONS: &[&str] = &["service-account-path", "service-account-key"];
+
 /// Option names whose values are secrets (stored, never shown).
-pub const SECRET_OPTIONS: &[&str] = &["secret-access-key"];
+pub const SECRET_OPTIONS: &[&str] = &["secret-access-key", "access-key", "service-account-key"];
 
 /// A parsed target location.
 #[derive(Debug, Clone)]
 pub enum TargetSpec {
     Fs(PathBuf),
     S3(S3Options),
+    Azure {
+        container: String,
+        prefix: String,
+        options: BTreeMap<String, String>,
+    },
+    Gcs {
+        bucket: String,
+        prefix: String,
+        options: BTreeMap<String, String>,
+    },
+}
+
+/// Splits `rest` of `scheme://bucket/prefix` and checks the option names.
+fn bucket_prefix<'a>(
+    rest: &'a str,
+    options: &BTreeMap<String, String>,
+    known: &[&str],
+    what: &str,
+) -> Result<(&'a str, &'a str), TargetSpecError> {
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b));
+    if !ok {
+        return Err(bad(format!("{bucket:?} is not a valid {what} name")));
+    }
+    let prefix = prefix.trim_matches('/');
+    if !prefix.is_empty() {
+        crate::store::check_key(prefix)
+            .map_err(|_| bad(format!("{prefix:?} is not a valid key prefix")))?;
+    }
+    for k in options.keys() {
+        if !known.contains(&k.as_str()) {
+            return Err(bad(format!(
+                "unknown option {k:?} (known: {})",
+                known.join(", ")
+            )));
+        }
+    }
+    Ok((bucket, prefix))
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -57,28 +104,28 @@ impl TargetSpec {
                 path
             })));
         }
+        if let Some(rest) = url.strip_prefix("az://") {
+            let (container, prefix) =
+                bucket_prefix(rest, options, AZURE_OPTIONS, "Azure container")?;
+            if !options.contains_key("account") {
+                return Err(bad("an az:// target needs the option account=NAME"));
+            }
+            return Ok(TargetSpec::Azure {
+                container: container.into(),
+                prefix: prefix.into(),
+                options: options.clone(),
+            });
+        }
+        if let Some(rest) = url.strip_prefix("gs://") {
+            let (bucket, prefix) = bucket_prefix(rest, options, GCS_OPTIONS, "GCS bucket")?;
+            return Ok(TargetSpec::Gcs {
+                bucket: bucket.into(),
+                prefix: prefix.into(),
+                options: options.clone(),
+            });
+        }
         if let Some(rest) = url.strip_prefix("s3://") {
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            let bucket_ok = (3..=63).contains(&bucket.len())
-                && bucket
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b));
-            if !bucket_ok {
-                return Err(bad(format!("{bucket:?} is not a valid S3 bucket name")));
-            }
-            let prefix = prefix.trim_matches('/');
-            if !prefix.is_empty() {
-                crate::store::check_key(prefix)
-                    .map_err(|_| bad(format!("{prefix:?} is not a valid key prefix")))?;
-            }
-            for k in options.keys() {
-                if !S3_OPTIONS.contains(&k.as_str()) {
-                    return Err(bad(format!(
-                        "unknown S3 option {k:?} (known: {})",
-                        S3_OPTIONS.join(", ")
-                    )));
-                }
-            }
+            let (bucket, prefix) = bucket_prefix(rest, options, S3_OPTIONS, "S3 bucket")?;
             let get = |k: &str| options.get(k).cloned().unwrap_or_default();
             let path_style = match options.get("path-style").map(String::as_str) {
                 None | Some("false") => false,
@@ -105,7 +152,7 @@ impl TargetSpec {
             }));
         }
         Err(bad(format!(
-            "unsupported backup target URL {url:?} (use file:///path or s3://bucket/prefix)"
+            "unsupported backup target URL {url:?} (use file:///path, s3://bucket/prefix, az://container/prefix or gs://bucket/prefix)"
         )))
     }
 
@@ -121,6 +168,58 @@ impl TargetSpec {
                 Ok(Target::Fs(s))
             }
             TargetSpec::S3(o) => Ok(Target::S3(S3Store::open(o, init).await?)),
+            TargetSpec::Azure {
+                container,
+                prefix,
+                options,
+            } => {
+                use object_store::azure::MicrosoftAzureBuilder;
+                let get = |k: &str| options.get(k).cloned().unwrap_or_default();
+                let mut b = MicrosoftAzureBuilder::new()
+                    .with_account(get("account"))
+                    .with_container_name(container)
+                    .with_retry(S3Store::retry());
+                let mut client = S3Store::client_options();
+                if let Some(k) = options.get("access-key") {
+                    b = b.with_access_key(k);
+                }
+                if let Some(e) = options.get("endpoint") {
+                    b = b.with_endpoint(e.clone());
+                    client = client.with_allow_http(e.starts_with("http://"));
+                }
+                let store = b
+                    .with_client_options(client)
+                    .build()
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                let what = format!("Azure container {container}");
+                Ok(Target::S3(
+                    S3Store::open_with(std::sync::Arc::new(store), prefix, &what, init).await?,
+                ))
+            }
+            TargetSpec::Gcs {
+                bucket,
+                prefix,
+                options,
+            } => {
+                use object_store::gcp::GoogleCloudStorageBuilder;
+                let mut b = GoogleCloudStorageBuilder::new()
+                    .with_bucket_name(bucket)
+                    .with_retry(S3Store::retry())
+                    .with_client_options(S3Store::client_options());
+                if let Some(p) = options.get("service-account-path") {
+                    b = b.with_service_account_path(p);
+                }
+                if let Some(k) = options.get("service-account-key") {
+                    b = b.with_service_account_key(k);
+                }
+                let store = b
+                    .build()
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                let what = format!("GCS bucket {bucket}");
+                Ok(Target::S3(
+                    S3Store::open_with(std::sync::Arc::new(store), prefix, &what, init).await?,
+                ))
+            }
         }
     }
 }
@@ -223,6 +322,19 @@ mod tests {
         assert!(TargetSpec::parse("s3://bucket", &opts(&[("path-style", "maybe")])).is_err());
         assert!(TargetSpec::parse("s3://bucket", &opts(&[("endpoint", "ftp://x")])).is_err());
         assert!(TargetSpec::parse("nfs://server/export", &opts(&[])).is_err());
+        assert!(matches!(
+            TargetSpec::parse("az://backups/zebu", &opts(&[("account", "acct")])),
+            Ok(TargetSpec::Azure { .. })
+        ));
+        assert!(
+            TargetSpec::parse("az://backups", &opts(&[])).is_err(),
+            "needs an account"
+        );
+        assert!(matches!(
+            TargetSpec::parse("gs://backups/zebu", &opts(&[])),
+            Ok(TargetSpec::Gcs { .. })
+        ));
+        assert!(TargetSpec::parse("gs://backups", &opts(&[("region", "x")])).is_err());
         assert!(TargetSpec::parse("", &opts(&[])).is_err());
     }
 }

@@ -216,6 +216,9 @@ pub struct CreateVolume {
     /// Restore this backup into the new volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_backup: Option<String>,
+    /// The backup target the volume backs up to (default: `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_target: Option<String>,
 }
 
 fn three() -> u32 {
@@ -234,11 +237,12 @@ async fn create_volume(
 ) -> Result<(StatusCode, Json<Volume>), ApiError> {
     authorize(&m, &h)?;
     let req: CreateVolume = body(&raw)?;
-    let v = m.create_volume_from(
+    let v = m.create_volume_with(
         &req.name,
         req.size,
         req.replicas,
         req.from_backup.as_deref(),
+        req.backup_target.as_deref(),
     )?;
     Ok((StatusCode::CREATED, Json(v)))
 }

@@ -187,6 +187,44 @@ impl Manager {
         self.create_volume_from(name, Some(size), replicas, None)
     }
 
+    /// Like [`Manager::create_volume_from`], with the backup target the volume uses.
+    pub fn create_volume_with(
+        &self,
+        name: &str,
+        size: Option<u64>,
+        replicas: u32,
+        from_backup: Option<&str>,
+        backup_target: Option<&str>,
+    ) -> Result<Volume, ApiError> {
+        if let Some(t) = backup_target {
+            zebu_types::validate_name(t)
+                .map_err(|e| ApiError::bad("InvalidName", e.to_string()))?;
+            if store::get::<BackupTarget>(&*self.store, t)?.is_none() {
+                return Err(not_found("backup target", t));
+            }
+            if let Some(b) = from_backup
+                && let Some(bk) = store::get::<Backup>(&*self.store, b)?
+                && bk.spec.target != t
+            {
+                return Err(ApiError::bad(
+                    "InvalidTarget",
+                    format!("backup {b:?} is on target {:?}, not {t:?}", bk.spec.target),
+                ));
+            }
+        }
+        let mut v = self.create_volume_from(name, size, replicas, from_backup)?;
+        if let Some(t) = backup_target
+            && v.spec.backup_target != t
+        {
+            v = store::modify::<Volume>(&*self.store, name, |v| {
+                v.spec.backup_target = t.to_string();
+                true
+            })?
+            .ok_or_else(|| not_found("volume", name))?;
+        }
+        Ok(v)
+    }
+
     /// Creates an empty volume of `size`, or one restored from `from_backup`.
     pub fn create_volume_from(
         &self,

@@ -50,6 +50,9 @@ pub enum VolumeCmd {
         /// Restore this backup into the new volume (its size is the backup's unless --size).
         #[arg(long)]
         from_backup: Option<String>,
+        /// The backup target the volume backs up to (default: `default`).
+        #[arg(long)]
+        backup_target: Option<String>,
         #[arg(long, default_value_t = 3)]
         replicas: u32,
         /// Wait until every replica is running (and a restore is complete).
@@ -237,6 +240,7 @@ pub async fn volume(g: &Global, cmd: VolumeCmd) -> Result<()> {
             name,
             size,
             from_backup,
+            backup_target,
             replicas,
             wait,
         } => {
@@ -246,6 +250,9 @@ pub async fn volume(g: &Global, cmd: VolumeCmd) -> Result<()> {
             }
             if let Some(b) = &from_backup {
                 body["fromBackup"] = json!(b);
+            }
+            if let Some(t) = &backup_target {
+                body["backupTarget"] = json!(t);
             }
             let mut v: Volume = api.post("/v1/volumes", &body).await?;
             if wait && from_backup.is_some() {
