@@ -279,6 +279,10 @@ fn bad_input_is_refused_and_changes_nothing() {
             "InvalidName",
         ),
         (
+            json!({"name": "ok", "size": 4096, "backupTarget": "nope"}),
+            "NotFound",
+        ),
+        (
             json!({"name": "ok", "size": 4096, "bogus": 1}),
             "InvalidBody",
         ),
