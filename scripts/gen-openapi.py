@@ -138,6 +138,8 @@ paths = {
     "/v1/engines": {"get": op("List engines", arr(ref("Engine")))},
     "/v1/nodes": {"get": op("List nodes", arr(ref("Node")))},
     "/v1/nodes/{name}": {"get": op("Get a node", ref("Node"), params=[P("name")])},
+    "/v1/nodes/{name}/wait": {"get": op("A node's long-poll: answers when the manager has work for it or at the timeout", obj({"woken": B}),
+                               params=[P("name"), {"name": "timeoutMs", "in": "query", "required": False, "schema": I(maximum=2000)}])},
     "/v1/nodes/{name}/heartbeat": {"post": op("A node agent's report; answers with its assignments", ref("Assignments"), ref("Heartbeat"), [P("name")])},
     "/v1/replica-events": {"post": op("An engine's replica membership change, recorded before the answer", ref("Replica"), ref("ReplicaEvent"))},
     "/v1/settings": {"get": op("List settings", arr(ref("Setting")))},

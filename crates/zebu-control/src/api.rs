@@ -117,6 +117,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/nodes"),
     ("get", "/v1/nodes/{name}"),
     ("post", "/v1/nodes/{name}/heartbeat"),
+    ("get", "/v1/nodes/{name}/wait"),
     ("post", "/v1/replica-events"),
     ("get", "/v1/settings"),
     ("put", "/v1/settings/{name}"),
@@ -161,6 +162,7 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{name}", get(get_node))
         .route("/v1/nodes/{name}/heartbeat", post(heartbeat))
+        .route("/v1/nodes/{name}/wait", get(node_wait))
         .route("/v1/replica-events", post(replica_event))
         .route("/v1/settings", get(list_settings))
         .route("/v1/settings/{name}", put(put_setting))
@@ -689,4 +691,25 @@ async fn verify_backup(
         body(&raw)?
     };
     Ok(Json(m.verify_backup(&name, req.deep).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WaitQuery {
+    /// Milliseconds, at most 2,000.
+    timeout_ms: Option<u64>,
+}
+
+/// A node's long-poll: answers when the manager has work for it, or at the timeout.
+async fn node_wait(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> ApiResult<serde_json::Value> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    let t = std::time::Duration::from_millis(q.timeout_ms.unwrap_or(1000).min(2_000));
+    let woken = m.wait_for_work(&name, t).await;
+    Ok(Json(json!({ "woken": woken })))
 }

@@ -71,6 +71,8 @@ pub struct Manager {
     /// Backup targets asked to sync now.
     pub(crate) sync_requests: std::sync::Mutex<std::collections::BTreeSet<String>>,
     pub(crate) sync_notify: tokio::sync::Notify,
+    /// Per node: set when something the node must act on changed (its long-poll returns).
+    wakes: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
 }
 
 fn conflict(code: &'static str, msg: impl Into<String>) -> ApiError {
@@ -100,6 +102,7 @@ impl Manager {
             extra_metrics: std::sync::OnceLock::new(),
             sync_requests: std::sync::Mutex::new(Default::default()),
             sync_notify: tokio::sync::Notify::new(),
+            wakes: std::sync::Mutex::new(HashMap::new()),
         });
         m.ensure_default_target()?;
         // What engines report is only known again after their nodes' next heartbeats.
@@ -748,6 +751,69 @@ impl Manager {
         }
         self.record_mode(&ev.replica, &ev.volume, ev.mode, None)?
             .ok_or_else(|| not_found("replica", &ev.replica))
+    }
+
+    fn wake_handle(&self, node: &str) -> Option<Arc<tokio::sync::Notify>> {
+        let mut w = self.wakes.lock().ok()?;
+        Some(w.entry(node.to_string()).or_default().clone())
+    }
+
+    /// Tells a node's long-poll that it has work (a permit is kept if it is not waiting).
+    pub fn wake_node(&self, node: &str) {
+        if let Some(n) = self.wake_handle(node) {
+            n.notify_one();
+        }
+    }
+
+    /// Waits until the node has work or `timeout` passes; returns whether it was woken.
+    pub async fn wait_for_work(&self, node: &str, timeout: Duration) -> bool {
+        let Some(n) = self.wake_handle(node) else {
+            return false;
+        };
+        tokio::time::timeout(timeout, n.notified()).await.is_ok()
+    }
+
+    /// Wakes the node an object change concerns: the node of an engine or replica, or of the
+    /// engine of a snapshot's or new backup's volume.
+    pub async fn run_wakeups(self: Arc<Self>) {
+        let mut events = self.store.watch();
+        loop {
+            let ev = match events.recv().await {
+                Ok(ev) => ev,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            };
+            if ev.deleted {
+                continue;
+            }
+            let s = &*self.store;
+            let engine_node = |vol: &str| {
+                store::get::<Engine>(s, vol)
+                    .ok()
+                    .flatten()
+                    .map(|e| e.spec.node)
+            };
+            let node = match ev.kind.as_str() {
+                "engine" => engine_node(&ev.name),
+                "replica" => store::get::<Replica>(s, &ev.name)
+                    .ok()
+                    .flatten()
+                    .map(|r| r.spec.node),
+                "snapshot" => store::get::<Snapshot>(s, &ev.name)
+                    .ok()
+                    .flatten()
+                    .and_then(|x| engine_node(&x.spec.volume)),
+                "backup" => store::get::<Backup>(s, &ev.name)
+                    .ok()
+                    .flatten()
+                    .filter(|b| b.status.state == BackupState::New)
+                    .and_then(|b| engine_node(&b.spec.volume)),
+                _ => None,
+            };
+            if let Some(n) = node {
+                self.wake_node(&n);
+            }
+        }
     }
 
     /// Runs the reconcile loop until the process ends: on every store change and every 500 ms.

@@ -119,7 +119,11 @@ fn set(info: &Mutex<BackupInfo>, f: impl FnOnce(&mut BackupInfo)) {
 }
 
 /// Starts a backup of `order` on `engine`.
-pub fn start_backup(engine: Arc<Engine>, order: BackupOrder) -> BackupTask {
+pub fn start_backup(
+    engine: Arc<Engine>,
+    order: BackupOrder,
+    done: Arc<tokio::sync::Notify>,
+) -> BackupTask {
     let progress = Arc::new(Progress::default());
     let info = Arc::new(Mutex::new(BackupInfo {
         state: BackupState::InProgress,
@@ -138,6 +142,7 @@ pub fn start_backup(engine: Arc<Engine>, order: BackupOrder) -> BackupTask {
                 i.error = e;
             }
         });
+        done.notify_one();
     });
     BackupTask {
         progress,
@@ -232,7 +237,11 @@ async fn backup(
 
 /// Settles a backup the manager believes runs here but this process never started (it
 /// restarted): Completed if its manifest is in the target, Error otherwise.
-pub fn settle_interrupted(order: BackupOrder, node: String) -> BackupTask {
+pub fn settle_interrupted(
+    order: BackupOrder,
+    node: String,
+    done: Arc<tokio::sync::Notify>,
+) -> BackupTask {
     let progress = Arc::new(Progress::default());
     let info = Arc::new(Mutex::new(BackupInfo {
         state: BackupState::InProgress,
@@ -278,6 +287,7 @@ pub fn settle_interrupted(order: BackupOrder, node: String) -> BackupTask {
                 i.error = format!("interrupted by a restart of node {node:?}; {e}");
             }
         });
+        done.notify_one();
     });
     BackupTask {
         progress,
@@ -325,7 +335,12 @@ impl Drop for RestoreTask {
 }
 
 /// Restores `order` into `engine` (a new volume: its blocks are all zero already).
-pub fn start_restore(engine: Arc<Engine>, order: RestoreOrder, concurrency: usize) -> RestoreTask {
+pub fn start_restore(
+    engine: Arc<Engine>,
+    order: RestoreOrder,
+    concurrency: usize,
+    done: Arc<tokio::sync::Notify>,
+) -> RestoreTask {
     let progress = Arc::new(Progress::default());
     let outcome = Arc::new(Mutex::new(None));
     let (p, o) = (progress.clone(), outcome.clone());
@@ -338,6 +353,7 @@ pub fn start_restore(engine: Arc<Engine>, order: RestoreOrder, concurrency: usiz
         if let Ok(mut o) = o.lock() {
             *o = Some(res);
         }
+        done.notify_one();
     });
     RestoreTask {
         backup,

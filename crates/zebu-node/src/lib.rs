@@ -61,6 +61,8 @@ pub struct NodeAgent {
     backups: Mutex<HashMap<String, backup::BackupTask>>,
     /// Backups waiting for their snapshot, since when.
     waiting: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// Wakes the heartbeat loop (a local backup or restore finished).
+    wake: Arc<tokio::sync::Notify>,
 }
 
 /// Reports engine membership changes to the manager, which records them before answering.
@@ -193,13 +195,31 @@ impl NodeAgent {
             nbd_addr,
             backups: Mutex::new(HashMap::new()),
             waiting: Mutex::new(HashMap::new()),
+            wake: Arc::new(tokio::sync::Notify::new()),
         });
         agent.open_existing().await;
         let a = agent.clone();
         tokio::spawn(async move {
             loop {
                 a.tick().await;
-                tokio::time::sleep(a.cfg.heartbeat).await;
+                // Next heartbeat at the interval, or at once when the manager has work for this
+                // node (long-poll) or a backup or restore here finished.
+                let path = format!(
+                    "/v1/nodes/{}/wait?timeoutMs={}",
+                    a.cfg.name,
+                    a.cfg.heartbeat.as_millis()
+                );
+                let poll = async {
+                    if a.api.get::<serde_json::Value>(&path).await.is_err() {
+                        tokio::time::sleep(a.cfg.heartbeat).await;
+                    }
+                };
+                tokio::select! {
+                    _ = poll => {}
+                    _ = a.wake.notified() => {}
+                }
+                // Bursts of work coalesce.
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         });
         Ok(agent)
@@ -299,6 +319,8 @@ impl NodeAgent {
         let addr = l.local_addr()?.to_string();
         tokio::spawn(svc.clone().serve(l));
         tracing::info!(replica = name, volume, %addr, "replica serving");
+        // Report it at once rather than at the next heartbeat.
+        self.wake.notify_one();
         self.replicas
             .lock()
             .await
@@ -454,7 +476,7 @@ impl NodeAgent {
             if o.state == BackupState::InProgress {
                 tasks.insert(
                     o.name.clone(),
-                    backup::settle_interrupted(o.clone(), self.cfg.name.clone()),
+                    backup::settle_interrupted(o.clone(), self.cfg.name.clone(), self.wake.clone()),
                 );
                 continue;
             }
@@ -472,7 +494,7 @@ impl NodeAgent {
             waiting.remove(&o.name);
             tasks.insert(
                 o.name.clone(),
-                backup::start_backup(e.engine.clone(), o.clone()),
+                backup::start_backup(e.engine.clone(), o.clone(), self.wake.clone()),
             );
         }
     }
@@ -511,7 +533,12 @@ impl NodeAgent {
                 if e.restore.is_none()
                     && let Some(r) = &w.restore
                 {
-                    e.restore = Some(backup::start_restore(e.engine.clone(), r.clone(), 8));
+                    e.restore = Some(backup::start_restore(
+                        e.engine.clone(),
+                        r.clone(),
+                        8,
+                        self.wake.clone(),
+                    ));
                 }
                 continue;
             }
@@ -536,11 +563,11 @@ impl NodeAgent {
                     if w.frontend {
                         self.exports.insert(&w.volume, engine.clone());
                     }
-                    let restore = w
-                        .restore
-                        .as_ref()
-                        .map(|r| backup::start_restore(engine.clone(), r.clone(), 8));
+                    let restore = w.restore.as_ref().map(|r| {
+                        backup::start_restore(engine.clone(), r.clone(), 8, self.wake.clone())
+                    });
                     tracing::info!(volume = %w.volume, generation = w.generation, "engine started");
+                    self.wake.notify_one();
                     engines.insert(
                         w.volume.clone(),
                         RunningEngine {

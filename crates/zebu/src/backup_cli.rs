@@ -264,7 +264,7 @@ async fn wait_backup(g: &Global, api: &ApiClient, name: &str) -> Result<Backup> 
                 }
                 bail!("backup {name} failed: {}", st.error);
             }
-            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
 }
@@ -394,7 +394,7 @@ pub async fn wait_restore(g: &Global, api: &ApiClient, name: &str) -> Result<Vol
                 last_print = tokio::time::Instant::now();
             }
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

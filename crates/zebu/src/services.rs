@@ -75,6 +75,7 @@ async fn start_manager(
     let m = Manager::new(store, token.clone(), local).context("initialise the store")?;
     tokio::spawn(m.clone().run());
     tokio::spawn(m.clone().run_backup_sync());
+    tokio::spawn(m.clone().run_wakeups());
     let l = bind_listener(api_listen).await?;
     let addr = l.local_addr()?.to_string();
     let app = zebu_control::api::router(m.clone());
