@@ -45,6 +45,13 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// One confirmed upload of `len` plain bytes stored as `stored` bytes.
+    fn count_upload(&self, len: u64, stored: u64) {
+        self.uploaded.fetch_add(1, Ordering::Relaxed);
+        self.bytes_uploaded.fetch_add(len, Ordering::Relaxed);
+        self.bytes_stored.fetch_add(stored, Ordering::Relaxed);
+    }
+
     pub fn done(&self) -> u64 {
         self.uploaded.load(Ordering::Relaxed)
             + self.present.load(Ordering::Relaxed)
@@ -263,13 +270,7 @@ async fn upload<S: BackupStore, Src: SnapshotSource>(
             let _permit = permit;
             let off = i * bs;
             let len = bs.min(size - off);
-            let data = src
-                .read(off, len)
-                .await
-                .map_err(|message| BackupError::Source {
-                    offset: off,
-                    message,
-                })?;
+            let data = read_block(&*src, off, len).await?;
             if block::is_zero(&data) {
                 progress.zero.fetch_add(1, Ordering::Relaxed);
                 return Ok((i, None, false));
@@ -288,9 +289,7 @@ async fn upload<S: BackupStore, Src: SnapshotSource>(
             let wrote = retry(|| store.put_if_absent(&key, enc.clone())).await?;
             // Counted only now that the write is confirmed.
             if wrote {
-                progress.uploaded.fetch_add(1, Ordering::Relaxed);
-                progress.bytes_uploaded.fetch_add(len, Ordering::Relaxed);
-                progress.bytes_stored.fetch_add(stored, Ordering::Relaxed);
+                progress.count_upload(len, stored);
             } else {
                 progress.present.fetch_add(1, Ordering::Relaxed);
             }
@@ -339,6 +338,19 @@ async fn upload<S: BackupStore, Src: SnapshotSource>(
     Ok(manifest)
 }
 
+async fn read_block<Src: SnapshotSource>(
+    src: &Src,
+    off: u64,
+    len: u64,
+) -> Result<Vec<u8>, BackupError> {
+    src.read(off, len)
+        .await
+        .map_err(|message| BackupError::Source {
+            offset: off,
+            message,
+        })
+}
+
 /// Re-uploads any block the manifest references that is no longer in the store.
 async fn recheck<S: BackupStore, Src: SnapshotSource>(
     store: &S,
@@ -358,13 +370,7 @@ async fn recheck<S: BackupStore, Src: SnapshotSource>(
         }
         let off = i as u64 * bs;
         let len = bs.min(size - off);
-        let data = src
-            .read(off, len)
-            .await
-            .map_err(|message| BackupError::Source {
-                offset: off,
-                message,
-            })?;
+        let data = read_block(src, off, len).await?;
         if BlockHash::of(&data) != *h {
             return Err(BackupError::Invalid(format!(
                 "the snapshot changed under the backup at offset {off}"
@@ -374,9 +380,7 @@ async fn recheck<S: BackupStore, Src: SnapshotSource>(
         let stored = enc.len() as u64;
         if retry(|| store.put_if_absent(&key, enc.clone())).await? && !uploaded[i] {
             progress.present.fetch_sub(1, Ordering::Relaxed);
-            progress.uploaded.fetch_add(1, Ordering::Relaxed);
-            progress.bytes_uploaded.fetch_add(len, Ordering::Relaxed);
-            progress.bytes_stored.fetch_add(stored, Ordering::Relaxed);
+            progress.count_upload(len, stored);
         }
     }
     Ok(())

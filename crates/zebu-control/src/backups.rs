@@ -15,21 +15,9 @@ use zebu_backupstore::target::{SECRET_OPTIONS, Target, list_backups};
 use zebu_backupstore::{Manifest, TargetSpec};
 
 use crate::api::ApiError;
-use crate::controller::{Manager, now};
+use crate::controller::{Manager, conflict, not_found, now};
 use crate::model::*;
 use crate::store::{self, StoreError};
-
-fn conflict(code: &'static str, msg: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::CONFLICT, code, msg)
-}
-
-fn not_found(kind: &str, name: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "NotFound",
-        format!("{kind} {name:?} not found"),
-    )
-}
 
 fn target_error(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(StatusCode::BAD_GATEWAY, "TargetError", e.to_string())

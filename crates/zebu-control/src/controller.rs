@@ -75,11 +75,11 @@ pub struct Manager {
     wakes: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
 }
 
-fn conflict(code: &'static str, msg: impl Into<String>) -> ApiError {
+pub(crate) fn conflict(code: &'static str, msg: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::CONFLICT, code, msg)
 }
 
-fn not_found(kind: &str, name: &str) -> ApiError {
+pub(crate) fn not_found(kind: &str, name: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "NotFound",
@@ -586,6 +586,18 @@ impl Manager {
                     rm.mode,
                     Some((rm.rebuild_copied, rm.rebuild_skipped, rm.rebuild_total)),
                 )?;
+            }
+            // A replica the engine should have but does not (after a restart it took another
+            // one as the source and has not rebuilt this one yet) is not a healthy copy.
+            for want in &e.spec.replicas {
+                if er.replicas.iter().any(|r| r.name == want.name) {
+                    continue;
+                }
+                let rw = store::get::<Replica>(&*self.store, &want.name)?
+                    .is_some_and(|r| r.status.mode == Some(ReplicaMode::RW));
+                if rw {
+                    self.record_mode(&want.name, &er.volume, ReplicaMode::ERR, None)?;
+                }
             }
         }
         for er in &hb.engines {

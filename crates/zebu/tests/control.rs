@@ -631,7 +631,8 @@ fn converge(srv: &Server, what: &str) -> Vec<Value> {
 }
 
 fn converge_with(cli: &dyn Fn(&[&str]) -> String, what: &str) -> Vec<Value> {
-    wait_for(what, 90, || {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let settled = || {
         // Every replica running, none being deleted.
         let reps = json_of(&cli(&["replica", "list", "-o", "json"]));
         let reps_settled = reps.as_array()?.iter().all(|r| {
@@ -653,7 +654,21 @@ fn converge_with(cli: &dyn Fn(&[&str]) -> String, what: &str) -> Vec<Value> {
             }
         });
         settled.then_some(vols)
-    })
+    };
+    loop {
+        if let Some(v) = settled() {
+            return v;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "timed out after 90s waiting for {what}:\nvolumes {}\nreplicas {}\nengines {}",
+                cli(&["volume", "list", "-o", "json"]),
+                cli(&["replica", "list", "-o", "json"]),
+                cli(&["node", "list", "-o", "json"]),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// No duplicated or orphaned replicas: each volume has exactly its replica count, every replica
