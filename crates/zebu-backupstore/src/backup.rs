@@ -409,13 +409,46 @@ pub async fn run_restore<S: BackupStore, D: RestoreSink>(
     concurrency: usize,
     progress: Arc<Progress>,
 ) -> Result<(), BackupError> {
+    run_restore_from(store, None, manifest, sink, fresh, concurrency, progress).await
+}
+
+/// Brings a volume that holds backup `old` to backup `manifest`: only the blocks whose entries
+/// differ are written (or zeroed, when they became zero or absent). Every block it needs is
+/// checked to exist before the first write, so a missing block leaves the volume untouched.
+/// Without `old` (or with a different block size) every block is restored.
+pub async fn run_restore_from<S: BackupStore, D: RestoreSink>(
+    store: Arc<S>,
+    old: Option<&Manifest>,
+    manifest: &Manifest,
+    sink: Arc<D>,
+    fresh: bool,
+    concurrency: usize,
+    progress: Arc<Progress>,
+) -> Result<(), BackupError> {
     let bs = manifest.block_size as u64;
-    progress
-        .total
-        .store(manifest.blocks.len() as u64, Ordering::Relaxed);
+    let base = old.filter(|o| o.block_size == manifest.block_size);
+    let todo: Vec<usize> = (0..manifest.blocks.len())
+        .filter(|&i| match base {
+            Some(o) => o.blocks.get(i).copied().flatten() != manifest.blocks[i],
+            None => true,
+        })
+        .collect();
+    progress.total.store(todo.len() as u64, Ordering::Relaxed);
+    if base.is_some() {
+        for &i in &todo {
+            if let Some(h) = manifest.blocks[i] {
+                let key = block_key(&h);
+                if !retry(|| store.exists(&key)).await? {
+                    return Err(BackupError::MissingBlock(h));
+                }
+            }
+        }
+    }
+    let fresh = fresh && base.is_none();
     let sem = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
-    for (i, entry) in manifest.blocks.iter().enumerate() {
+    for i in todo {
+        let entry = &manifest.blocks[i];
         let off = i as u64 * bs;
         let len = bs.min(manifest.volume_size - off);
         let Some(h) = *entry else {

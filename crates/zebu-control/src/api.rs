@@ -107,6 +107,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/volumes/{name}/attach"),
     ("post", "/v1/volumes/{name}/detach"),
     ("post", "/v1/volumes/{name}/expand"),
+    ("post", "/v1/volumes/{name}/activate"),
     ("get", "/v1/volumes/{name}/snapshots"),
     ("post", "/v1/volumes/{name}/snapshots"),
     ("delete", "/v1/volumes/{name}/snapshots/{snapshot}"),
@@ -145,6 +146,7 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/volumes/{name}/attach", post(attach_volume))
         .route("/v1/volumes/{name}/detach", post(detach_volume))
         .route("/v1/volumes/{name}/expand", post(expand_volume))
+        .route("/v1/volumes/{name}/activate", post(activate_volume))
         .route(
             "/v1/volumes/{name}/snapshots",
             get(list_snapshots).post(create_snapshot),
@@ -221,6 +223,9 @@ pub struct CreateVolume {
     /// The backup target the volume backs up to (default: `default`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup_target: Option<String>,
+    /// Keep following the newest backup of the same volume (needs `fromBackup`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub standby: bool,
 }
 
 fn three() -> u32 {
@@ -245,6 +250,7 @@ async fn create_volume(
         req.replicas,
         req.from_backup.as_deref(),
         req.backup_target.as_deref(),
+        req.standby,
     )?;
     Ok((StatusCode::CREATED, Json(v)))
 }
@@ -357,6 +363,18 @@ async fn list_snapshots(
 ) -> ApiResult<Vec<SnapshotInfo>> {
     authorize(&m, &h)?;
     check_name(&name)?;
+    let v = found(store::get::<Volume>(&*m.store, &name)?, "volume", &name)?;
+    if v.spec.standby {
+        // The engine's chain as last reported, then the head.
+        let mut list = v.status.restore.map(|r| r.snapshots).unwrap_or_default();
+        let parent = list.last().map(|x| x.name.clone()).unwrap_or_default();
+        list.push(SnapshotInfo {
+            name: "volume-head".into(),
+            parent,
+            ..Default::default()
+        });
+        return Ok(Json(list));
+    }
     Ok(Json(
         m.list_snapshots(&name)?
             .into_iter()
@@ -712,4 +730,14 @@ async fn node_wait(
     let t = std::time::Duration::from_millis(q.timeout_ms.unwrap_or(1000).min(2_000));
     let woken = m.wait_for_work(&name, t).await;
     Ok(Json(json!({ "woken": woken })))
+}
+
+async fn activate_volume(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Volume> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    Ok(Json(m.activate_volume(&name).await?))
 }

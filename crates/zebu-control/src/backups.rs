@@ -241,6 +241,20 @@ impl Manager {
             ));
         }
         Self::validate_target(&spec.url, spec.poll_interval, &spec.options)?;
+        let followers: Vec<String> = store::list::<Volume>(&*self.store)?
+            .into_iter()
+            .filter(|v| v.spec.standby && volume_target(v) == name)
+            .map(|v| v.metadata.name)
+            .collect();
+        if !followers.is_empty() && (spec.url != cur.spec.url || spec.options != cur.spec.options) {
+            return Err(conflict(
+                "TargetFollowed",
+                format!(
+                    "standby volumes {} follow backup target {name:?}; activate or delete them first",
+                    followers.join(", ")
+                ),
+            ));
+        }
         if spec.url != cur.spec.url && self.backups_running_on(name)? {
             return Err(conflict(
                 "BackupInProgress",
@@ -635,6 +649,20 @@ impl Manager {
                 ),
             ));
         }
+        if let Some(v) = store::list::<Volume>(&*self.store)?.into_iter().find(|v| {
+            v.status
+                .restore
+                .as_ref()
+                .is_some_and(|r| r.requested_backup == name && r.state == "restoring")
+        }) {
+            return Err(conflict(
+                "BackupInUse",
+                format!(
+                    "standby volume {:?} is restoring backup {name:?} now",
+                    v.metadata.name
+                ),
+            ));
+        }
         if b.status.state == BackupState::Completed {
             let store = self.open_target(&b.spec.target).await?;
             match remote_delete(&store, &b.spec.volume, name).await {
@@ -842,6 +870,7 @@ impl Manager {
         backup: &str,
         size: Option<u64>,
         replicas: u32,
+        standby: bool,
     ) -> Result<Volume, ApiError> {
         let b = self.get_backup(backup)?;
         if b.status.state != BackupState::Completed {
@@ -879,10 +908,12 @@ impl Manager {
             spec: VolumeSpec {
                 size,
                 replicas,
-                standby: false,
+                standby,
                 backup_target: b.spec.target.clone(),
                 node: None,
                 from_backup: backup.to_string(),
+                backup_volume: b.spec.volume.clone(),
+                activate: false,
             },
             status: VolumeStatus {
                 restore: Some(RestoreStatus {
@@ -895,56 +926,167 @@ impl Manager {
         })
     }
 
-    /// The restore an engine of `v` must run, if its restore is not complete.
+    /// The restore an engine of `v` must run: the backup it was created from until that is
+    /// restored; for a standby volume after that, the newest backup of its backup volume taken
+    /// after the one it holds (or that one again, which is a no-op).
     pub(crate) fn restore_order(&self, v: &Volume) -> Option<RestoreOrder> {
-        if v.spec.from_backup.is_empty() || restore_done(v) {
+        if v.spec.from_backup.is_empty() || (!v.spec.standby && restore_done(v)) {
             return None;
         }
-        let b = store::get::<Backup>(&*self.store, &v.spec.from_backup)
-            .ok()
-            .flatten()?;
-        let target = self.target_ref(&b.spec.target).ok()?;
+        let st = v.status.restore.clone().unwrap_or_default();
+        let target = self.target_ref(volume_target(v)).ok()?;
+        let source_volume = if v.spec.backup_volume.is_empty() {
+            store::get::<Backup>(&*self.store, &v.spec.from_backup)
+                .ok()
+                .flatten()?
+                .spec
+                .volume
+        } else {
+            v.spec.backup_volume.clone()
+        };
+        let backup = if !v.spec.standby || st.last_restored_backup.is_empty() {
+            v.spec.from_backup.clone()
+        } else {
+            self.newer_backup(v, &st)
+                .unwrap_or_else(|| st.last_restored_backup.clone())
+        };
         Some(RestoreOrder {
-            backup: v.spec.from_backup.clone(),
-            source_volume: b.spec.volume,
+            backup,
+            from: st.last_restored_backup,
+            source_volume,
             target,
         })
     }
 
-    /// Records an engine's restore progress.
-    pub(crate) fn restore_report(&self, volume: &str, r: &RestoreReport) -> Result<(), ApiError> {
-        store::modify::<Volume>(&*self.store, volume, |v| {
-            if v.spec.from_backup != r.backup {
-                return false;
-            }
-            let mut st = v.status.restore.clone().unwrap_or_default();
-            if st.last_restored_backup == r.backup {
-                return false;
-            }
-            st.requested_backup = r.backup.clone();
-            st.progress = r.progress;
-            st.state = r.state.clone();
-            st.error = r.error.clone();
-            if r.state == "completed" {
-                st.last_restored_backup = r.backup.clone();
-                st.progress = 100;
-                tracing::info!(volume = %v.metadata.name, backup = %r.backup, "restore completed");
-            }
-            let c = v.status.restore.as_ref() != Some(&st);
-            v.status.restore = Some(st);
+    /// The newest completed backup of a standby volume's backup volume taken after the one it
+    /// holds.
+    fn newer_backup(&self, v: &Volume, st: &RestoreStatus) -> Option<String> {
+        store::list::<Backup>(&*self.store)
+            .ok()?
+            .into_iter()
+            .filter(|b| {
+                b.spec.target == volume_target(v)
+                    && b.spec.volume == v.spec.backup_volume
+                    && b.status.state == BackupState::Completed
+                    && b.status.created_ms > st.last_restored_ms
+            })
+            .max_by_key(|b| b.status.created_ms)
+            .map(|b| b.metadata.name)
+    }
+
+    /// Asks a standby volume to become a normal one: syncs its target now, and the reconcile
+    /// loop switches it once the newest backup is restored (or gives up on a restore error).
+    pub async fn activate_volume(&self, name: &str) -> Result<Volume, ApiError> {
+        let v =
+            store::get::<Volume>(&*self.store, name)?.ok_or_else(|| not_found("volume", name))?;
+        if !v.spec.standby {
+            return Err(conflict(
+                "NotStandby",
+                format!("volume {name:?} is not a standby volume"),
+            ));
+        }
+        let target = volume_target(&v).to_string();
+        self.sync_target(&target).await?;
+        let t = self.get_target(&target)?;
+        if !t.status.available {
+            return Err(conflict(
+                "TargetUnavailable",
+                format!(
+                    "cannot activate {name:?}: backup target {target:?} is unavailable: {}",
+                    t.status.message
+                ),
+            ));
+        }
+        store::modify::<Volume>(&*self.store, name, |v| {
+            let c = !v.spec.activate || !v.status.message.is_empty();
+            v.spec.activate = true;
+            v.status.message.clear();
             c
+        })?
+        .ok_or_else(|| not_found("volume", name))
+    }
+
+    /// Finishes or abandons a requested activation.
+    pub(crate) fn reconcile_activation(&self, v: &Volume) -> Result<(), ApiError> {
+        if !(v.spec.standby && v.spec.activate) {
+            return Ok(());
+        }
+        let st = v.status.restore.clone().unwrap_or_default();
+        if st.state == "error" {
+            let msg = format!("activation failed: {}", st.error);
+            tracing::warn!(volume = %v.metadata.name, reason = %st.error, "activation failed");
+            store::modify::<Volume>(&*self.store, &v.metadata.name, |v| {
+                v.spec.activate = false;
+                v.status.message = msg.clone();
+                true
+            })?;
+            return Ok(());
+        }
+        let caught_up = !st.last_restored_backup.is_empty()
+            && st.state == "completed"
+            && self.newer_backup(v, &st).is_none();
+        if caught_up {
+            tracing::info!(volume = %v.metadata.name, backup = %st.last_restored_backup, "standby volume activated");
+            store::modify::<Volume>(&*self.store, &v.metadata.name, |v| {
+                v.spec.standby = false;
+                v.spec.activate = false;
+                v.spec.from_backup = st.last_restored_backup.clone();
+                true
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Records an engine's restore progress and its snapshot list.
+    pub(crate) fn restore_report(
+        &self,
+        volume: &str,
+        r: &RestoreReport,
+        snapshots: &[SnapshotInfo],
+    ) -> Result<(), ApiError> {
+        let created_ms = store::get::<Backup>(&*self.store, &r.backup)?
+            .map(|b| b.status.created_ms)
+            .unwrap_or(0);
+        store::modify::<Volume>(&*self.store, volume, |v| {
+            if v.spec.from_backup.is_empty() || (!v.spec.standby && v.spec.from_backup != r.backup)
+            {
+                return false;
+            }
+            let before = (v.spec.size, v.status.restore.clone());
+            let mut st = v.status.restore.clone().unwrap_or_default();
+            st.snapshots = snapshots.to_vec();
+            if !(st.last_restored_backup == r.backup && r.state == "completed") {
+                st.requested_backup = r.backup.clone();
+                st.progress = r.progress;
+                st.state = r.state.clone();
+                st.error = r.error.clone();
+                if r.state == "completed" {
+                    st.last_restored_backup = r.backup.clone();
+                    st.progress = 100;
+                    if created_ms > 0 {
+                        st.last_restored_ms = created_ms;
+                    }
+                    tracing::info!(volume = %v.metadata.name, backup = %r.backup, "restore completed");
+                }
+            }
+            if r.state == "completed" && r.volume_size > v.spec.size {
+                v.spec.size = r.volume_size;
+            }
+            v.status.restore = Some(st);
+            (v.spec.size, v.status.restore.clone()) != before
         })?;
         Ok(())
     }
 }
 
-/// Whether a volume created from a backup finished restoring it.
+/// Whether a volume created from a backup finished restoring it (a standby volume: its first
+/// restore).
 pub fn restore_done(v: &Volume) -> bool {
     v.spec.from_backup.is_empty()
-        || v.status
-            .restore
-            .as_ref()
-            .is_some_and(|r| r.last_restored_backup == v.spec.from_backup)
+        || v.status.restore.as_ref().is_some_and(|r| {
+            r.last_restored_backup == v.spec.from_backup
+                || (v.spec.standby && !r.last_restored_backup.is_empty())
+        })
 }
 
 fn backup_from_manifest(target: &str, url: &str, m: &Manifest) -> Backup {

@@ -187,7 +187,7 @@ impl Manager {
     }
 
     pub fn create_volume(&self, name: &str, size: u64, replicas: u32) -> Result<Volume, ApiError> {
-        self.create_volume_from(name, Some(size), replicas, None)
+        self.create_volume_from(name, Some(size), replicas, None, false)
     }
 
     /// Like [`Manager::create_volume_from`], with the backup target the volume uses.
@@ -198,6 +198,7 @@ impl Manager {
         replicas: u32,
         from_backup: Option<&str>,
         backup_target: Option<&str>,
+        standby: bool,
     ) -> Result<Volume, ApiError> {
         if let Some(t) = backup_target {
             zebu_types::validate_name(t)
@@ -215,7 +216,7 @@ impl Manager {
                 ));
             }
         }
-        let mut v = self.create_volume_from(name, size, replicas, from_backup)?;
+        let mut v = self.create_volume_from(name, size, replicas, from_backup, standby)?;
         if let Some(t) = backup_target
             && v.spec.backup_target != t
         {
@@ -235,13 +236,20 @@ impl Manager {
         size: Option<u64>,
         replicas: u32,
         from_backup: Option<&str>,
+        standby: bool,
     ) -> Result<Volume, ApiError> {
         zebu_types::validate_name(name).map_err(|e| ApiError::bad("InvalidName", e.to_string()))?;
+        if standby && from_backup.is_none() {
+            return Err(ApiError::bad(
+                "InvalidStandby",
+                "a standby volume is created from a backup (--from-backup)",
+            ));
+        }
         let restored = match from_backup {
             Some(b) => {
                 zebu_types::validate_name(b)
                     .map_err(|e| ApiError::bad("InvalidName", e.to_string()))?;
-                Some(self.restore_volume(name, b, size, replicas)?)
+                Some(self.restore_volume(name, b, size, replicas, standby)?)
             }
             None => None,
         };
@@ -345,6 +353,14 @@ impl Manager {
                 format!("volume {name:?} is being deleted"),
             ));
         }
+        if v.spec.standby {
+            return Err(conflict(
+                "VolumeStandby",
+                format!(
+                    "volume {name:?} is a standby volume; activate it first (zebu volume activate {name})"
+                ),
+            ));
+        }
         if !crate::backups::restore_done(&v) {
             let why = v
                 .status
@@ -410,6 +426,12 @@ impl Manager {
                 ),
             ));
         }
+        if v.spec.standby {
+            return Err(conflict(
+                "VolumeStandby",
+                format!("volume {name:?} is a standby volume; it grows with its source's backups"),
+            ));
+        }
         if v.spec.node.is_some() || v.status.state != VolumeState::Detached {
             return Err(conflict(
                 "VolumeAttached",
@@ -425,6 +447,12 @@ impl Manager {
 
     fn attached_volume(&self, volume: &str) -> Result<Volume, ApiError> {
         let v = self.get_volume(volume)?;
+        if v.spec.standby {
+            return Err(conflict(
+                "VolumeStandby",
+                format!("volume {volume:?} is a standby volume; snapshots follow its backups"),
+            ));
+        }
         if v.status.state != VolumeState::Attached {
             return Err(conflict(
                 "VolumeNotAttached",
@@ -442,10 +470,10 @@ impl Manager {
             .unwrap_or_else(|| format!("snap-{:08x}", rand::random::<u32>()));
         zebu_types::validate_name(&name)
             .map_err(|e| ApiError::bad("InvalidName", e.to_string()))?;
-        if name.starts_with("rebuild-") {
+        if name.starts_with("rebuild-") || name.starts_with("restore-") {
             return Err(ApiError::bad(
                 "InvalidName",
-                "snapshot names starting with \"rebuild-\" are reserved",
+                "snapshot names starting with \"rebuild-\" or \"restore-\" are reserved",
             ));
         }
         let sn = Snapshot {
@@ -602,7 +630,7 @@ impl Manager {
         }
         for er in &hb.engines {
             if let Some(r) = &er.restore {
-                self.restore_report(&er.volume, r)?;
+                self.restore_report(&er.volume, r, &er.snapshots)?;
             }
         }
         self.backup_reports(node, &hb.backups)?;
@@ -963,6 +991,7 @@ impl Manager {
             }
             self.reconcile_engine(v, &live, engines.get(&name), &nodes)?;
             self.update_volume_status(v, &live)?;
+            self.reconcile_activation(v)?;
         }
         for e in engines.values() {
             if !volumes.iter().any(|v| v.metadata.name == e.spec.volume) {
@@ -1110,19 +1139,21 @@ impl Manager {
     fn engine_node(
         &self,
         v: &Volume,
-        restoring: bool,
+        restore: Option<&RestoreOrder>,
         live: &[Replica],
         nodes: &HashMap<String, Node>,
     ) -> Option<String> {
         if v.spec.node.is_some() {
             return v.spec.node.clone();
         }
+        let order = restore?;
+        // A restore that failed is not retried until there is another backup to restore.
         let failed = v
             .status
             .restore
             .as_ref()
-            .is_some_and(|r| r.state == "error");
-        if !restoring || failed {
+            .is_some_and(|r| r.state == "error" && r.requested_backup == order.backup);
+        if failed {
             return None;
         }
         let up = |n: &str| nodes.get(n).is_some_and(|n| n.status.state == "up");
@@ -1146,7 +1177,7 @@ impl Manager {
     ) -> Result<(), ApiError> {
         let s = &*self.store;
         let restore = self.restore_order(v);
-        let want = self.engine_node(v, restore.is_some(), live, nodes);
+        let want = self.engine_node(v, restore.as_ref(), live, nodes);
         match (&want, engine) {
             (Some(node), None) => {
                 let reps = self.engine_replicas(live, nodes);
@@ -1186,6 +1217,13 @@ impl Manager {
                 self.stop_engine(e, nodes)?;
             }
             (Some(_), Some(e)) => {
+                if e.spec.restore != restore || e.spec.frontend != restore.is_none() {
+                    store::modify::<Engine>(s, &e.metadata.name, |e| {
+                        e.spec.frontend = restore.is_none();
+                        e.spec.restore = restore.clone();
+                        true
+                    })?;
+                }
                 let reps = self.engine_replicas(live, nodes);
                 // The set only grows by rebuilds the engine runs itself; names leaving the spec
                 // are removed from the engine.
@@ -1239,6 +1277,7 @@ impl Manager {
         let restoring = !crate::backups::restore_done(v);
         let state = match (&v.spec.node, &engine) {
             _ if restoring => VolumeState::Creating,
+            (None, Some(_)) if v.spec.standby => VolumeState::Detached,
             (Some(_), Some(_)) if running => VolumeState::Attached,
             (Some(_), _) => VolumeState::Attaching,
             (None, Some(_)) => VolumeState::Detaching,
@@ -1277,9 +1316,15 @@ impl Manager {
         } else {
             None
         };
+        // A standby volume's last backup is its source's newest.
+        let followed = if v.spec.standby {
+            &v.spec.backup_volume
+        } else {
+            &v.metadata.name
+        };
         let bv = store::get::<BackupVolume>(
             s,
-            &format!("{}.{}", crate::backups::volume_target(v), v.metadata.name),
+            &format!("{}.{followed}", crate::backups::volume_target(v)),
         )?;
         let (last_backup, last_backup_at) = bv
             .map(|b| (b.status.last_backup, b.status.last_backup_at))

@@ -89,6 +89,12 @@ pub struct VolumeSpec {
     /// The backup this volume is restored from (on its backup target); empty for a new volume.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub from_backup: String,
+    /// The volume whose backups it was restored from (a standby volume follows its newest).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backup_volume: String,
+    /// A standby volume asked to become a normal one once the newest backup is restored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub activate: bool,
 }
 
 /// Where a volume's restore stands.
@@ -107,6 +113,13 @@ pub struct RestoreStatus {
     pub state: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
+    /// When the last restored backup was taken (Unix ms); a standby volume follows only newer
+    /// backups.
+    #[serde(default)]
+    pub last_restored_ms: u64,
+    /// The engine's snapshots, oldest first, as of its last report.
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotInfo>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,6 +247,9 @@ pub struct TargetRef {
 #[serde(rename_all = "camelCase")]
 pub struct RestoreOrder {
     pub backup: String,
+    /// The backup the volume holds now (incremental restore); empty: restore every block.
+    #[serde(default)]
+    pub from: String,
     /// The volume the backup was taken of (its backup volume on the target).
     pub source_volume: String,
     pub target: TargetRef,
@@ -616,6 +632,9 @@ pub struct BackupReport {
 #[serde(rename_all = "camelCase")]
 pub struct RestoreReport {
     pub backup: String,
+    /// Size of the restored backup (a standby volume grows to it).
+    #[serde(default)]
+    pub volume_size: u64,
     /// `restoring`, `completed`, `error`.
     pub state: String,
     pub progress: u32,

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use zebu_backupstore::backup::{
-    BackupSpec, Progress, RestoreSink, SnapshotSource, read_manifest, run_backup, run_restore,
+    BackupSpec, Progress, RestoreSink, SnapshotSource, read_manifest, run_backup, run_restore_from,
 };
 use zebu_backupstore::gc::now_ms;
 use zebu_backupstore::{Codec, Target, TargetSpec};
@@ -296,11 +296,18 @@ pub fn settle_interrupted(
     }
 }
 
+/// The name of the snapshot taken once a backup is restored.
+pub fn restore_snapshot(backup: &str) -> String {
+    format!("restore-{backup}")
+}
+
 /// A restore running into an engine.
 pub struct RestoreTask {
     pub backup: String,
+    pub from: String,
     pub progress: Arc<Progress>,
-    pub outcome: Arc<Mutex<Option<Result<(), String>>>>,
+    /// The restored backup's volume size once done.
+    pub outcome: Arc<Mutex<Option<Result<u64, String>>>>,
     pub handle: tokio::task::JoinHandle<()>,
 }
 
@@ -309,10 +316,10 @@ impl RestoreTask {
         let total = self.progress.total.load(Ordering::Relaxed);
         let done = self.progress.restored.load(Ordering::Relaxed);
         let outcome = self.outcome.lock().ok().and_then(|o| o.clone());
-        let (state, error) = match outcome {
-            None => ("restoring", String::new()),
-            Some(Ok(())) => ("completed", String::new()),
-            Some(Err(e)) => ("error", e),
+        let (state, error, volume_size) = match outcome {
+            None => ("restoring", String::new(), 0),
+            Some(Ok(size)) => ("completed", String::new(), size),
+            Some(Err(e)) => ("error", e, 0),
         };
         let progress = match state {
             "completed" => 100,
@@ -321,10 +328,17 @@ impl RestoreTask {
         };
         RestoreReport {
             backup: self.backup.clone(),
+            volume_size,
             state: state.into(),
             progress,
             error,
         }
+    }
+}
+
+impl RestoreTask {
+    pub fn finished(&self) -> bool {
+        self.outcome.lock().map(|o| o.is_some()).unwrap_or(true)
     }
 }
 
@@ -344,7 +358,7 @@ pub fn start_restore(
     let progress = Arc::new(Progress::default());
     let outcome = Arc::new(Mutex::new(None));
     let (p, o) = (progress.clone(), outcome.clone());
-    let backup = order.backup.clone();
+    let (backup, from) = (order.backup.clone(), order.from.clone());
     let handle = tokio::spawn(async move {
         let res = restore(engine, &order, p, concurrency).await;
         if let Err(e) = &res {
@@ -357,36 +371,94 @@ pub fn start_restore(
     });
     RestoreTask {
         backup,
+        from,
         progress,
         outcome,
         handle,
     }
 }
 
+async fn snapshot_names(engine: &Engine) -> Result<Vec<String>, String> {
+    Ok(engine
+        .layers()
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|l| !l.meta.deleting)
+        .filter_map(|l| l.meta.name)
+        .collect())
+}
+
+/// Restores `order` into `engine`: every block, or (with `order.from`, the backup the volume
+/// holds) only the blocks that differ. Then the restore snapshot is taken and older restore
+/// snapshots are deleted, so the chain is that snapshot and the head. A failed incremental
+/// restore reverts to the previous restore snapshot: the volume keeps its last good state.
 async fn restore(
     engine: Arc<Engine>,
     order: &RestoreOrder,
     progress: Arc<Progress>,
     concurrency: usize,
-) -> Result<(), String> {
+) -> Result<u64, String> {
     let store = open(&order.target).await?;
     let m = read_manifest(&store, &order.source_volume, &order.backup)
         .await
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("backup {:?} is not in the target", order.backup))?;
-    if m.volume_size > engine.size() {
-        return Err(format!(
-            "backup {:?} holds {} bytes, more than the volume's {}",
-            order.backup,
-            m.volume_size,
-            engine.size()
-        ));
+    let snap = restore_snapshot(&order.backup);
+    let names = snapshot_names(&engine).await?;
+    if !names.contains(&snap) {
+        if m.volume_size > engine.size() {
+            tracing::info!(volume = %engine.volume(), size = m.volume_size, "growing the volume to the backup's size");
+            engine
+                .expand(m.volume_size)
+                .await
+                .map_err(|e| format!("growing the volume to {} bytes: {e}", m.volume_size))?;
+        }
+        let old = if order.from.is_empty() || order.from == order.backup {
+            None
+        } else {
+            read_manifest(&store, &order.source_volume, &order.from)
+                .await
+                .ok()
+                .flatten()
+        };
+        let base = restore_snapshot(&order.from);
+        let fresh = !names.iter().any(|n| n.starts_with("restore-"));
+        tracing::info!(volume = %engine.volume(), backup = %order.backup,
+            from = %if old.is_some() { order.from.as_str() } else { "-" }, "restore started");
+        let sink = Arc::new(EngineSink(engine.clone()));
+        let res = run_restore_from(
+            Arc::new(store),
+            old.as_ref(),
+            &m,
+            sink,
+            fresh,
+            concurrency,
+            progress,
+        )
+        .await;
+        if let Err(e) = res {
+            if !order.from.is_empty()
+                && names.contains(&base)
+                && let Err(re) = engine.revert(&base).await
+            {
+                tracing::error!(volume = %engine.volume(), error = %re, "cannot revert to the last restored snapshot");
+            }
+            return Err(format!("restore of backup {:?} failed: {e}", order.backup));
+        }
+        engine.flush().await.map_err(|e| e.to_string())?;
+        engine
+            .snapshot(Some(snap.clone()), false)
+            .await
+            .map_err(|e| format!("taking the restore snapshot: {e}"))?;
     }
-    tracing::info!(volume = %engine.volume(), backup = %order.backup, "restore started");
-    let sink = Arc::new(EngineSink(engine.clone()));
-    run_restore(Arc::new(store), &m, sink, true, concurrency, progress)
-        .await
-        .map_err(|e| format!("restore of backup {:?} failed: {e}", order.backup))?;
-    engine.flush().await.map_err(|e| e.to_string())?;
-    Ok(())
+    for n in snapshot_names(&engine).await? {
+        if n.starts_with("restore-")
+            && n != snap
+            && let Err(e) = engine.delete_snapshot(&n).await
+        {
+            tracing::warn!(volume = %engine.volume(), snapshot = %n, error = %e, "cannot delete an older restore snapshot");
+        }
+    }
+    Ok(m.volume_size)
 }

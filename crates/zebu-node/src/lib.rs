@@ -530,15 +530,20 @@ impl NodeAgent {
                 .collect();
             if let Some(e) = engines.get_mut(&w.volume) {
                 e.engine.set_desired(desired);
-                if e.restore.is_none()
-                    && let Some(r) = &w.restore
-                {
-                    e.restore = Some(backup::start_restore(
-                        e.engine.clone(),
-                        r.clone(),
-                        8,
-                        self.wake.clone(),
-                    ));
+                if let Some(r) = &w.restore {
+                    // A new order replaces a finished task; a running one completes first.
+                    let start = match &e.restore {
+                        None => true,
+                        Some(t) => (t.backup != r.backup || t.from != r.from) && t.finished(),
+                    };
+                    if start {
+                        e.restore = Some(backup::start_restore(
+                            e.engine.clone(),
+                            r.clone(),
+                            8,
+                            self.wake.clone(),
+                        ));
+                    }
                 }
                 continue;
             }

@@ -413,3 +413,45 @@ mod tests {
         assert!(parse_duration("5x").is_err());
     }
 }
+
+/// Waits until a standby volume asked to activate is a normal volume, or its activation failed.
+pub async fn wait_activated(g: &Global, api: &ApiClient, name: &str, secs: u64) -> Result<Volume> {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stderr().is_terminal();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let v: Volume = api.get(&format!("/v1/volumes/{name}")).await?;
+        let r = v.status.restore.clone().unwrap_or_default();
+        if !v.spec.standby {
+            if tty && g.output == Output::Table {
+                eprintln!();
+            }
+            return Ok(v);
+        }
+        if !v.spec.activate {
+            bail!(
+                "volume {name} was not activated: {}",
+                if v.status.message.is_empty() {
+                    r.error.as_str()
+                } else {
+                    v.status.message.as_str()
+                }
+            );
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "volume {name} is still not activated after {secs}s (restoring {})",
+                r.requested_backup
+            );
+        }
+        if g.output == Output::Table && tty {
+            eprint!(
+                "\r\x1b[2Kactivating {name}: restoring {} {}",
+                r.requested_backup,
+                bar(r.progress as u64, 100)
+            );
+            let _ = std::io::stderr().flush();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -53,6 +53,10 @@ pub enum VolumeCmd {
         /// The backup target the volume backs up to (default: `default`).
         #[arg(long)]
         backup_target: Option<String>,
+        /// Keep following the newest backup of the same volume (disaster recovery); needs
+        /// --from-backup. `volume activate` makes it a normal volume.
+        #[arg(long, requires = "from_backup")]
+        standby: bool,
         #[arg(long, default_value_t = 3)]
         replicas: u32,
         /// Wait until every replica is running (and a restore is complete).
@@ -81,6 +85,14 @@ pub enum VolumeCmd {
     },
     Detach {
         name: String,
+    },
+    /// Make a standby volume a normal one: syncs its target, waits until the newest backup is
+    /// restored, then switches it.
+    Activate {
+        name: String,
+        /// Seconds to wait before giving up.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
     },
     /// Wait until the volume is healthy (attached) or settled (detached), showing rebuild
     /// progress bars on stderr.
@@ -241,6 +253,7 @@ pub async fn volume(g: &Global, cmd: VolumeCmd) -> Result<()> {
             size,
             from_backup,
             backup_target,
+            standby,
             replicas,
             wait,
         } => {
@@ -253,6 +266,9 @@ pub async fn volume(g: &Global, cmd: VolumeCmd) -> Result<()> {
             }
             if let Some(t) = &backup_target {
                 body["backupTarget"] = json!(t);
+            }
+            if standby {
+                body["standby"] = json!(true);
             }
             let mut v: Volume = api.post("/v1/volumes", &body).await?;
             if wait && from_backup.is_some() {
@@ -337,6 +353,17 @@ pub async fn volume(g: &Global, cmd: VolumeCmd) -> Result<()> {
         }
         VolumeCmd::Wait { name, timeout } => {
             let v = wait_healthy(g, &api, &name, timeout).await?;
+            if g.output == Output::Json {
+                print_json(&v)
+            } else {
+                show_volumes(g, &[v])
+            }
+        }
+        VolumeCmd::Activate { name, timeout } => {
+            let _: Volume = api
+                .post(&format!("/v1/volumes/{name}/activate"), &json!({}))
+                .await?;
+            let v = crate::backup_cli::wait_activated(g, &api, &name, timeout).await?;
             if g.output == Output::Json {
                 print_json(&v)
             } else {
