@@ -398,22 +398,6 @@ pub async fn wait_restore(g: &Global, api: &ApiClient, name: &str) -> Result<Vol
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("300"), Ok(300));
-        assert_eq!(parse_duration("30s"), Ok(30));
-        assert_eq!(parse_duration("5m"), Ok(300));
-        assert_eq!(parse_duration("2h"), Ok(7200));
-        assert!(parse_duration("0").is_err());
-        assert!(parse_duration("m").is_err());
-        assert!(parse_duration("5x").is_err());
-    }
-}
-
 /// Waits until a standby volume asked to activate is a normal volume, or its activation failed.
 pub async fn wait_activated(g: &Global, api: &ApiClient, name: &str, secs: u64) -> Result<Volume> {
     use std::io::{IsTerminal, Write};
@@ -453,5 +437,21 @@ pub async fn wait_activated(g: &Global, api: &ApiClient, name: &str, secs: u64) 
             let _ = std::io::stderr().flush();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("300"), Ok(300));
+        assert_eq!(parse_duration("30s"), Ok(30));
+        assert_eq!(parse_duration("5m"), Ok(300));
+        assert_eq!(parse_duration("2h"), Ok(7200));
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("5x").is_err());
     }
 }
