@@ -30,7 +30,7 @@ schemas = {
                        "robustness": S(enum=["healthy", "degraded", "faulted", "unknown"]),
                        "nbdUri": S(), "node": S(), "lastBackup": S(), "lastBackupAt": I(), "message": S(),
                        "restore": obj({"requestedBackup": S(), "lastRestoredBackup": S(), "progress": I(maximum=100),
-                                       "state": S(), "error": S(), "lastRestoredMs": I(),
+                                       "state": S(), "error": S(), "lastRestoredMs": I(), "activationError": S(),
                                        "snapshots": arr(ref("SnapshotInfo"))})})},
         ["metadata", "spec", "status"]),
     "Replica": obj({"metadata": ref("Meta"),

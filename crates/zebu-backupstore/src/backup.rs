@@ -409,7 +409,23 @@ pub async fn run_restore<S: BackupStore, D: RestoreSink>(
     concurrency: usize,
     progress: Arc<Progress>,
 ) -> Result<(), BackupError> {
-    run_restore_from(store, None, manifest, sink, fresh, concurrency, progress).await
+    let opts = RestoreOptions {
+        fresh,
+        concurrency,
+        bandwidth: None,
+    };
+    run_restore_from(store, None, manifest, sink, opts, progress).await
+}
+
+/// How a restore writes.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreOptions {
+    /// The sink is all zeros already: zero blocks need no write.
+    pub fresh: bool,
+    /// Blocks in flight.
+    pub concurrency: usize,
+    /// Download limit in bytes per second.
+    pub bandwidth: Option<u64>,
 }
 
 /// Brings a volume that holds backup `old` to backup `manifest`: only the blocks whose entries
@@ -421,10 +437,20 @@ pub async fn run_restore_from<S: BackupStore, D: RestoreSink>(
     old: Option<&Manifest>,
     manifest: &Manifest,
     sink: Arc<D>,
-    fresh: bool,
-    concurrency: usize,
+    opts: RestoreOptions,
     progress: Arc<Progress>,
 ) -> Result<(), BackupError> {
+    let RestoreOptions {
+        fresh,
+        concurrency,
+        bandwidth,
+    } = opts;
+    let limiter = bandwidth.map(|rate| {
+        Arc::new(Limiter {
+            rate,
+            next: std::sync::Mutex::new(tokio::time::Instant::now()),
+        })
+    });
     let bs = manifest.block_size as u64;
     let base = old.filter(|o| o.block_size == manifest.block_size);
     let todo: Vec<usize> = (0..manifest.blocks.len())
@@ -468,13 +494,21 @@ pub async fn run_restore_from<S: BackupStore, D: RestoreSink>(
             .acquire_owned()
             .await
             .map_err(|_| BackupError::Invalid("cancelled".into()))?;
-        let (store, sink, progress) = (store.clone(), sink.clone(), progress.clone());
+        let (store, sink, progress, limiter) = (
+            store.clone(),
+            sink.clone(),
+            progress.clone(),
+            limiter.clone(),
+        );
         tasks.spawn(async move {
             let _permit = permit;
             let key = block_key(&h);
             let stored = retry(|| store.get(&key))
                 .await?
                 .ok_or(BackupError::MissingBlock(h))?;
+            if let Some(l) = &limiter {
+                l.take(stored.len() as u64).await;
+            }
             let data = block::decode(&stored, &h)
                 .map_err(|e| BackupError::CorruptBlock(h, e.to_string()))?;
             if data.len() as u64 != len {

@@ -635,7 +635,8 @@ impl Manager {
             ));
         }
         if let Some(v) = store::list::<Volume>(&*self.store)?.into_iter().find(|v| {
-            v.spec.from_backup == name
+            !v.spec.standby
+                && v.spec.from_backup == name
                 && v.status
                     .restore
                     .as_ref()
@@ -955,6 +956,7 @@ impl Manager {
             from: st.last_restored_backup,
             source_volume,
             target,
+            bandwidth: self.setting_u64("backup-bandwidth-limit"),
         })
     }
 
@@ -998,41 +1000,55 @@ impl Manager {
             ));
         }
         store::modify::<Volume>(&*self.store, name, |v| {
-            let c = !v.spec.activate || !v.status.message.is_empty();
             v.spec.activate = true;
-            v.status.message.clear();
-            c
+            if let Some(r) = v.status.restore.as_mut() {
+                r.activation_error.clear();
+            }
+            true
         })?
         .ok_or_else(|| not_found("volume", name))
     }
 
-    /// Finishes or abandons a requested activation.
+    /// Finishes or abandons a requested activation: it completes once no backup newer than the
+    /// restored one exists, and fails when restoring the newer one failed.
     pub(crate) fn reconcile_activation(&self, v: &Volume) -> Result<(), ApiError> {
         if !(v.spec.standby && v.spec.activate) {
             return Ok(());
         }
         let st = v.status.restore.clone().unwrap_or_default();
-        if st.state == "error" {
-            let msg = format!("activation failed: {}", st.error);
-            tracing::warn!(volume = %v.metadata.name, reason = %st.error, "activation failed");
-            store::modify::<Volume>(&*self.store, &v.metadata.name, |v| {
-                v.spec.activate = false;
-                v.status.message = msg.clone();
-                true
-            })?;
-            return Ok(());
-        }
-        let caught_up = !st.last_restored_backup.is_empty()
-            && st.state == "completed"
-            && self.newer_backup(v, &st).is_none();
-        if caught_up {
-            tracing::info!(volume = %v.metadata.name, backup = %st.last_restored_backup, "standby volume activated");
-            store::modify::<Volume>(&*self.store, &v.metadata.name, |v| {
-                v.spec.standby = false;
-                v.spec.activate = false;
-                v.spec.from_backup = st.last_restored_backup.clone();
-                true
-            })?;
+        match self.newer_backup(v, &st) {
+            Some(newer) if st.state == "error" && st.requested_backup == newer => {
+                let msg = format!("restoring backup {newer:?} failed: {}", st.error);
+                tracing::warn!(volume = %v.metadata.name, reason = %msg, "activation failed");
+                store::modify::<Volume>(&*self.store, &v.metadata.name, |v| {
+                    v.spec.activate = false;
+                    if let Some(r) = v.status.restore.as_mut() {
+                        r.activation_error = msg.clone();
+                    }
+                    true
+                })?;
+            }
+            Some(_) => {}
+            None if st.last_restored_backup.is_empty() => {}
+            None => {
+                tracing::info!(volume = %v.metadata.name, backup = %st.last_restored_backup, "standby volume activated");
+                store::modify::<Volume>(&*self.store, &v.metadata.name, |v| {
+                    v.spec.standby = false;
+                    v.spec.activate = false;
+                    v.spec.from_backup = st.last_restored_backup.clone();
+                    if let Some(r) = v.status.restore.as_mut() {
+                        r.activation_error.clear();
+                        if r.state == "error" {
+                            // The failure was about a backup that is gone.
+                            r.state = "completed".into();
+                            r.error.clear();
+                            r.requested_backup = r.last_restored_backup.clone();
+                            r.progress = 100;
+                        }
+                    }
+                    true
+                })?;
+            }
         }
         Ok(())
     }
@@ -1055,19 +1071,16 @@ impl Manager {
             let before = (v.spec.size, v.status.restore.clone());
             let mut st = v.status.restore.clone().unwrap_or_default();
             st.snapshots = snapshots.to_vec();
-            if !(st.last_restored_backup == r.backup && r.state == "completed") {
-                st.requested_backup = r.backup.clone();
-                st.progress = r.progress;
-                st.state = r.state.clone();
-                st.error = r.error.clone();
-                if r.state == "completed" {
-                    st.last_restored_backup = r.backup.clone();
-                    st.progress = 100;
-                    if created_ms > 0 {
-                        st.last_restored_ms = created_ms;
-                    }
-                    tracing::info!(volume = %v.metadata.name, backup = %r.backup, "restore completed");
+            st.requested_backup = r.backup.clone();
+            st.progress = r.progress;
+            st.state = r.state.clone();
+            st.error = r.error.clone();
+            if r.state == "completed" && st.last_restored_backup != r.backup {
+                st.last_restored_backup = r.backup.clone();
+                if created_ms > 0 {
+                    st.last_restored_ms = created_ms;
                 }
+                tracing::info!(volume = %v.metadata.name, backup = %r.backup, "restore completed");
             }
             if r.state == "completed" && r.volume_size > v.spec.size {
                 v.spec.size = r.volume_size;

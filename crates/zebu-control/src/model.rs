@@ -120,6 +120,9 @@ pub struct RestoreStatus {
     /// The engine's snapshots, oldest first, as of its last report.
     #[serde(default)]
     pub snapshots: Vec<SnapshotInfo>,
+    /// Why the last activation request failed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub activation_error: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,6 +256,9 @@ pub struct RestoreOrder {
     /// The volume the backup was taken of (its backup volume on the target).
     pub source_volume: String,
     pub target: TargetRef,
+    /// Download limit in bytes per second (the `backup-bandwidth-limit` setting); 0 = none.
+    #[serde(default)]
+    pub bandwidth: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -586,7 +592,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     (
         "backup-bandwidth-limit",
         "0",
-        "upload limit per backup in bytes per second (0: unlimited)",
+        "transfer limit per backup or restore in bytes per second (0: unlimited)",
     ),
 ];
 

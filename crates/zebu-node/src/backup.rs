@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use zebu_backupstore::backup::{
-    BackupSpec, Progress, RestoreSink, SnapshotSource, read_manifest, run_backup, run_restore_from,
+    BackupSpec, Progress, RestoreOptions, RestoreSink, SnapshotSource, read_manifest, run_backup,
+    run_restore_from,
 };
 use zebu_backupstore::gc::now_ms;
 use zebu_backupstore::{Codec, Target, TargetSpec};
@@ -432,8 +433,11 @@ async fn restore(
             old.as_ref(),
             &m,
             sink,
-            fresh,
-            concurrency,
+            RestoreOptions {
+                fresh,
+                concurrency,
+                bandwidth: (order.bandwidth > 0).then_some(order.bandwidth),
+            },
             progress,
         )
         .await;

@@ -413,14 +413,7 @@ pub async fn wait_activated(g: &Global, api: &ApiClient, name: &str, secs: u64) 
             return Ok(v);
         }
         if !v.spec.activate {
-            bail!(
-                "volume {name} was not activated: {}",
-                if v.status.message.is_empty() {
-                    r.error.as_str()
-                } else {
-                    v.status.message.as_str()
-                }
-            );
+            bail!("volume {name} was not activated: {}", r.activation_error);
         }
         if tokio::time::Instant::now() >= deadline {
             bail!(

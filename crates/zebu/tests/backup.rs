@@ -491,3 +491,351 @@ fn two_targets_resync_after_recreate_and_a_backup_killed_with_its_server_ends_de
     let bn = b["metadata"]["name"].as_str().expect("name").to_string();
     assert_eq!(restore_hash(&srv, tmp.path(), "r2", &bn), want2);
 }
+
+fn vol(srv: &Server, name: &str) -> Value {
+    json_of(&srv.cli(&["volume", "get", name, "-o", "json"]))
+}
+
+/// Waits until a standby volume holds `backup`.
+fn wait_restored(srv: &Server, name: &str, backup: &str) -> Value {
+    wait_for(&format!("{name} to restore {backup}"), 120, || {
+        let v = vol(srv, name);
+        (v["status"]["restore"]["lastRestoredBackup"] == backup
+            && v["status"]["restore"]["state"] == "completed")
+            .then_some(v)
+    })
+}
+
+fn snapshot_names(srv: &Server, name: &str) -> Vec<String> {
+    json_of(&srv.cli(&["snapshot", "list", name, "-o", "json"]))
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|s| s["name"].as_str().expect("name").to_string())
+        .collect()
+}
+
+fn write_at(uri: &str, file: &Path, offset: &str, len: &str) {
+    let out = must(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            uri,
+            "-c",
+            &format!("write -s {} {offset} {len}", file.display()),
+            "-c",
+            "flush",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+}
+
+/// Activates a standby volume, attaches it and returns its whole-volume hash.
+fn activate_hash(srv: &Server, tmp: &Path, name: &str) -> (String, String) {
+    let v = json_of(&srv.cli(&["volume", "activate", name, "-o", "json"]));
+    assert_eq!(v["spec"]["standby"], false, "{v}");
+    let uri = srv.cli(&["volume", "attach", name]).trim().to_string();
+    (volume_hash(tmp, &uri), uri)
+}
+
+/// Longhorn's `test_restore_inc`, black-box: three standby volumes follow a volume's backups by
+/// incremental restore; each is activated at a different backup and must equal the volume at
+/// that backup. Then growth, and lastBackup falling back as backups are deleted.
+#[test]
+fn standby_volumes_follow_backups_incrementally_and_activate() {
+    let tmp = TempDir::new("dr");
+    let srv = Server::start(&tmp.path().join("data"));
+    let url = format!("file://{}", tmp.path().join("drt").display());
+    srv.cli(&["backup-target", "create", "dr", "--url", &url]);
+    srv.cli(&[
+        "volume",
+        "create",
+        "v",
+        "--size",
+        "32MiB",
+        "--replicas",
+        "2",
+        "--backup-target",
+        "dr",
+        "--wait",
+    ]);
+    let uri = srv.cli(&["volume", "attach", "v"]).trim().to_string();
+    let r4 = tmp.path().join("r4.img");
+    write_file(&r4, &[(4, None)]);
+    write_at(&uri, &r4, "0", "4M");
+    srv.cli(&["snapshot", "create", "v", "--name", "s0"]);
+    let b0 = backup_json(&srv, &["v", "--snapshot", "s0"]);
+    let b0n = b0["metadata"]["name"].as_str().expect("name").to_string();
+    let h0 = volume_hash(tmp.path(), &uri);
+
+    for dr in ["dr0", "dr1", "dr2"] {
+        srv.cli(&[
+            "volume",
+            "create",
+            dr,
+            "--from-backup",
+            &b0n,
+            "--standby",
+            "--replicas",
+            "2",
+            "--wait",
+        ]);
+        let v = wait_restored(&srv, dr, &b0n);
+        assert_eq!(v["spec"]["standby"], true);
+        assert!(v["status"].get("nbdUri").is_none(), "no frontend: {v}");
+        assert_eq!(v["status"]["lastBackup"], b0n.as_str());
+        assert_eq!(v["status"]["restore"]["requestedBackup"], b0n.as_str());
+        assert_eq!(
+            snapshot_names(&srv, dr),
+            vec![format!("restore-{b0n}"), "volume-head".to_string()]
+        );
+    }
+    // Everything a standby volume must refuse, each with one clear line.
+    let refuse = |args: &[&str], word: &str| {
+        let (ok, out, err) = zebu_cli(srv.api(), &srv.token, args);
+        assert!(!ok, "{args:?} must be refused: {out}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(word), "{args:?}: {err}");
+    };
+    refuse(&["volume", "attach", "dr0"], "standby");
+    refuse(&["snapshot", "create", "dr0"], "standby");
+    refuse(&["snapshot", "delete", "dr0", "x"], "standby");
+    refuse(&["backup", "create", "dr0"], "standby");
+    refuse(&["volume", "expand", "dr0", "--size", "64MiB"], "standby");
+    refuse(&["backup-target", "delete", "dr"], "dr0");
+    refuse(
+        &[
+            "backup-target",
+            "update",
+            "dr",
+            "--url",
+            "file:///nonexistent",
+        ],
+        "standby",
+    );
+    refuse(&["volume", "activate", "v"], "not a standby");
+    let (h, _) = activate_hash(&srv, tmp.path(), "dr0");
+    assert_eq!(h, h0, "dr0 equals v at backup0");
+
+    // data1: 2 MiB of zeros at 0.
+    let out = must(
+        "qemu-io",
+        &["-f", "raw", &uri, "-c", "write -z 0 2M", "-c", "flush"],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    let b1 = backup_json(&srv, &["v"]);
+    let b1n = b1["metadata"]["name"].as_str().expect("name").to_string();
+    let h1 = volume_hash(tmp.path(), &uri);
+    let v = wait_restored(&srv, "dr1", &b1n);
+    assert_eq!(v["status"]["lastBackup"], b1n.as_str());
+    assert_eq!(v["status"]["restore"]["requestedBackup"], b1n.as_str());
+    wait_for("dr1's snapshot list to be current", 30, || {
+        (snapshot_names(&srv, "dr1") == vec![format!("restore-{b1n}"), "volume-head".to_string()])
+            .then_some(())
+    });
+    let (h, dr1_uri) = activate_hash(&srv, tmp.path(), "dr1");
+    assert_eq!(h, h1, "dr1 equals v at backup1");
+    let out = must("qemu-io", &["-f", "raw", &dr1_uri, "-c", "read -P 0 0 2M"]);
+    assert!(
+        !out.contains("failed") && !out.contains("Pattern verification"),
+        "{out}"
+    );
+
+    // data2: 1 MiB random at 0.
+    let r1 = tmp.path().join("r1.img");
+    write_file(&r1, &[(1, None)]);
+    write_at(&uri, &r1, "0", "1M");
+    let b2 = backup_json(&srv, &["v"]);
+    let b2n = b2["metadata"]["name"].as_str().expect("name").to_string();
+    let h2 = volume_hash(tmp.path(), &uri);
+    wait_restored(&srv, "dr2", &b2n);
+    let (h, dr2_uri) = activate_hash(&srv, tmp.path(), "dr2");
+    assert_eq!(h, h2, "dr2 equals v at backup2");
+    // An ordinary volume now: detach, attach, write, back up.
+    srv.cli(&["volume", "detach", "dr2"]);
+    let dr2_uri2 = srv.cli(&["volume", "attach", "dr2"]).trim().to_string();
+    assert_eq!(dr2_uri, dr2_uri2);
+    let out = must(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &dr2_uri2,
+            "-c",
+            "write -P 0x3c 8M 1M",
+            "-c",
+            "read -P 0x3c 8M 1M",
+        ],
+    );
+    assert!(
+        !out.contains("failed") && !out.contains("verification"),
+        "{out}"
+    );
+    backup_json(&srv, &["dr2"]);
+    for d in ["dr0", "dr1", "dr2"] {
+        srv.cli(&["volume", "detach", d]);
+    }
+
+    // Growth: the source grows and is backed up; the standby grows and matches.
+    srv.cli(&[
+        "volume",
+        "create",
+        "dr3",
+        "--from-backup",
+        &b2n,
+        "--standby",
+        "--replicas",
+        "2",
+        "--wait",
+    ]);
+    wait_restored(&srv, "dr3", &b2n);
+    srv.cli(&["volume", "detach", "v"]);
+    srv.cli(&["volume", "expand", "v", "--size", "64MiB"]);
+    let uri = srv.cli(&["volume", "attach", "v"]).trim().to_string();
+    write_at(&uri, &r1, "40M", "1M");
+    let b3 = backup_json(&srv, &["v"]);
+    let b3n = b3["metadata"]["name"].as_str().expect("name").to_string();
+    let h3 = volume_hash(tmp.path(), &uri);
+    let v = wait_restored(&srv, "dr3", &b3n);
+    assert_eq!(u(&v["spec"]["size"]), 64 << 20, "the standby grew: {v}");
+    // Deleting the newest backup: lastBackup falls back; the data stays at backup3.
+    srv.cli(&["backup", "delete", &b3n]);
+    wait_for("lastBackup to fall back", 30, || {
+        (vol(&srv, "dr3")["status"]["lastBackup"] == b2n.as_str()).then_some(())
+    });
+    for b in [&b0n, &b1n, &b2n] {
+        srv.cli(&["backup", "delete", b]);
+    }
+    wait_for("lastBackup to clear", 30, || {
+        vol(&srv, "dr3")["status"]
+            .get("lastBackup")
+            .is_none()
+            .then_some(())
+    });
+    let v = vol(&srv, "dr3");
+    assert_eq!(v["status"]["restore"]["lastRestoredBackup"], b3n.as_str());
+    let (h, _) = activate_hash(&srv, tmp.path(), "dr3");
+    assert_eq!(
+        h, h3,
+        "dr3 equals v at backup3, still activatable without backups"
+    );
+}
+
+/// SIGKILL of the server (manager and the node with every DR replica) while a standby volume
+/// applies 64 MiB of changes: after the restart the restore resumes and the volume equals the
+/// backup. A backup whose block is missing fails the restore clearly and leaves the last good
+/// data.
+#[test]
+fn standby_restore_survives_a_sigkill_and_a_missing_block_keeps_the_last_good_state() {
+    let tmp = TempDir::new("dr-kill");
+    let data = tmp.path().join("data");
+    let mut srv = Server::start(&data);
+    let bt = tmp.path().join("t");
+    srv.cli(&[
+        "backup-target",
+        "update",
+        "default",
+        "--url",
+        &format!("file://{}", bt.display()),
+    ]);
+    let uri = srv.volume("v", "128MiB", 1);
+    let img = tmp.path().join("a.img");
+    write_file(&img, &[(16, None)]);
+    write_at(&uri, &img, "0", "16M");
+    let b0 = backup_json(&srv, &["v"]);
+    let b0n = b0["metadata"]["name"].as_str().expect("name").to_string();
+    srv.cli(&[
+        "volume",
+        "create",
+        "dr",
+        "--from-backup",
+        &b0n,
+        "--standby",
+        "--replicas",
+        "2",
+        "--wait",
+    ]);
+    wait_restored(&srv, "dr", &b0n);
+    // 64 MiB of changes, applied slowly enough to kill the server halfway.
+    write_file(&img, &[(64, None)]);
+    write_at(&uri, &img, "32M", "64M");
+    srv.cli(&["setting", "set", "backup-bandwidth-limit", "16777216"]);
+    let b1 = backup_json(&srv, &["v"]);
+    let b1n = b1["metadata"]["name"].as_str().expect("name").to_string();
+    let h1 = volume_hash(tmp.path(), &uri);
+    wait_for("the incremental restore to be under way", 60, || {
+        let v = vol(&srv, "dr");
+        (v["status"]["restore"]["requestedBackup"] == b1n.as_str()
+            && v["status"]["restore"]["state"] == "restoring"
+            && u(&v["status"]["restore"]["progress"]) >= 10)
+            .then_some(())
+    });
+    srv.proc.kill();
+    srv = Server::start(&data);
+    let v = wait_restored(&srv, "dr", &b1n);
+    assert_eq!(v["spec"]["standby"], true);
+    srv.cli(&["setting", "set", "backup-bandwidth-limit", "0"]);
+    // The NBD port of the restarted server differs.
+    let v = json_of(&srv.cli(&["volume", "wait", "v", "-o", "json"]));
+    let uri = v["status"]["nbdUri"].as_str().expect("uri").to_string();
+
+    // A backup with a missing block: the restore fails naming it; the data stays at b1.
+    write_file(&img, &[(4, None)]);
+    write_at(&uri, &img, "0", "4M");
+    let b2 = backup_json(&srv, &["v"]);
+    let b2n = b2["metadata"]["name"].as_str().expect("name").to_string();
+    let m1 = zebu_backupstore::Manifest::decode(
+        &std::fs::read(bt.join(format!("volumes/v/backups/{b1n}.manifest"))).expect("m1"),
+    )
+    .expect("m1");
+    let m2 = zebu_backupstore::Manifest::decode(
+        &std::fs::read(bt.join(format!("volumes/v/backups/{b2n}.manifest"))).expect("m2"),
+    )
+    .expect("m2");
+    let only2: Vec<_> = m2
+        .referenced()
+        .difference(&m1.referenced())
+        .copied()
+        .collect();
+    assert!(!only2.is_empty());
+    let _ = wait_restored(&srv, "dr", &b2n);
+    // A new standby from b1, created after one of b2's blocks is gone: its step to b2 fails.
+    let victim = bt.join(zebu_backupstore::backup::block_key(&only2[0]));
+    std::fs::remove_file(&victim).expect("remove block");
+    srv.cli(&[
+        "volume",
+        "create",
+        "dr3",
+        "--from-backup",
+        &b1n,
+        "--standby",
+        "--replicas",
+        "1",
+        "--wait",
+    ]);
+    let failed = wait_for("dr3's incremental restore to fail", 60, || {
+        let v = vol(&srv, "dr3");
+        (v["status"]["restore"]["state"] == "error").then_some(v)
+    });
+    let err = failed["status"]["restore"]["error"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(err.contains(&only2[0].to_hex()), "names the block: {err}");
+    assert_eq!(
+        failed["status"]["restore"]["lastRestoredBackup"],
+        b1n.as_str()
+    );
+    let (ok, _, msg) = zebu_cli(srv.api(), &srv.token, &["volume", "activate", "dr3"]);
+    assert!(
+        !ok && msg.contains(&only2[0].to_hex()),
+        "activation fails with the reason: {msg}"
+    );
+    // The data of dr3 is still b1's: make it activatable by deleting b2, then compare.
+    srv.cli(&["backup", "delete", &b2n]);
+    let (h, _) = activate_hash(&srv, tmp.path(), "dr3");
+    assert_eq!(h, h1, "dr3 kept its last good state (backup1)");
+    let (h, _) = activate_hash(&srv, tmp.path(), "dr");
+    assert_ne!(h, h1, "dr had reached b2 before the block went");
+}
