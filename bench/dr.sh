@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# DR benchmark: a 1 GiB volume (256 MiB random, 256 MiB text-like, 512 MiB zeros) is backed up; a
+# standby volume is created from that backup (timed: the full restore); then 10 MiB change, a
+# backup completes, and the time until the standby has applied it is measured (polling the API
+# every 10 ms). Prints a markdown table.
+#
+# usage: bench/dr.sh   (needs: cargo build --release; qemu-utils, libnbd-bin)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ZEBU=target/release/zebu
+[ -x "$ZEBU" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/zebu-drbench.XXXXXX")
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+wait_port() { for _ in $(seq 400); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+now() { date +%s.%N; }
+secs() { python3 -c "print(f'{$2-$1:.2f}')"; }
+
+IMG=$WORK/image.raw
+head -c 256M /dev/urandom >"$IMG"
+python3 - "$IMG" <<'EOF'
+import random, sys
+random.seed(7)
+words = [''.join(random.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(random.randint(2, 10))) for _ in range(5000)]
+out = open(sys.argv[1], 'ab')
+left = 256 << 20
+while left > 0:
+    buf = bytearray()
+    while len(buf) < (1 << 20):
+        buf += (' '.join(random.choices(words, k=12)) + '.\n').encode()
+    buf = bytes(buf[:min(1 << 20, left)])
+    out.write(buf)
+    left -= len(buf)
+EOF
+truncate -s 1G "$IMG"
+head -c 10M /dev/urandom >"$WORK/change.raw"
+
+mkdir -p "$WORK/z"
+"$ZEBU" server --data-dir "$WORK/z" --api-listen 127.0.0.1:10951 --nbd-listen 127.0.0.1:10952 >/dev/null 2>"$WORK/z.log" & PIDS+=($!)
+wait_port 10951
+export ZEBU_API=http://127.0.0.1:10951 ZEBU_TOKEN=$(cat "$WORK/z/api-token")
+"$ZEBU" backup-target update default --url "file://$WORK/t" >/dev/null
+"$ZEBU" volume create v --size 1GiB --replicas 1 --wait >/dev/null
+URI=$("$ZEBU" volume attach v)
+nbdcopy "$IMG" "$URI"
+B0=$("$ZEBU" backup create v --wait 2>/dev/null)
+t0=$(now); "$ZEBU" volume create dr --from-backup "$B0" --standby --replicas 1 --wait >/dev/null 2>&1; t1=$(now)
+FULL=$(secs "$t0" "$t1")
+qemu-io -f raw "$URI" -c "write -s $WORK/change.raw 300M 10M" -c flush >/dev/null
+B1=$("$ZEBU" backup create v --wait 2>/dev/null)
+t0=$(now)
+python3 - "$ZEBU_API" "$ZEBU_TOKEN" "$B1" <<'EOF'
+import json, sys, time, urllib.request
+api, token, want = sys.argv[1:]
+req = urllib.request.Request(api + "/v1/volumes/dr", headers={"Authorization": "Bearer " + token})
+deadline = time.time() + 120
+while time.time() < deadline:
+    v = json.load(urllib.request.urlopen(req))
+    r = v["status"].get("restore", {})
+    if r.get("lastRestoredBackup") == want and r.get("state") == "completed":
+        sys.exit(0)
+    time.sleep(0.01)
+sys.exit("the standby did not apply the backup in 120 s")
+EOF
+t1=$(now)
+INC=$(secs "$t0" "$t1")
+"$ZEBU" volume activate dr >/dev/null
+DURI=$("$ZEBU" volume attach dr)
+nbdcopy "$DURI" "$WORK/dr.raw"
+dd if="$WORK/change.raw" of="$IMG" bs=1M seek=300 conv=notrunc status=none
+cmp -s "$IMG" "$WORK/dr.raw" || { echo "the activated standby differs from the source" >&2; exit 1; }
+echo "| step | seconds |"
+echo "|---|---|"
+echo "| full restore into a new standby volume (1 GiB: 256 MiB random, 256 MiB text, 512 MiB zeros) | $FULL |"
+echo "| backup of 10 MiB changed completed → standby has applied it | $INC |"
