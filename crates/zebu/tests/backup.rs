@@ -457,6 +457,23 @@ fn two_targets_resync_after_recreate_and_a_backup_killed_with_its_server_ends_de
         before,
         "sync never writes to the target's backups"
     );
+    // An unmounted target (its directory gone) is unavailable, never "no backups".
+    let off = tmp.path().join("tb.unmounted");
+    std::fs::rename(&tb, &off).expect("unmount");
+    let (ok, _, err) = zebu_cli(srv.api(), &srv.token, &["backup-target", "sync", "extra"]);
+    assert!(!ok && err.contains("unavailable"), "{err}");
+    let t = json_of(&srv.cli(&["backup-target", "get", "extra", "-o", "json"]));
+    assert_eq!(t["status"]["available"], false);
+    let l = json_of(&srv.cli(&["backup", "list", "--target", "extra", "-o", "json"]));
+    assert_eq!(l.as_array().map(Vec::len), Some(1), "its backups stay: {l}");
+    let (ok, _, err) = zebu_cli(
+        srv.api(),
+        &srv.token,
+        &["backup", "create", "v1", "--target", "extra"],
+    );
+    assert!(!ok && err.contains("unavailable"), "{err}");
+    std::fs::rename(&off, &tb).expect("mount");
+    srv.cli(&["backup-target", "sync", "extra"]);
     assert_eq!(restore_hash(&srv, tmp.path(), "r1", &bbn), want);
 
     // A backup whose process is SIGKILLed ends Completed or Error after the restart.
