@@ -15,28 +15,9 @@ WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/zebu-bkbench.XXXXXX")
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
-wait_port() { for _ in $(seq 400); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
-now() { date +%s.%N; }
-secs() { python3 -c "print(f'{$2-$1:.2f}')"; }
-
-# The image: 256 MiB random, 256 MiB text-like, 512 MiB zeros; and the 10 MiB change.
+source bench/lib.sh
 IMG=$WORK/image.raw
-head -c 256M /dev/urandom >"$IMG"
-python3 - "$IMG" <<'EOF'
-import random, sys
-random.seed(7)
-words = [''.join(random.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(random.randint(2, 10))) for _ in range(5000)]
-out = open(sys.argv[1], 'ab')
-left = 256 << 20
-while left > 0:
-    buf = bytearray()
-    while len(buf) < (1 << 20):
-        buf += (' '.join(random.choices(words, k=12)) + '.\n').encode()
-    buf = bytes(buf[:min(1 << 20, left)])
-    out.write(buf)
-    left -= len(buf)
-EOF
-truncate -s 1G "$IMG"
+make_image "$IMG"
 CHANGE=$WORK/change.raw
 head -c 10M /dev/urandom >"$CHANGE"
 CHANGE_AT=$((300 << 20)) # inside the text-like part

@@ -159,14 +159,7 @@ async fn backup(
     info: &Mutex<BackupInfo>,
 ) -> Result<(), String> {
     let store = open(&order.target).await?;
-    let snaps: Vec<String> = engine
-        .layers()
-        .await
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .filter(|l| !l.meta.deleting)
-        .filter_map(|l| l.meta.name)
-        .collect();
+    let snaps = snapshot_names(&engine).await?;
     if !snaps.contains(&order.snapshot) {
         return Err(format!(
             "snapshot {:?} does not exist on volume {:?}",
