@@ -856,3 +856,159 @@ fn standby_restore_survives_a_sigkill_and_a_missing_block_keeps_the_last_good_st
     let (h, _) = activate_hash(&srv, tmp.path(), "dr");
     assert_ne!(h, h1, "dr had reached b2 before the block went");
 }
+
+/// A manager and two node agents; a standby volume with a replica on each node. SIGKILL the node
+/// holding a DR replica but not the engine during one incremental restore, then the engine's node
+/// during the next: each restore resumes and the activated volume equals the source.
+#[test]
+fn standby_restore_across_nodes_survives_killing_either_node() {
+    let tmp = TempDir::new("dr-nodes");
+    let mdir = tmp.path().join("manager");
+    let mgr = Proc::start(
+        "manager",
+        &[
+            "manager",
+            "--data-dir",
+            mdir.to_str().expect("utf8"),
+            "--api-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let token = std::fs::read_to_string(mdir.join("api-token"))
+        .expect("token")
+        .trim()
+        .to_string();
+    let cli = |args: &[&str]| {
+        let (ok, out, err) = zebu_cli(&mgr.addr, &token, args);
+        assert!(ok, "zebu {args:?}: {err}");
+        out
+    };
+    let dirs: Vec<std::path::PathBuf> = (1..=2).map(|i| tmp.path().join(format!("n{i}"))).collect();
+    let mut nodes: Vec<Proc> = (0..2)
+        .map(|i| node_proc(&format!("n{}", i + 1), &mgr.addr, &token, &dirs[i]))
+        .collect();
+    wait_for("two nodes up", 30, || {
+        let n = json_of(&cli(&["node", "list", "-o", "json"]));
+        (n.as_array()
+            .map(|a| a.iter().filter(|x| x["status"]["state"] == "up").count())
+            == Some(2))
+        .then_some(())
+    });
+    let bt = tmp.path().join("t");
+    cli(&[
+        "backup-target",
+        "update",
+        "default",
+        "--url",
+        &format!("file://{}", bt.display()),
+    ]);
+    cli(&[
+        "volume",
+        "create",
+        "v",
+        "--size",
+        "128MiB",
+        "--replicas",
+        "1",
+        "--wait",
+    ]);
+    let mut uri = cli(&["volume", "attach", "v", "--node", "n1"])
+        .trim()
+        .to_string();
+    let img = tmp.path().join("a.img");
+    write_file(&img, &[(16, None)]);
+    write_at(&uri, &img, "0", "16M");
+    let backup = |args: &[&str]| -> String {
+        let mut a = vec!["backup", "create"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["--wait", "-o", "json"]);
+        let b = json_of(&cli(&a));
+        assert_eq!(b["status"]["state"], "Completed", "{b}");
+        b["metadata"]["name"].as_str().expect("name").to_string()
+    };
+    let b0 = backup(&["v"]);
+    cli(&[
+        "volume",
+        "create",
+        "dr",
+        "--from-backup",
+        &b0,
+        "--standby",
+        "--replicas",
+        "2",
+        "--wait",
+    ]);
+    let dr = |field: &str| -> Value {
+        let v = json_of(&cli(&["volume", "get", "dr", "-o", "json"]));
+        v["status"]["restore"][field].clone()
+    };
+    wait_for("dr to hold b0", 60, || {
+        (dr("lastRestoredBackup") == b0.as_str()).then_some(())
+    });
+    let reps = json_of(&cli(&["replica", "list", "--volume", "dr", "-o", "json"]));
+    let mut placed: Vec<String> = reps
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|r| r["spec"]["node"].as_str().unwrap_or("").to_string())
+        .collect();
+    placed.sort();
+    assert_eq!(placed, vec!["n1", "n2"], "one DR replica per node");
+    let engine_node = || -> String {
+        let api = zebu_control::client::ApiClient::new(&format!("http://{}", mgr.addr), &token)
+            .expect("client");
+        let rt = tokio::runtime::Runtime::new().expect("rt");
+        let es: Vec<Value> = rt.block_on(api.get("/v1/engines")).expect("engines");
+        es.iter()
+            .find(|e| e["spec"]["volume"] == "dr")
+            .and_then(|e| e["spec"]["node"].as_str())
+            .expect("dr engine")
+            .to_string()
+    };
+    cli(&["setting", "set", "backup-bandwidth-limit", "16777216"]);
+    let mut want = String::new();
+    for round in 0..2 {
+        // 64 MiB of changes; kill the replica-only node, then the engine's node.
+        write_file(&img, &[(64, None)]);
+        write_at(&uri, &img, "32M", "64M");
+        let b = backup(&["v"]);
+        want = volume_hash(tmp.path(), &uri);
+        wait_for("the incremental restore to be under way", 60, || {
+            (dr("requestedBackup") == b.as_str()
+                && dr("state") == "restoring"
+                && u(&dr("progress")) >= 10)
+                .then_some(())
+        });
+        let en = engine_node();
+        let victim = if round == 0 {
+            if en == "n1" { 1 } else { 0 }
+        } else if en == "n1" {
+            0
+        } else {
+            1
+        };
+        nodes[victim].kill();
+        nodes[victim] = node_proc(
+            &format!("n{}", victim + 1),
+            &mgr.addr,
+            &token,
+            &dirs[victim],
+        );
+        wait_for("dr to hold the new backup", 120, || {
+            (dr("lastRestoredBackup") == b.as_str() && dr("state") == "completed").then_some(())
+        });
+        // The source's node may have been the one restarted: its NBD address changed.
+        let v = json_of(&cli(&["volume", "wait", "v", "-o", "json"]));
+        uri = v["status"]["nbdUri"].as_str().expect("uri").to_string();
+        assert_eq!(volume_hash(tmp.path(), &uri), want);
+    }
+    cli(&["setting", "set", "backup-bandwidth-limit", "0"]);
+    let v = json_of(&cli(&["volume", "activate", "dr", "-o", "json"]));
+    assert_eq!(v["spec"]["standby"], false);
+    let dr_uri = cli(&["volume", "attach", "dr", "--node", "n2"])
+        .trim()
+        .to_string();
+    json_of(&cli(&["volume", "wait", "dr", "-o", "json"]));
+    // Reads alternate between the two replicas, so a whole-volume match means both hold it.
+    assert_eq!(volume_hash(tmp.path(), &dr_uri), want);
+}

@@ -371,26 +371,6 @@ fn bad_input_is_refused_and_changes_nothing() {
     );
 }
 
-fn node_proc(name: &str, manager: &str, token: &str, dir: &std::path::Path) -> Proc {
-    let mut child = std::process::Command::new(ZEBU);
-    child
-        .args([
-            "node",
-            "--manager",
-            &format!("http://{manager}"),
-            "--data-dir",
-            dir.to_str().expect("utf8"),
-            "--nbd-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--name",
-            name,
-        ])
-        .env("ZEBU_TOKEN", token);
-    Proc::start_cmd(name, child)
-}
-
 #[test]
 fn node_failure_delta_rebuild_and_replacement() {
     let tmp = TempDir::new("nodes");

@@ -373,3 +373,24 @@ impl Proxy {
         self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// A `zebu node` agent process with ephemeral ports.
+pub fn node_proc(name: &str, manager: &str, token: &str, dir: &std::path::Path) -> Proc {
+    let mut child = std::process::Command::new(ZEBU);
+    child
+        .args([
+            "node",
+            "--manager",
+            &format!("http://{manager}"),
+            "--data-dir",
+            dir.to_str().expect("utf8"),
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--name",
+            name,
+        ])
+        .env("ZEBU_TOKEN", token);
+    Proc::start_cmd(name, child)
+}
