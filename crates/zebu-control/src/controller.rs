@@ -1216,6 +1216,20 @@ impl Manager {
             (Some(node), Some(e)) if &e.spec.node != node => {
                 self.stop_engine(e, nodes)?;
             }
+            (Some(_), Some(e))
+                if e.status.state == "running"
+                    && !live.is_empty()
+                    && live.iter().all(|r| r.status.failed_at.is_some())
+                    && self
+                        .engine_replicas(live, nodes)
+                        .iter()
+                        .any(|r| r.candidate) =>
+            {
+                // Every replica left the running engine's set; it cannot rebuild one from
+                // nothing. A new session starts from the freshest reachable replica (salvage).
+                tracing::warn!(volume = %v.metadata.name, "engine has no healthy replica; restarting it to salvage");
+                self.stop_engine(e, nodes)?;
+            }
             (Some(_), Some(e)) => {
                 if e.spec.restore != restore || e.spec.frontend != restore.is_none() {
                     store::modify::<Engine>(s, &e.metadata.name, |e| {
