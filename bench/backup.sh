@@ -23,14 +23,7 @@ head -c 10M /dev/urandom >"$CHANGE"
 CHANGE_AT=$((300 << 20)) # inside the text-like part
 
 # --- Zebu -----------------------------------------------------------------------------------
-mkdir -p "$WORK/z"
-"$ZEBU" server --data-dir "$WORK/z" --api-listen 127.0.0.1:10931 --nbd-listen 127.0.0.1:10932 >/dev/null 2>"$WORK/z.log" & PIDS+=($!)
-wait_port 10931
-export ZEBU_API=http://127.0.0.1:10931 ZEBU_TOKEN=$(cat "$WORK/z/api-token")
-"$ZEBU" backup-target update default --url "file://$WORK/zt" >/dev/null
-"$ZEBU" volume create v --size 1GiB --replicas 1 --wait >/dev/null
-URI=$("$ZEBU" volume attach v)
-nbdcopy "$IMG" "$URI"
+zebu_with_image 10931 10932 "$WORK/zt" "$IMG"
 t0=$(now); B1=$("$ZEBU" backup create v --wait 2>/dev/null); t1=$(now)
 Z_FULL=$(secs "$t0" "$t1")
 Z_FULL_BYTES=$(du -sb "$WORK/zt" | cut -f1); Z_FULL_OBJS=$(find "$WORK/zt" -type f | wc -l)

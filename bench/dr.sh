@@ -18,14 +18,7 @@ IMG=$WORK/image.raw
 make_image "$IMG"
 head -c 10M /dev/urandom >"$WORK/change.raw"
 
-mkdir -p "$WORK/z"
-"$ZEBU" server --data-dir "$WORK/z" --api-listen 127.0.0.1:10951 --nbd-listen 127.0.0.1:10952 >/dev/null 2>"$WORK/z.log" & PIDS+=($!)
-wait_port 10951
-export ZEBU_API=http://127.0.0.1:10951 ZEBU_TOKEN=$(cat "$WORK/z/api-token")
-"$ZEBU" backup-target update default --url "file://$WORK/t" >/dev/null
-"$ZEBU" volume create v --size 1GiB --replicas 1 --wait >/dev/null
-URI=$("$ZEBU" volume attach v)
-nbdcopy "$IMG" "$URI"
+zebu_with_image 10951 10952 "$WORK/t" "$IMG"
 B0=$("$ZEBU" backup create v --wait 2>/dev/null)
 t0=$(now); "$ZEBU" volume create dr --from-backup "$B0" --standby --replicas 1 --wait >/dev/null 2>&1; t1=$(now)
 FULL=$(secs "$t0" "$t1")

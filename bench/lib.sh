@@ -24,3 +24,17 @@ while left > 0:
 PY
   truncate -s 1G "$1"
 }
+
+# zebu_with_image API_PORT NBD_PORT TARGET_DIR IMAGE: starts a `zebu server` in $WORK/z (its pid
+# added to PIDS), points the default backup target at TARGET_DIR, creates the 1-replica volume
+# `v` holding IMAGE and sets URI to its NBD address. Needs ZEBU, WORK and PIDS.
+zebu_with_image() {
+  mkdir -p "$WORK/z"
+  "$ZEBU" server --data-dir "$WORK/z" --api-listen 127.0.0.1:"$1" --nbd-listen 127.0.0.1:"$2" >/dev/null 2>"$WORK/z.log" & PIDS+=($!)
+  wait_port "$1"
+  export ZEBU_API=http://127.0.0.1:$1 ZEBU_TOKEN=$(cat "$WORK/z/api-token")
+  "$ZEBU" backup-target update default --url "file://$3" >/dev/null
+  "$ZEBU" volume create v --size 1GiB --replicas 1 --wait >/dev/null
+  URI=$("$ZEBU" volume attach v)
+  nbdcopy "$4" "$URI"
+}

@@ -529,19 +529,7 @@ impl Manager {
         target: Option<&str>,
     ) -> Result<Backup, ApiError> {
         let s = &*self.store;
-        let v = store::get::<Volume>(s, volume)?.ok_or_else(|| not_found("volume", volume))?;
-        if v.spec.standby {
-            return Err(conflict(
-                "VolumeStandby",
-                format!("volume {volume:?} is a standby volume; it cannot be backed up"),
-            ));
-        }
-        if v.status.state != VolumeState::Attached {
-            return Err(conflict(
-                "VolumeNotAttached",
-                format!("volume {volume:?} must be attached to be backed up"),
-            ));
-        }
+        let v = self.attached_volume(volume, "backups")?;
         let target = target.unwrap_or(volume_target(&v)).to_string();
         let tr = self.target_ref(&target)?;
         let t = self.get_target(&target)?;

@@ -317,7 +317,7 @@ impl Manager {
         Ok(store::create(&*self.store, &v)?)
     }
 
-    fn get_volume(&self, name: &str) -> Result<Volume, ApiError> {
+    pub(crate) fn get_volume(&self, name: &str) -> Result<Volume, ApiError> {
         store::get::<Volume>(&*self.store, name)?.ok_or_else(|| not_found("volume", name))
     }
 
@@ -445,18 +445,19 @@ impl Manager {
         .ok_or_else(|| not_found("volume", name))
     }
 
-    fn attached_volume(&self, volume: &str) -> Result<Volume, ApiError> {
+    /// The volume, if it is attached and not a standby volume (`what` names the operation).
+    pub(crate) fn attached_volume(&self, volume: &str, what: &str) -> Result<Volume, ApiError> {
         let v = self.get_volume(volume)?;
         if v.spec.standby {
             return Err(conflict(
                 "VolumeStandby",
-                format!("volume {volume:?} is a standby volume; snapshots follow its backups"),
+                format!("volume {volume:?} is a standby volume; no {what} until it is activated"),
             ));
         }
         if v.status.state != VolumeState::Attached {
             return Err(conflict(
                 "VolumeNotAttached",
-                format!("volume {volume:?} must be attached for snapshot operations"),
+                format!("volume {volume:?} must be attached for {what}"),
             ));
         }
         Ok(v)
@@ -464,7 +465,7 @@ impl Manager {
 
     /// Asks for a snapshot of an attached volume; the engine's node takes it.
     pub fn create_snapshot(&self, volume: &str, name: Option<&str>) -> Result<Snapshot, ApiError> {
-        self.attached_volume(volume)?;
+        self.attached_volume(volume, "snapshot operations")?;
         let name = name
             .map(str::to_string)
             .unwrap_or_else(|| format!("snap-{:08x}", rand::random::<u32>()));
@@ -491,7 +492,7 @@ impl Manager {
     }
 
     pub fn delete_snapshot(&self, volume: &str, name: &str) -> Result<Snapshot, ApiError> {
-        self.attached_volume(volume)?;
+        self.attached_volume(volume, "snapshot operations")?;
         let key = format!("{volume}.{name}");
         store::modify::<Snapshot>(&*self.store, &key, |x| {
             if x.metadata.deletion_requested.is_some() {

@@ -863,21 +863,7 @@ fn standby_restore_survives_a_sigkill_and_a_missing_block_keeps_the_last_good_st
 #[test]
 fn standby_restore_across_nodes_survives_killing_either_node() {
     let tmp = TempDir::new("dr-nodes");
-    let mdir = tmp.path().join("manager");
-    let mgr = Proc::start(
-        "manager",
-        &[
-            "manager",
-            "--data-dir",
-            mdir.to_str().expect("utf8"),
-            "--api-listen",
-            "127.0.0.1:0",
-        ],
-    );
-    let token = std::fs::read_to_string(mdir.join("api-token"))
-        .expect("token")
-        .trim()
-        .to_string();
+    let (mgr, token) = manager_proc(&tmp.path().join("manager"), "127.0.0.1:0");
     let cli = |args: &[&str]| {
         let (ok, out, err) = zebu_cli(&mgr.addr, &token, args);
         assert!(ok, "zebu {args:?}: {err}");

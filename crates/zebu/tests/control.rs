@@ -374,21 +374,7 @@ fn bad_input_is_refused_and_changes_nothing() {
 #[test]
 fn node_failure_delta_rebuild_and_replacement() {
     let tmp = TempDir::new("nodes");
-    let mgr_dir = tmp.path().join("manager");
-    let mgr = Proc::start(
-        "manager",
-        &[
-            "manager",
-            "--data-dir",
-            mgr_dir.to_str().expect("utf8"),
-            "--api-listen",
-            "127.0.0.1:0",
-        ],
-    );
-    let token = std::fs::read_to_string(mgr_dir.join("api-token"))
-        .expect("token")
-        .trim()
-        .to_string();
+    let (mgr, token) = manager_proc(&tmp.path().join("manager"), "127.0.0.1:0");
     let cli = |args: &[&str]| {
         let (ok, out, err) = zebu_cli(&mgr.addr, &token, args);
         assert!(ok, "zebu {args:?}: {err}");
@@ -893,24 +879,9 @@ fn sigkill_server_during_volume_operations() {
 fn sigkill_manager_and_nodes_during_volume_operations() {
     let tmp = TempDir::new("chaos2");
     let mdir = tmp.path().join("manager");
-    let start_mgr = |port: &str| {
-        Proc::start(
-            "manager",
-            &[
-                "manager",
-                "--data-dir",
-                mdir.to_str().expect("utf8"),
-                "--api-listen",
-                port,
-            ],
-        )
-    };
-    let mut mgr = start_mgr("127.0.0.1:0");
+    let start_mgr = |port: &str| manager_proc(&mdir, port).0;
+    let (mut mgr, token) = manager_proc(&mdir, "127.0.0.1:0");
     let api_port = mgr.addr.clone();
-    let token = std::fs::read_to_string(mdir.join("api-token"))
-        .expect("token")
-        .trim()
-        .to_string();
     let node_dirs: Vec<std::path::PathBuf> =
         (1..=2).map(|i| tmp.path().join(format!("n{i}"))).collect();
     let mut nodes: Vec<Proc> = (0..2)

@@ -394,3 +394,22 @@ pub fn node_proc(name: &str, manager: &str, token: &str, dir: &std::path::Path) 
         .env("ZEBU_TOKEN", token);
     Proc::start_cmd(name, child)
 }
+
+/// A `zebu manager` on `listen` with its data in `dir`; returns it and its API token.
+pub fn manager_proc(dir: &Path, listen: &str) -> (Proc, String) {
+    let mgr = Proc::start(
+        "manager",
+        &[
+            "manager",
+            "--data-dir",
+            dir.to_str().expect("utf8"),
+            "--api-listen",
+            listen,
+        ],
+    );
+    let token = std::fs::read_to_string(dir.join("api-token"))
+        .expect("token")
+        .trim()
+        .to_string();
+    (mgr, token)
+}
