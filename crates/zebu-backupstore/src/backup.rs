@@ -244,6 +244,10 @@ async fn upload<S: BackupStore, Src: SnapshotSource>(
     let bs = spec.block_size as u64;
     let size = src.size();
     let mut uploaded = vec![false; blocks.len()];
+    let todo_set: BTreeSet<u64> = todo.iter().copied().collect();
+    let inherited: BTreeSet<usize> = (0..blocks.len())
+        .filter(|&i| blocks[i].is_some() && !todo_set.contains(&(i as u64)))
+        .collect();
     let limiter = spec.bandwidth.map(|rate| {
         Arc::new(Limiter {
             rate,
@@ -310,10 +314,37 @@ async fn upload<S: BackupStore, Src: SnapshotSource>(
     if let Some(e) = first_err {
         return Err(e);
     }
-    // A GC that ran without seeing this backup's lease may have removed blocks it relies on.
-    if retry(|| lease.gc_overlapped()).await? {
-        recheck(
-            &*store, &*src, &blocks, &uploaded, bs, spec.codec, &progress,
+    // Blocks taken over from the parent were never looked at: they may have been lost from the
+    // target since. A GC that ran without seeing this backup's lease may also have removed
+    // blocks this run found or uploaded. Every such block is checked before the manifest is
+    // written, and what is gone is uploaded again from the snapshot.
+    let check: BTreeSet<usize> = if retry(|| lease.gc_overlapped()).await? {
+        (0..blocks.len()).collect()
+    } else {
+        inherited
+    };
+    let wanted: BTreeSet<BlockHash> = check.iter().filter_map(|&i| blocks[i]).collect();
+    let missing = missing_blocks(&*store, &wanted).await?;
+    if !missing.is_empty() {
+        let again: Vec<usize> = check
+            .into_iter()
+            .filter(|&i| blocks[i].is_some_and(|h| missing.contains(&h)))
+            .collect();
+        tracing::warn!(
+            volume = %spec.volume,
+            backup = %spec.backup,
+            blocks = again.len(),
+            "blocks this backup relies on are missing from the target; uploading them again"
+        );
+        reupload(
+            &*store,
+            &*src,
+            &mut blocks,
+            &uploaded,
+            &again,
+            bs,
+            spec.codec,
+            &progress,
         )
         .await?;
     }
@@ -351,36 +382,83 @@ async fn read_block<Src: SnapshotSource>(
         })
 }
 
-/// Re-uploads any block the manifest references that is no longer in the store.
-async fn recheck<S: BackupStore, Src: SnapshotSource>(
+/// Above this many blocks, [`missing_blocks`] lists the block folders instead of asking for
+/// each block.
+const LIST_ABOVE: usize = 256;
+
+/// Which of `hashes` are not in the store. Up to [`LIST_ABOVE`] blocks it asks for each one;
+/// beyond that it lists only the `blocks/<hh>/` folders the hashes fall in (at most 256
+/// listings), so the cost follows the number of blocks, never one request per block on S3.
+pub async fn missing_blocks<S: BackupStore>(
+    store: &S,
+    hashes: &BTreeSet<BlockHash>,
+) -> Result<BTreeSet<BlockHash>, BackupError> {
+    let mut missing = BTreeSet::new();
+    if hashes.len() <= LIST_ABOVE {
+        for h in hashes {
+            let key = block_key(h);
+            if !retry(|| store.exists(&key)).await? {
+                missing.insert(*h);
+            }
+        }
+        return Ok(missing);
+    }
+    let mut by_folder: std::collections::BTreeMap<String, Vec<BlockHash>> = Default::default();
+    for h in hashes {
+        let key = block_key(h);
+        let folder = key
+            .rsplit_once('/')
+            .map(|(d, _)| d.to_string())
+            .unwrap_or_default();
+        by_folder.entry(folder).or_default().push(*h);
+    }
+    for (folder, hs) in by_folder {
+        let present: BTreeSet<String> = retry(|| store.list(&folder)).await?.into_iter().collect();
+        missing.extend(hs.into_iter().filter(|h| !present.contains(&block_key(h))));
+    }
+    Ok(missing)
+}
+
+/// Uploads the blocks at `indices` again from the snapshot (they went missing from the
+/// store). A block counted as present before now counts as uploaded; the manifest takes the
+/// snapshot's current bytes, should they differ from what the parent recorded.
+#[allow(clippy::too_many_arguments)]
+async fn reupload<S: BackupStore, Src: SnapshotSource>(
     store: &S,
     src: &Src,
-    blocks: &[Option<BlockHash>],
+    blocks: &mut [Option<BlockHash>],
     uploaded: &[bool],
+    indices: &[usize],
     bs: u64,
     codec: Codec,
     progress: &Progress,
 ) -> Result<(), BackupError> {
     let size = src.size();
-    for (i, h) in blocks.iter().enumerate() {
-        let Some(h) = h else { continue };
-        let key = block_key(h);
-        if retry(|| store.exists(&key)).await? {
-            continue;
-        }
+    for &i in indices {
         let off = i as u64 * bs;
         let len = bs.min(size - off);
         let data = read_block(src, off, len).await?;
-        if BlockHash::of(&data) != *h {
-            return Err(BackupError::Invalid(format!(
-                "the snapshot changed under the backup at offset {off}"
-            )));
+        if !uploaded[i] {
+            progress.present.fetch_sub(1, Ordering::Relaxed);
         }
+        if block::is_zero(&data) {
+            blocks[i] = None;
+            progress.zero.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let h = BlockHash::of(&data);
+        let key = block_key(&h);
         let enc = block::encode(&data, codec)?;
         let stored = enc.len() as u64;
-        if retry(|| store.put_if_absent(&key, enc.clone())).await? && !uploaded[i] {
-            progress.present.fetch_sub(1, Ordering::Relaxed);
+        let wrote = retry(|| store.put_if_absent(&key, enc.clone())).await?;
+        blocks[i] = Some(h);
+        if uploaded[i] {
+            continue; // counted when this run first uploaded it
+        }
+        if wrote {
             progress.count_upload(len, stored);
+        } else {
+            progress.present.fetch_add(1, Ordering::Relaxed);
         }
     }
     Ok(())

@@ -15,10 +15,10 @@ use object_store::{
     PutPayload, RetryConfig,
 };
 
-use crate::store::{BackupStore, LAYOUT_VERSION, MARKER, StoreError};
+use crate::store::{BackupStore, LAYOUT_VERSION, MARKER, ObjectInfo, StoreError};
 
-/// Where and how to reach a bucket.
-#[derive(Debug, Clone, Default)]
+/// Where and how to reach a bucket. Its `Debug` leaves the secret out.
+#[derive(Clone, Default)]
 pub struct S3Options {
     pub bucket: String,
     /// Key prefix inside the bucket (no leading or trailing `/`).
@@ -30,6 +30,20 @@ pub struct S3Options {
     pub path_style: bool,
     /// PEM file with extra root certificates (a private CA).
     pub ca_cert: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Options")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field("path_style", &self.path_style)
+            .field("ca_cert", &self.ca_cert)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Retries inside one request: a dead endpoint surfaces within seconds, not the crate's default
@@ -207,6 +221,15 @@ impl BackupStore for S3Store {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .list_meta(prefix)
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .collect())
+    }
+
+    async fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
         let prefix = prefix.trim_end_matches('/');
         if !prefix.is_empty() {
             check(prefix)?;
@@ -229,13 +252,21 @@ impl BackupStore for S3Store {
         } else {
             format!("{}/", self.prefix)
         };
-        let mut out: Vec<String> = metas
+        let mut out: Vec<ObjectInfo> = metas
             .into_iter()
-            .map(|m| m.location.to_string())
-            .filter_map(|k| k.strip_prefix(&strip).map(str::to_string))
-            .filter(|k| k != MARKER)
+            .filter_map(|m| {
+                let key = m.location.to_string().strip_prefix(&strip)?.to_string();
+                (key != MARKER).then(|| ObjectInfo {
+                    key,
+                    size: m.size,
+                    tag: m
+                        .e_tag
+                        .clone()
+                        .unwrap_or_else(|| m.last_modified.timestamp_micros().to_string()),
+                })
+            })
             .collect();
-        out.sort();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
 

@@ -15,7 +15,9 @@ pub const LAYOUT_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    #[error("backup target unavailable: {0}")]
+    /// The target cannot be used at all (unreachable, not mounted, no marker); the text is the
+    /// reason alone, callers name the target.
+    #[error("{0}")]
     Unavailable(String),
     #[error("invalid object key {0:?}")]
     BadKey(String),
@@ -36,8 +38,37 @@ pub trait BackupStore: Send + Sync + 'static {
     fn exists(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Every key under `prefix` (recursively), sorted.
     fn list(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+    /// Like [`BackupStore::list`], with each object's size and a tag that changes whenever the
+    /// object is rewritten (an ETag or a modification time). Backends that cannot tell give an
+    /// empty tag, which callers treat as "changed".
+    fn list_meta(
+        &self,
+        prefix: &str,
+    ) -> impl Future<Output = Result<Vec<ObjectInfo>, StoreError>> + Send {
+        let listing = self.list(prefix);
+        async move {
+            Ok(listing
+                .await?
+                .into_iter()
+                .map(|key| ObjectInfo {
+                    key,
+                    size: 0,
+                    tag: String::new(),
+                })
+                .collect())
+        }
+    }
     /// Deletes an object; deleting a missing one is not an error.
     fn delete(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    /// Changes whenever the object is rewritten; empty when the backend cannot tell.
+    pub tag: String,
 }
 
 pub(crate) fn check_key(key: &str) -> Result<(), StoreError> {
@@ -200,6 +231,15 @@ impl BackupStore for FsStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .list_meta(prefix)
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .collect())
+    }
+
+    async fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
         let prefix = prefix.trim_end_matches('/').to_string();
         if !prefix.is_empty() {
             check_key(&prefix)?;
@@ -231,13 +271,27 @@ impl BackupStore for FsStore {
                         stack.push(p);
                     } else if let Ok(rel) = p.strip_prefix(&s.root) {
                         let key = rel.to_string_lossy().into_owned();
-                        if key != MARKER {
-                            out.push(key);
+                        if key == MARKER {
+                            continue;
                         }
+                        // Gone between the listing and the stat: not part of the listing.
+                        let Ok(md) = ent.metadata() else { continue };
+                        use std::os::unix::fs::MetadataExt;
+                        out.push(ObjectInfo {
+                            key,
+                            size: md.len(),
+                            tag: format!(
+                                "{}.{}-{}-{}",
+                                md.mtime(),
+                                md.mtime_nsec(),
+                                md.ino(),
+                                md.len()
+                            ),
+                        });
                     }
                 }
             }
-            out.sort();
+            out.sort_by(|a, b| a.key.cmp(&b.key));
             Ok(out)
         })
         .await

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::s3::{S3Options, S3Store};
-use crate::store::{BackupStore, FsStore, StoreError};
+use crate::store::{BackupStore, FsStore, ObjectInfo, StoreError};
 
 /// Options a target URL scheme accepts.
 pub const S3_OPTIONS: &[&str] = &[
@@ -26,8 +26,8 @@ pub const GCS_OPTIONS: &[&str] = &["service-account-path", "service-account-key"
 /// Option names whose values are secrets (stored, never shown).
 pub const SECRET_OPTIONS: &[&str] = &["secret-access-key", "access-key", "service-account-key"];
 
-/// A parsed target location.
-#[derive(Debug, Clone)]
+/// A parsed target location. Its `Debug` shows no option values (they may be secrets).
+#[derive(Clone)]
 pub enum TargetSpec {
     Fs(PathBuf),
     S3(S3Options),
@@ -41,6 +41,19 @@ pub enum TargetSpec {
         prefix: String,
         options: BTreeMap<String, String>,
     },
+}
+
+impl std::fmt::Debug for TargetSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetSpec::Fs(p) => write!(f, "Fs({})", p.display()),
+            TargetSpec::S3(o) => write!(f, "S3({o:?})"),
+            TargetSpec::Azure {
+                container, prefix, ..
+            } => write!(f, "Azure({container}/{prefix})"),
+            TargetSpec::Gcs { bucket, prefix, .. } => write!(f, "Gcs({bucket}/{prefix})"),
+        }
+    }
 }
 
 /// Splits `rest` of `scheme://bucket/prefix` and checks the option names.
@@ -262,6 +275,12 @@ impl BackupStore for Target {
             Target::S3(s) => s.list(prefix).await,
         }
     }
+    async fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        match self {
+            Target::Fs(s) => s.list_meta(prefix).await,
+            Target::S3(s) => s.list_meta(prefix).await,
+        }
+    }
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         match self {
             Target::Fs(s) => s.delete(key).await,
@@ -270,18 +289,52 @@ impl BackupStore for Target {
     }
 }
 
-/// Every backup in a target as `(volume, backup)`, from the manifest keys.
-pub async fn list_backups<S: BackupStore>(store: &S) -> Result<Vec<(String, String)>, StoreError> {
-    let keys = store.list("volumes").await?;
-    Ok(keys
-        .iter()
-        .filter_map(|k| {
-            let rest = k.strip_prefix("volumes/")?;
+/// A backup manifest found in a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestEntry {
+    pub volume: String,
+    pub backup: String,
+    /// Changes whenever the manifest object is rewritten (empty: unknown).
+    pub tag: String,
+}
+
+/// Every backup manifest in a target, from one listing of `volumes/`.
+pub async fn list_manifests<S: BackupStore>(store: &S) -> Result<Vec<ManifestEntry>, StoreError> {
+    let objects = store.list_meta("volumes").await?;
+    Ok(objects
+        .into_iter()
+        .filter_map(|o| {
+            let rest = o.key.strip_prefix("volumes/")?;
             let (vol, rest) = rest.split_once("/backups/")?;
             let b = rest.strip_suffix(".manifest")?;
-            (!vol.contains('/') && !b.contains('/')).then(|| (vol.to_string(), b.to_string()))
+            (!vol.contains('/') && !b.contains('/')).then(|| ManifestEntry {
+                volume: vol.to_string(),
+                backup: b.to_string(),
+                tag: o.tag,
+            })
         })
         .collect())
+}
+
+/// Every backup in a target as `(volume, backup)`, from the manifest keys.
+pub async fn list_backups<S: BackupStore>(store: &S) -> Result<Vec<(String, String)>, StoreError> {
+    Ok(list_manifests(store)
+        .await?
+        .into_iter()
+        .map(|e| (e.volume, e.backup))
+        .collect())
+}
+
+/// The option names a target URL's scheme accepts (`None`: not a known scheme).
+pub fn options_for(url: &str) -> Option<&'static [&'static str]> {
+    let scheme = url.split_once("://")?.0;
+    match scheme {
+        "file" => Some(&[]),
+        "s3" => Some(S3_OPTIONS),
+        "az" => Some(AZURE_OPTIONS),
+        "gs" => Some(GCS_OPTIONS),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -205,6 +205,137 @@ async fn corrupt_and_missing_blocks_are_named() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Counts existence checks and listings of an inner store.
+struct Counting {
+    inner: FsStore,
+    exists: AtomicU64,
+    lists: AtomicU64,
+}
+
+impl BackupStore for Counting {
+    async fn put_if_absent(&self, key: &str, data: Vec<u8>) -> Result<bool, StoreError> {
+        self.inner.put_if_absent(key, data).await
+    }
+    async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
+        self.inner.put(key, data).await
+    }
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        self.exists.fetch_add(1, Ordering::SeqCst);
+        self.inner.exists(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.lists.fetch_add(1, Ordering::SeqCst);
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+}
+
+/// Backs up `mib` MiB of random data in `bs`-byte blocks, deletes two referenced blocks from
+/// the target, changes one block and backs up incrementally: the lost blocks are uploaded again
+/// and counted as uploaded, and the new backup restores and deep-verifies.
+async fn lost_blocks_are_uploaded_again(bs: u32, mib: usize) -> (u64, u64) {
+    let dir = tempdir();
+    let fs = FsStore::open(&dir, true).expect("open");
+    let store = Arc::new(Counting {
+        inner: fs.clone(),
+        exists: AtomicU64::new(0),
+        lists: AtomicU64::new(0),
+    });
+    let mut data = vec![0u8; mib << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let src = Arc::new(Mem(Mutex::new(data.clone())));
+    let sp = |name: &str, parent| BackupSpec {
+        block_size: bs,
+        ..spec(name, parent)
+    };
+    let m1 = run_backup(
+        store.clone(),
+        src.clone(),
+        sp("b1", None),
+        Arc::new(Progress::default()),
+    )
+    .await
+    .expect("backup 1");
+    let n = m1.blocks.len();
+    // Two blocks the next backup takes over unchanged vanish from the target.
+    let lost = [m1.blocks[0].expect("data"), m1.blocks[n - 1].expect("data")];
+    for h in &lost {
+        std::fs::remove_file(dir.join(block_key(h))).expect("remove block");
+    }
+    let off = (n / 2) * bs as usize;
+    data[off..off + 4096].fill(0x42);
+    *src.0.lock().expect("lock") = data.clone();
+    store.exists.store(0, Ordering::SeqCst);
+    store.lists.store(0, Ordering::SeqCst);
+    let p = Arc::new(Progress::default());
+    let m2 = run_backup(
+        store.clone(),
+        src.clone(),
+        sp("b2", Some((m1.clone(), vec![(off as u64, 4096)]))),
+        p.clone(),
+    )
+    .await
+    .expect("backup 2");
+    assert_eq!(
+        p.uploaded.load(Ordering::Relaxed),
+        3,
+        "the changed block and the two lost ones"
+    );
+    assert_eq!(p.present.load(Ordering::Relaxed), n as u64 - 3);
+    assert_eq!(p.done(), n as u64);
+    for h in &lost {
+        assert!(dir.join(block_key(h)).exists(), "lost block is back");
+    }
+    assert!(verify(&fs, &m2, true).await.expect("verify").is_empty());
+    let sink = Arc::new(Mem(Mutex::new(vec![0xee; data.len()])));
+    run_restore(
+        Arc::new(fs.clone()),
+        &m2,
+        sink.clone(),
+        false,
+        4,
+        Arc::new(Progress::default()),
+    )
+    .await
+    .expect("restore");
+    assert!(
+        *sink.0.lock().expect("lock") == data,
+        "restored data differs"
+    );
+    let counts = (
+        store.exists.load(Ordering::SeqCst),
+        store.lists.load(Ordering::SeqCst),
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_backup_uploads_blocks_lost_from_the_target_again() {
+    // 16 blocks: each inherited block is asked for.
+    let (exists, _) = lost_blocks_are_uploaded_again(1 << 20, 16).await;
+    assert!(exists >= 15, "{exists} existence checks");
+    // 1024 blocks: the block folders are listed (at most 256 listings, besides the lease's and
+    // GC's own), never one request per inherited block.
+    let (exists, lists) = lost_blocks_are_uploaded_again(64 << 10, 64).await;
+    assert!(
+        exists < 10,
+        "{exists} existence checks for 1023 inherited blocks"
+    );
+    assert!(lists <= 256 + 4, "{lists} listings");
+}
+
 /// A target that starts failing every write after `budget` successful ones.
 struct Flaky {
     inner: FsStore,

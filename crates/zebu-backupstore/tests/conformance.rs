@@ -63,6 +63,18 @@ async fn conformance<S: BackupStore>(s: &S) {
     );
     let all = s.list("").await.expect("list all");
     assert_eq!(all.len(), 3, "{all:?}");
+    // A listing with metadata: sizes, and a tag that changes when an object is rewritten.
+    let meta = s.list_meta("volumes").await.expect("list meta");
+    assert_eq!(meta.len(), 2);
+    assert_eq!(meta[1].size, 1);
+    let before = meta[0].tag.clone();
+    assert!(!before.is_empty());
+    s.put("volumes/v1/backups/b1.manifest", b"m3-longer".to_vec())
+        .await
+        .expect("put");
+    let meta = s.list_meta("volumes").await.expect("list meta");
+    assert_eq!(meta[0].size, 9);
+    assert_ne!(meta[0].tag, before, "a rewrite changes the tag");
     // Delete, twice.
     s.delete("volumes/v2/backups/b9.manifest")
         .await
