@@ -176,6 +176,16 @@ impl<S: BackupStore> Drop for Lease<S> {
     }
 }
 
+/// Removes the lease of a backup that ended without its manifest, so collection need not wait
+/// for the lease to expire. Removing a missing lease is not an error.
+pub async fn drop_lease<S: BackupStore>(
+    store: &S,
+    volume: &str,
+    backup: &str,
+) -> Result<(), StoreError> {
+    store.delete(&lease_key(volume, backup)).await
+}
+
 /// What a GC pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcReport {

@@ -21,7 +21,7 @@ pub enum StoreError {
     Unavailable(String),
     #[error("invalid object key {0:?}")]
     BadKey(String),
-    #[error("backup target I/O on {key}: {message}")]
+    #[error("I/O on {key}: {message}")]
     Io { key: String, message: String },
 }
 

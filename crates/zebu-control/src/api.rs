@@ -534,6 +534,9 @@ pub struct TargetReq {
     pub poll_interval: Option<u64>,
     #[serde(default)]
     pub options: std::collections::BTreeMap<String, String>,
+    /// Remove every option before `options` apply (update only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clear_options: bool,
 }
 
 async fn list_targets(State(m): State<Arc<Manager>>, h: HeaderMap) -> ApiResult<Vec<BackupTarget>> {
@@ -589,8 +592,14 @@ async fn update_target(
         ));
     }
     Ok(Json(
-        m.update_target(&name, req.url.as_deref(), req.poll_interval, req.options)
-            .await?,
+        m.update_target(
+            &name,
+            req.url.as_deref(),
+            req.poll_interval,
+            req.options,
+            req.clear_options,
+        )
+        .await?,
     ))
 }
 
@@ -632,6 +641,8 @@ async fn list_backup_volumes(
 struct BackupQuery {
     volume: Option<String>,
     target: Option<String>,
+    /// `KEY=VALUE[,KEY=VALUE...]`: backups carrying every one of these labels.
+    label: Option<String>,
 }
 
 async fn list_backups(
@@ -640,9 +651,29 @@ async fn list_backups(
     Query(q): Query<BackupQuery>,
 ) -> ApiResult<Vec<Backup>> {
     authorize(&m, &h)?;
-    Ok(Json(
-        m.list_backups(q.volume.as_deref(), q.target.as_deref())?,
-    ))
+    Ok(Json(m.list_backups(
+        q.volume.as_deref(),
+        q.target.as_deref(),
+        &parse_label_query(q.label.as_deref())?,
+    )?))
+}
+
+/// Parses `KEY=VALUE[,KEY=VALUE...]`.
+fn parse_label_query(
+    q: Option<&str>,
+) -> Result<std::collections::BTreeMap<String, String>, ApiError> {
+    let mut out = std::collections::BTreeMap::new();
+    for kv in q.unwrap_or("").split(',').filter(|s| !s.is_empty()) {
+        let Some((k, v)) = kv.split_once('=') else {
+            return Err(ApiError::bad(
+                "InvalidLabel",
+                format!("label filter {kv:?} is not KEY=VALUE"),
+            ));
+        };
+        out.insert(k.to_string(), v.to_string());
+    }
+    crate::backups::check_labels(&out)?;
+    Ok(out)
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -653,6 +684,12 @@ pub struct BackupReq {
     pub snapshot: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// Labels stored with the backup (in its manifest too).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Read and check every block instead of trusting the previous backup's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full: bool,
 }
 
 async fn create_backup(
@@ -666,7 +703,13 @@ async fn create_backup(
     if let Some(t) = &req.target {
         check_name(t)?;
     }
-    let b = m.create_backup(&req.volume, req.snapshot.as_deref(), req.target.as_deref())?;
+    let b = m.create_backup(
+        &req.volume,
+        req.snapshot.as_deref(),
+        req.target.as_deref(),
+        req.labels,
+        req.full,
+    )?;
     Ok((StatusCode::CREATED, Json(b)))
 }
 

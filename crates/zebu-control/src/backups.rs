@@ -10,14 +10,37 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use zebu_backupstore::backup::{BackupError, Problem, read_manifest, verify};
-use zebu_backupstore::gc::{delete_backup as remote_delete, gc_pass};
-use zebu_backupstore::target::{SECRET_OPTIONS, Target, list_backups};
-use zebu_backupstore::{Manifest, TargetSpec};
+use zebu_backupstore::gc::{delete_backup as remote_delete, drop_lease, gc_pass};
+use zebu_backupstore::target::{SECRET_OPTIONS, Target, list_manifests, options_for};
+use zebu_backupstore::{Manifest, StoreError as TargetError, TargetSpec};
 
 use crate::api::ApiError;
 use crate::controller::{Manager, conflict, not_found, now};
 use crate::model::*;
 use crate::store::{self, StoreError};
+
+/// How often every target with a URL is probed, and how long a probe may take before the target
+/// counts as unavailable.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The reason a target cannot be used, without the context callers add.
+fn reason(e: &TargetError) -> String {
+    e.to_string()
+}
+
+/// Opens a target from its URL and options; `Err` is the reason it is unavailable.
+async fn open_url(
+    url: &str,
+    options: &BTreeMap<String, String>,
+    init: bool,
+) -> Result<Target, String> {
+    let spec = TargetSpec::parse(url, options).map_err(|e| e.to_string())?;
+    match tokio::time::timeout(PROBE_TIMEOUT, spec.open(init)).await {
+        Ok(r) => r.map_err(|e| reason(&e)),
+        Err(_) => Err(format!("no answer within {} s", PROBE_TIMEOUT.as_secs())),
+    }
+}
 
 fn target_error(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(StatusCode::BAD_GATEWAY, "TargetError", e.to_string())
@@ -126,12 +149,10 @@ impl Manager {
 
     async fn open_target(&self, name: &str) -> Result<Target, ApiError> {
         let r = self.target_ref(name)?;
-        let spec = TargetSpec::parse(&r.url, &r.options)
-            .map_err(|e| ApiError::bad("InvalidTarget", e.to_string()))?;
-        spec.open(false).await.map_err(|e| {
+        open_url(&r.url, &r.options, false).await.map_err(|why| {
             conflict(
                 "TargetUnavailable",
-                format!("backup target {name:?} is unavailable: {e}"),
+                format!("backup target {name:?} is unavailable: {why}"),
             )
         })
     }
@@ -142,21 +163,80 @@ impl Manager {
         let (available, message) = if t.spec.url.is_empty() {
             (false, "no URL set".to_string())
         } else {
-            match TargetSpec::parse(&t.spec.url, &t.spec.options) {
-                Err(e) => (false, e.to_string()),
-                Ok(spec) => match spec.open(init).await {
-                    Ok(_) => (true, String::new()),
-                    Err(e) => (false, e.to_string()),
-                },
+            match open_url(&t.spec.url, &t.spec.options, init).await {
+                Ok(_) => (true, String::new()),
+                Err(why) => (false, why),
             }
         };
-        store::modify::<BackupTarget>(&*self.store, name, |t| {
+        self.set_availability(name, available, &message)?
+            .ok_or_else(|| not_found("backup target", name))
+    }
+
+    /// Records whether a target can be used (with the reason when not); logs changes.
+    fn set_availability(
+        &self,
+        name: &str,
+        available: bool,
+        message: &str,
+    ) -> Result<Option<BackupTarget>, StoreError> {
+        let mut flipped = false;
+        let t = store::modify::<BackupTarget>(&*self.store, name, |t| {
             let c = t.status.available != available || t.status.message != message;
+            flipped = t.status.available != available;
             t.status.available = available;
-            t.status.message = message.clone();
+            t.status.message = message.to_string();
             c
-        })?
-        .ok_or_else(|| not_found("backup target", name))
+        })?;
+        if flipped && available {
+            tracing::info!(target = name, "backup target is available again");
+        } else if flipped {
+            tracing::warn!(
+                target = name,
+                reason = message,
+                "backup target is unavailable"
+            );
+        }
+        Ok(t)
+    }
+
+    /// Probes every target with a URL that is not being probed already, each in its own task,
+    /// so a stalled target holds up nothing else.
+    pub(crate) fn probe_targets(self: &Arc<Self>) {
+        let Ok(targets) = store::list::<BackupTarget>(&*self.store) else {
+            return;
+        };
+        for t in targets.into_iter().filter(|t| !t.spec.url.is_empty()) {
+            let name = t.metadata.name.clone();
+            let fresh = self
+                .probing
+                .lock()
+                .map(|mut p| p.insert(name.clone()))
+                .unwrap_or(false);
+            if !fresh {
+                continue;
+            }
+            let me = self.clone();
+            tokio::spawn(async move {
+                let r = open_url(&t.spec.url, &t.spec.options, false).await;
+                // Only if the target was not changed meanwhile.
+                let same = store::get::<BackupTarget>(&*me.store, &name)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|now| now.spec == t.spec);
+                if same {
+                    let res = match r {
+                        Ok(_) => me.set_availability(&name, true, ""),
+                        Err(why) => me.set_availability(&name, false, &why),
+                    };
+                    if let Err(e) = res {
+                        tracing::warn!(target = %name, error = %e, "cannot record backup target availability");
+                    }
+                }
+                if let Ok(mut p) = me.probing.lock() {
+                    p.remove(&name);
+                }
+            });
+        }
     }
 
     fn validate_target(
@@ -211,13 +291,17 @@ impl Manager {
         Ok(redact(t))
     }
 
-    /// Changes a target's URL, poll interval or options (an empty option value removes it).
+    /// Changes a target's URL, poll interval or options (an empty option value removes it;
+    /// `clear_options` removes all before the given ones apply). A URL with another scheme
+    /// drops the options that do not apply to it. A new URL replaces the target's listing with
+    /// the new store's before this returns.
     pub async fn update_target(
         &self,
         name: &str,
         url: Option<&str>,
         poll: Option<u64>,
         options: BTreeMap<String, String>,
+        clear_options: bool,
     ) -> Result<BackupTarget, ApiError> {
         let cur = self.get_target(name)?;
         let mut spec = cur.spec.clone();
@@ -226,6 +310,23 @@ impl Manager {
         }
         if let Some(p) = poll {
             spec.poll_interval = p;
+        }
+        if clear_options {
+            spec.options.clear();
+        }
+        if let Some(known) = options_for(&spec.url)
+            && options_for(&cur.spec.url) != Some(known)
+        {
+            let dropped: Vec<String> = spec
+                .options
+                .keys()
+                .filter(|k| !known.contains(&k.as_str()) && !options.contains_key(*k))
+                .cloned()
+                .collect();
+            if !dropped.is_empty() {
+                tracing::info!(target = name, options = %dropped.join(", "), "options that do not apply to the new URL were removed");
+            }
+            spec.options.retain(|k, _| !dropped.contains(k));
         }
         for (k, v) in options {
             if v.is_empty() {
@@ -255,10 +356,19 @@ impl Manager {
                 ),
             ));
         }
-        if spec.url != cur.spec.url && self.backups_running_on(name)? {
+        let moved = spec.url != cur.spec.url;
+        if moved && self.backups_running_on(name)? {
             return Err(conflict(
                 "BackupInProgress",
                 format!("backups to target {name:?} are running; change its URL when they finish"),
+            ));
+        }
+        if moved && let Some(v) = self.restoring_from(name)? {
+            return Err(conflict(
+                "RestoreInProgress",
+                format!(
+                    "volume {v:?} is being restored from target {name:?}; change its URL when it finishes"
+                ),
             ));
         }
         store::modify::<BackupTarget>(&*self.store, name, |t| {
@@ -266,9 +376,54 @@ impl Manager {
             t.spec = spec.clone();
             c
         })?;
+        if moved {
+            // The old store's backups are not in the new one.
+            self.forget_backups_of(name)?;
+        }
         let t = self.check_target(name, true).await?;
+        if moved && t.status.available {
+            self.sync_target(name).await?;
+            return Ok(redact(self.get_target(name)?));
+        }
         self.request_sync(name);
         Ok(redact(t))
+    }
+
+    /// A volume whose restore from `target` runs now, if any.
+    fn restoring_from(&self, target: &str) -> Result<Option<String>, ApiError> {
+        Ok(store::list::<Volume>(&*self.store)?
+            .into_iter()
+            .find(|v| {
+                volume_target(v) == target
+                    && !v.spec.from_backup.is_empty()
+                    && !restore_done(v)
+                    && v.status.restore.as_ref().is_none_or(|r| r.state != "error")
+            })
+            .map(|v| v.metadata.name))
+    }
+
+    /// Removes the objects of every finished backup of a target and its backup volumes (the
+    /// remote data is not touched).
+    fn forget_backups_of(&self, target: &str) -> Result<(), ApiError> {
+        let mut volumes = BTreeSet::new();
+        for b in store::list::<Backup>(&*self.store)? {
+            if b.spec.target == target && b.status.state.finished() {
+                match store::delete(&*self.store, &b) {
+                    Ok(()) | Err(StoreError::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                volumes.insert(b.spec.volume);
+            }
+        }
+        for bv in store::list::<BackupVolume>(&*self.store)? {
+            if bv.spec.target == target {
+                volumes.insert(bv.spec.volume);
+            }
+        }
+        for v in volumes {
+            self.refresh_backup_volume(target, &v)?;
+        }
+        Ok(())
     }
 
     fn backups_running_on(&self, target: &str) -> Result<bool, ApiError> {
@@ -334,12 +489,22 @@ impl Manager {
         self.sync_notify.notify_one();
     }
 
-    /// Syncs every target whose poll interval passed or that was asked to, until the process
-    /// ends.
+    /// Syncs every target whose poll interval passed or that was asked to, probes every
+    /// target's availability, removes the leases of failed backups and deletes failed backups
+    /// past their retention, until the process ends.
     pub async fn run_backup_sync(self: Arc<Self>) {
         let mut last: HashMap<String, tokio::time::Instant> = HashMap::new();
+        let mut last_probe: Option<tokio::time::Instant> = None;
         loop {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.sync_notify.notified()).await;
+            if last_probe.is_none_or(|at| at.elapsed() >= PROBE_INTERVAL) {
+                last_probe = Some(tokio::time::Instant::now());
+                self.probe_targets();
+                if let Err(e) = self.expire_failed_backups(now()) {
+                    tracing::warn!(error = %e.message, "cannot delete expired failed backups");
+                }
+            }
+            self.clean_leases().await;
             let asked: BTreeSet<String> = self
                 .sync_requests
                 .lock()
@@ -364,61 +529,238 @@ impl Manager {
         }
     }
 
-    /// Brings the target's backups into the store. Never deletes remote data; removes only
-    /// completed backup objects whose manifests a successful listing no longer shows.
+    /// Asks for a failed backup's lease to be removed from its target (and the block
+    /// collection it held up to run).
+    pub(crate) fn queue_lease_cleanup(&self, b: &Backup) {
+        if let Ok(mut q) = self.lease_cleanups.lock() {
+            q.insert((
+                b.spec.target.clone(),
+                b.spec.volume.clone(),
+                b.metadata.name.clone(),
+            ));
+        }
+        self.sync_notify.notify_one();
+    }
+
+    /// Removes the queued leases; what cannot be done now (target down) stays queued.
+    async fn clean_leases(&self) {
+        let queued: Vec<(String, String, String)> = self
+            .lease_cleanups
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q).into_iter().collect())
+            .unwrap_or_default();
+        let mut by_target: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        for (t, v, b) in queued {
+            by_target.entry(t).or_default().push((v, b));
+        }
+        for (t, items) in by_target {
+            let keep = |items: &[(String, String)]| {
+                if let Ok(mut q) = self.lease_cleanups.lock() {
+                    q.extend(items.iter().map(|(v, b)| (t.clone(), v.clone(), b.clone())));
+                }
+            };
+            let store = match self.target_ref(&t) {
+                Ok(r) => match open_url(&r.url, &r.options, false).await {
+                    Ok(s) => s,
+                    Err(_) => {
+                        keep(&items);
+                        continue;
+                    }
+                },
+                Err(_) => continue, // target gone: nothing to clean there
+            };
+            let mut failed = Vec::new();
+            for (v, b) in items {
+                match drop_lease(&store, &v, &b).await {
+                    Ok(()) => {
+                        tracing::info!(target = %t, backup = %b, "lease of the failed backup removed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(target = %t, backup = %b, error = %e, "cannot remove a failed backup's lease yet");
+                        failed.push((v, b));
+                    }
+                }
+            }
+            keep(&failed);
+            match gc_pass(&store).await {
+                Ok(r) if r.deleted_blocks > 0 => {
+                    tracing::info!(target = %t, deleted_blocks = r.deleted_blocks, "deferred block collection finished")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(target = %t, error = %e, "block collection failed; it is retried on the next sync")
+                }
+            }
+        }
+    }
+
+    /// Deletes the objects of failed backups older than the `failed-backup-ttl` setting (a
+    /// backup listed as Error for a damaged manifest stays while the manifest does).
+    pub(crate) fn expire_failed_backups(&self, now_s: u64) -> Result<u64, ApiError> {
+        let ttl = self.setting_u64("failed-backup-ttl");
+        if ttl == 0 {
+            return Ok(0);
+        }
+        let mut n = 0;
+        for b in store::list::<Backup>(&*self.store)? {
+            let expired = b.status.state == BackupState::Error
+                && b.status.manifest_tag.is_empty()
+                && b.status.failed_at.is_some_and(|t| t + ttl <= now_s);
+            if !expired {
+                continue;
+            }
+            match store::delete(&*self.store, &b) {
+                Ok(()) => {
+                    n += 1;
+                    tracing::info!(backup = %b.metadata.name, volume = %b.spec.volume, "failed backup deleted after its retention");
+                }
+                Err(StoreError::NotFound { .. }) | Err(StoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Brings the target's backups into the store. Never deletes remote data; removes only the
+    /// objects of backups whose manifests a successful listing no longer shows. Each manifest
+    /// that is new or rewritten since the last sync (by the listing's change tag) is read and
+    /// checked: a damaged one, or one under another backup's path, is listed as Error with the
+    /// reason instead of Completed.
     pub async fn sync_target(&self, name: &str) -> Result<(), ApiError> {
         let t = self.get_target(name)?;
         if t.spec.url.is_empty() {
             self.check_target(name, false).await?;
             return Ok(());
         }
-        let store = match self.open_target(name).await {
+        let store = match open_url(&t.spec.url, &t.spec.options, false).await {
             Ok(s) => s,
-            Err(e) => {
-                self.mark_unavailable(name, &e.message)?;
+            Err(why) => {
+                self.set_availability(name, false, &why)?;
                 return Ok(());
             }
         };
         let t0 = now();
-        let remote = match list_backups(&store).await {
+        let remote = match list_manifests(&store).await {
             Ok(r) => r,
             Err(e) => {
                 // A failed listing is never "no backups".
-                self.mark_unavailable(name, &e.to_string())?;
+                self.set_availability(name, false, &format!("listing backups: {}", reason(&e)))?;
                 return Ok(());
             }
         };
-        let remote_names: BTreeSet<&str> = remote.iter().map(|(_, b)| b.as_str()).collect();
+        let remote_keys: BTreeSet<(&str, &str)> = remote
+            .iter()
+            .map(|e| (e.volume.as_str(), e.backup.as_str()))
+            .collect();
         let mut touched: BTreeSet<String> = BTreeSet::new();
-        for (vol, b) in &remote {
-            if store::get::<Backup>(&*self.store, b)?.is_some() {
+        for e in &remote {
+            if zebu_types::validate_name(&e.backup).is_err()
+                || zebu_types::validate_name(&e.volume).is_err()
+            {
                 continue;
             }
-            if zebu_types::validate_name(b).is_err() || zebu_types::validate_name(vol).is_err() {
-                continue;
+            let existing = store::get::<Backup>(&*self.store, &e.backup)?;
+            if let Some(b) = &existing {
+                let skip = b.spec.target != name
+                    || b.spec.volume != e.volume
+                    || !b.status.state.finished()
+                    || (b.status.state == BackupState::Error && b.status.manifest_tag.is_empty())
+                    || (!e.tag.is_empty() && b.status.manifest_tag == e.tag);
+                if skip {
+                    continue;
+                }
             }
-            match read_manifest(&store, vol, b).await {
+            let damage = match read_manifest(&store, &e.volume, &e.backup).await {
+                Ok(Some(m)) if m.volume == e.volume && m.backup == e.backup => {
+                    let mut obj = backup_from_manifest(name, &t.spec.url, &m);
+                    obj.status.manifest_tag = e.tag.clone();
+                    match &existing {
+                        None => match store::create(&*self.store, &obj) {
+                            Ok(_) | Err(StoreError::Exists { .. }) => {}
+                            Err(e) => return Err(e.into()),
+                        },
+                        Some(_) => {
+                            store::modify::<Backup>(&*self.store, &e.backup, |b| {
+                                if b.status.state == BackupState::Error {
+                                    tracing::info!(target = name, backup = %e.backup, "backup manifest is readable again");
+                                    b.status = obj.status.clone();
+                                    b.metadata.labels = obj.metadata.labels.clone();
+                                    return true;
+                                }
+                                let c = b.status.manifest_tag != e.tag;
+                                b.status.manifest_tag = e.tag.clone();
+                                c
+                            })?;
+                        }
+                    }
+                    touched.insert(e.volume.clone());
+                    continue;
+                }
                 Ok(Some(m)) => {
-                    let obj = backup_from_manifest(name, &t.spec.url, &m);
+                    // Not this path's backup (a renamed or copied volume folder): not listed.
+                    tracing::warn!(target = name, path = %zebu_backupstore::backup::manifest_key(&e.volume, &e.backup),
+                        volume = %m.volume, backup = %m.backup,
+                        "a manifest is stored under another backup's path; it is not listed");
+                    continue;
+                }
+                Ok(None) => continue, // deleted meanwhile
+                Err(BackupError::Manifest(err)) => format!("manifest is damaged: {err}"),
+                Err(err) => {
+                    tracing::warn!(target = name, backup = %e.backup, error = %err, "cannot read a backup's manifest; skipping it this sync");
+                    continue;
+                }
+            };
+            tracing::warn!(target = name, backup = %e.backup, volume = %e.volume, reason = %damage, "backup listed as Error");
+            match &existing {
+                None => {
+                    let obj = Backup {
+                        metadata: Meta {
+                            name: e.backup.clone(),
+                            ..Default::default()
+                        },
+                        spec: BackupSpec {
+                            volume: e.volume.clone(),
+                            snapshot: String::new(),
+                            target: name.to_string(),
+                            full: false,
+                        },
+                        status: BackupStatus {
+                            state: BackupState::Error,
+                            error: damage.clone(),
+                            url: manifest_url(&t.spec.url, &e.volume, &e.backup),
+                            failed_at: Some(now()),
+                            manifest_tag: e.tag.clone(),
+                            ..Default::default()
+                        },
+                    };
                     match store::create(&*self.store, &obj) {
                         Ok(_) | Err(StoreError::Exists { .. }) => {}
                         Err(e) => return Err(e.into()),
                     }
-                    touched.insert(vol.clone());
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(target = name, backup = %b, error = %e, "cannot read a backup's manifest; skipping it this sync");
+                Some(_) => {
+                    store::modify::<Backup>(&*self.store, &e.backup, |b| {
+                        b.status.state = BackupState::Error;
+                        b.status.progress = 0;
+                        b.status.error = damage.clone();
+                        b.status.failed_at = Some(now());
+                        b.status.manifest_tag = e.tag.clone();
+                        true
+                    })?;
                 }
             }
+            touched.insert(e.volume.clone());
         }
         for b in store::list::<Backup>(&*self.store)? {
+            let from_target = b.status.state == BackupState::Completed
+                || (b.status.state == BackupState::Error && !b.status.manifest_tag.is_empty());
+            let settled = b.status.completed_at.or(b.status.failed_at).unwrap_or(0) + 2 < t0;
             let vanished = b.spec.target == name
-                && b.status.state == BackupState::Completed
-                && !remote_names.contains(b.metadata.name.as_str())
-                && b.status.completed_at.unwrap_or(0) + 2 < t0;
+                && from_target
+                && settled
+                && !remote_keys.contains(&(b.spec.volume.as_str(), b.metadata.name.as_str()));
             if vanished {
-                tracing::info!(target = name, backup = %b.metadata.name, "backup no longer in the target; removing its object");
+                tracing::info!(target = name, backup = %b.metadata.name, volume = %b.spec.volume, "backup no longer in the target; removing its object");
                 match store::delete(&*self.store, &b) {
                     Ok(())
                     | Err(StoreError::NotFound { .. })
@@ -437,11 +779,6 @@ impl Manager {
                 touched.insert(bv.spec.volume.clone());
             }
         }
-        for b in store::list::<Backup>(&*self.store)? {
-            if b.spec.target == name {
-                touched.insert(b.spec.volume.clone());
-            }
-        }
         for vol in touched {
             self.refresh_backup_volume(name, &vol)?;
         }
@@ -450,16 +787,6 @@ impl Manager {
             t.status.message.clear();
             t.status.last_synced_at = Some(now());
             true
-        })?;
-        Ok(())
-    }
-
-    fn mark_unavailable(&self, name: &str, msg: &str) -> Result<(), ApiError> {
-        store::modify::<BackupTarget>(&*self.store, name, |t| {
-            let c = t.status.available || t.status.message != msg;
-            t.status.available = false;
-            t.status.message = msg.to_string();
-            c
         })?;
         Ok(())
     }
@@ -522,13 +849,17 @@ impl Manager {
     }
 
     /// Asks for a backup of an attached volume; the node running its engine performs it.
+    /// `full` reads and checks every block instead of trusting the previous backup's.
     pub fn create_backup(
         &self,
         volume: &str,
         snapshot: Option<&str>,
         target: Option<&str>,
+        labels: BTreeMap<String, String>,
+        full: bool,
     ) -> Result<Backup, ApiError> {
         let s = &*self.store;
+        check_labels(&labels)?;
         let v = self.attached_volume(volume, "backups")?;
         let target = target.unwrap_or(volume_target(&v)).to_string();
         let tr = self.target_ref(&target)?;
@@ -573,12 +904,14 @@ impl Manager {
         let b = Backup {
             metadata: Meta {
                 name: name.clone(),
+                labels,
                 ..Default::default()
             },
             spec: BackupSpec {
                 volume: volume.to_string(),
                 snapshot: snap,
                 target,
+                full,
             },
             status: BackupStatus {
                 url: manifest_url(&tr.url, volume, &name),
@@ -589,15 +922,22 @@ impl Manager {
         Ok(store::create(s, &b)?)
     }
 
+    /// Backups, optionally of one volume, on one target, or carrying every one of `labels`.
     pub fn list_backups(
         &self,
         volume: Option<&str>,
         target: Option<&str>,
+        labels: &BTreeMap<String, String>,
     ) -> Result<Vec<Backup>, ApiError> {
         let mut v: Vec<Backup> = store::list::<Backup>(&*self.store)?
             .into_iter()
             .filter(|b| volume.is_none_or(|x| b.spec.volume == x))
             .filter(|b| target.is_none_or(|x| b.spec.target == x))
+            .filter(|b| {
+                labels
+                    .iter()
+                    .all(|(k, val)| b.metadata.labels.get(k) == Some(val))
+            })
             .collect();
         v.sort_by_key(|b| {
             (
@@ -622,13 +962,14 @@ impl Manager {
                 format!("backup {name:?} is still running"),
             ));
         }
+        // Only a restore that still runs holds the backup; a failed one does not.
         if let Some(v) = store::list::<Volume>(&*self.store)?.into_iter().find(|v| {
             !v.spec.standby
                 && v.spec.from_backup == name
                 && v.status
                     .restore
                     .as_ref()
-                    .is_none_or(|r| r.last_restored_backup != name)
+                    .is_none_or(|r| r.last_restored_backup != name && r.state != "error")
         }) {
             return Err(conflict(
                 "BackupInUse",
@@ -652,7 +993,10 @@ impl Manager {
                 ),
             ));
         }
-        if b.status.state == BackupState::Completed {
+        // A damaged manifest listed as Error is removed from the target too (or the next sync
+        // lists it again).
+        let remote = b.status.state == BackupState::Completed || !b.status.manifest_tag.is_empty();
+        if remote {
             let store = self.open_target(&b.spec.target).await?;
             match remote_delete(&store, &b.spec.volume, name).await {
                 Ok(r) => tracing::info!(
@@ -731,6 +1075,7 @@ impl Manager {
     ) -> Result<(), ApiError> {
         for r in reports {
             let mut completed = None;
+            let mut failed = None;
             store::modify::<Backup>(&*self.store, &r.name, |b| {
                 if b.status.state.finished() {
                     return false;
@@ -757,8 +1102,16 @@ impl Manager {
                     st.completed_at = Some(now());
                     completed = Some((b.spec.target.clone(), b.spec.volume.clone()));
                 }
+                if r.state == BackupState::Error {
+                    st.failed_at = Some(now());
+                    failed = Some(b.clone());
+                }
                 b.status != before
             })?;
+            if let Some(b) = failed {
+                tracing::warn!(backup = %r.name, volume = %b.spec.volume, error = %r.error, "backup failed");
+                self.queue_lease_cleanup(&b);
+            }
             if let Some((t, v)) = completed {
                 tracing::info!(backup = %r.name, volume = %v, target = %t, "backup completed");
                 self.refresh_backup_volume(&t, &v)?;
@@ -808,6 +1161,8 @@ impl Manager {
                 codec: codec.clone(),
                 concurrency,
                 bandwidth,
+                full: b.spec.full,
+                labels: b.metadata.labels.clone(),
             });
         }
         Ok(out)
@@ -823,30 +1178,49 @@ impl Manager {
             }
             let engine = store::get::<Engine>(s, &b.spec.volume)?;
             let why = if store::get::<BackupTarget>(s, &b.spec.target)?.is_none() {
-                Some(format!("backup target {:?} was deleted", b.spec.target))
+                Some((
+                    format!("backup target {:?} was deleted", b.spec.target),
+                    false,
+                ))
             } else {
                 match engine {
-                    None => Some(format!(
-                        "volume {:?} was detached before the backup finished",
-                        b.spec.volume
+                    None => Some((
+                        format!(
+                            "volume {:?} was detached before the backup finished",
+                            b.spec.volume
+                        ),
+                        false,
                     )),
                     Some(e) => {
                         let up = store::get::<Node>(s, &e.spec.node)?
                             .is_some_and(|n| n.status.state == "up");
-                        (!up).then(|| format!("node {:?} went down during the backup", e.spec.node))
+                        (!up).then(|| {
+                            (
+                                format!("node {:?} went down during the backup", e.spec.node),
+                                true,
+                            )
+                        })
                     }
                 }
             };
-            if let Some(why) = why {
+            if let Some((why, node_down)) = why {
                 tracing::warn!(backup = %b.metadata.name, reason = %why, "backup failed");
-                store::modify::<Backup>(s, &b.metadata.name, |b| {
+                let ended = store::modify::<Backup>(s, &b.metadata.name, |b| {
                     if b.status.state.finished() {
                         return false;
                     }
                     b.status.state = BackupState::Error;
                     b.status.error = why.clone();
+                    b.status.failed_at = Some(now());
                     true
                 })?;
+                // A node that only lost touch with the manager may still run the backup: its
+                // lease stays until it expires. Otherwise the backup is over for sure.
+                if let Some(b) = ended
+                    && !node_down
+                {
+                    self.queue_lease_cleanup(&b);
+                }
             }
         }
         Ok(())
@@ -943,7 +1317,12 @@ impl Manager {
             backup,
             from: st.last_restored_backup,
             source_volume,
-            target,
+            // Engines are listable objects: the credentials are added to the node's copy of
+            // the order in its heartbeat answer, never stored here.
+            target: TargetRef {
+                options: BTreeMap::new(),
+                ..target
+            },
             bandwidth: self.setting_u64("backup-bandwidth-limit"),
         })
     }
@@ -1090,6 +1469,38 @@ pub fn restore_done(v: &Volume) -> bool {
         })
 }
 
+/// Checks backup labels: keys of letters, digits, `.`, `_`, `-` and `/` (up to 253
+/// characters), values of letters, digits, `.`, `_` and `-` (up to 63; may be empty).
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if labels.len() > 64 {
+        return Err(ApiError::bad(
+            "InvalidLabel",
+            format!("{} labels; at most 64 are allowed", labels.len()),
+        ));
+    }
+    let chars = |s: &str, extra: &[u8]| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b) || extra.contains(&b))
+    };
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > 253 || !chars(k, b"/") {
+            return Err(ApiError::bad(
+                "InvalidLabel",
+                format!("label key {k:?} must be 1-253 letters, digits, '.', '_', '-' or '/'"),
+            ));
+        }
+        if v.len() > 63 || !chars(v, b"") {
+            return Err(ApiError::bad(
+                "InvalidLabel",
+                format!(
+                    "label value {v:?} of {k:?} must be up to 63 letters, digits, '.', '_' or '-'"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn backup_from_manifest(target: &str, url: &str, m: &Manifest) -> Backup {
     let total = m.blocks.len() as u64;
     let zero = m.blocks.iter().filter(|b| b.is_none()).count() as u64;
@@ -1103,6 +1514,7 @@ fn backup_from_manifest(target: &str, url: &str, m: &Manifest) -> Backup {
             volume: m.volume.clone(),
             snapshot: m.snapshot.clone(),
             target: target.to_string(),
+            full: false,
         },
         status: BackupStatus {
             state: BackupState::Completed,
@@ -1123,6 +1535,8 @@ fn backup_from_manifest(target: &str, url: &str, m: &Manifest) -> Backup {
             created_ms: m.created,
             completed_at: Some(m.created / 1000),
             node: String::new(),
+            failed_at: None,
+            manifest_tag: String::new(),
         },
     }
 }

@@ -71,8 +71,66 @@ pub struct Manager {
     /// Backup targets asked to sync now.
     pub(crate) sync_requests: std::sync::Mutex<std::collections::BTreeSet<String>>,
     pub(crate) sync_notify: tokio::sync::Notify,
+    /// Leases of failed backups to remove from their targets: (target, volume, backup).
+    pub(crate) lease_cleanups:
+        std::sync::Mutex<std::collections::BTreeSet<(String, String, String)>>,
+    /// Targets whose availability probe is running.
+    pub(crate) probing: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
     /// Per node: set when something the node must act on changed (its long-poll returns).
     wakes: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
+}
+
+/// Checks a setting's value and returns it as stored (sizes in plain bytes); the error says
+/// what the setting expects.
+pub fn check_setting(name: &str, value: &str) -> Result<String, &'static str> {
+    let size = || {
+        value
+            .parse::<zebu_types::ByteSize>()
+            .map(|b| b.bytes())
+            .ok()
+    };
+    let n = value.parse::<u64>().ok();
+    let (ok, expected) = match name {
+        "replica-soft-anti-affinity" => (value == "true" || value == "false", "true or false"),
+        "backup-compression" => (
+            zebu_backupstore::Codec::parse(value).is_some(),
+            "zstd, lz4 or none",
+        ),
+        "backup-block-size" => {
+            let v = size();
+            return match v {
+                Some(v) if v.is_power_of_two() && (65536..=16 << 20).contains(&v) => {
+                    Ok(v.to_string())
+                }
+                _ => Err("a power of two from 64KiB to 16MiB, e.g. 2MiB"),
+            };
+        }
+        "backup-bandwidth-limit" => {
+            return size().map(|v| v.to_string()).ok_or(
+                "bytes per second as a size such as 4MiB, 500KiB or 1048576 (0: unlimited)",
+            );
+        }
+        "max-volume-size" => {
+            return size()
+                .filter(|v| *v >= 4096)
+                .map(|v| v.to_string())
+                .ok_or("a size of at least 4KiB, such as 16TiB or 1099511627776");
+        }
+        "backup-concurrency" => (
+            n.is_some_and(|v| (1..=256).contains(&v)),
+            "a whole number from 1 to 256",
+        ),
+        "failed-backup-ttl" => (n.is_some(), "a whole number of seconds (0: kept for ever)"),
+        _ => (
+            n.is_some_and(|v| v > 0),
+            "a whole number of seconds greater than 0",
+        ),
+    };
+    if ok {
+        Ok(value.to_string())
+    } else {
+        Err(expected)
+    }
 }
 
 pub(crate) fn conflict(code: &'static str, msg: impl Into<String>) -> ApiError {
@@ -102,6 +160,8 @@ impl Manager {
             extra_metrics: std::sync::OnceLock::new(),
             sync_requests: std::sync::Mutex::new(Default::default()),
             sync_notify: tokio::sync::Notify::new(),
+            lease_cleanups: std::sync::Mutex::new(Default::default()),
+            probing: Arc::new(std::sync::Mutex::new(Default::default())),
             wakes: std::sync::Mutex::new(HashMap::new()),
         });
         m.ensure_default_target()?;
@@ -113,6 +173,18 @@ impl Manager {
                 e.status.nbd_uri = None;
                 changed
             })?;
+        }
+        // Volumes made before the target was recorded at creation show the one they use.
+        for v in store::list::<Volume>(&*m.store)? {
+            if v.spec.backup_target.is_empty() {
+                store::modify::<Volume>(&*m.store, &v.metadata.name, |v| {
+                    let empty = v.spec.backup_target.is_empty();
+                    if empty {
+                        v.spec.backup_target = DEFAULT_TARGET.to_string();
+                    }
+                    empty
+                })?;
+            }
         }
         for (name, value, _) in SETTINGS {
             if store::get::<Setting>(&*m.store, name)?.is_none() {
@@ -155,25 +227,15 @@ impl Manager {
         let Some((_, _, _)) = SETTINGS.iter().find(|(n, _, _)| *n == name) else {
             return Err(not_found("setting", name));
         };
-        let ok = match name {
-            "replica-soft-anti-affinity" => value == "true" || value == "false",
-            "backup-compression" => zebu_backupstore::Codec::parse(value).is_some(),
-            "backup-block-size" => value
-                .parse::<u64>()
-                .is_ok_and(|v| v.is_power_of_two() && (65536..=16 << 20).contains(&v)),
-            "backup-bandwidth-limit" => value.parse::<u64>().is_ok(),
-            "backup-concurrency" => value.parse::<u64>().is_ok_and(|v| (1..=256).contains(&v)),
-            _ => value.parse::<u64>().is_ok_and(|v| v > 0),
-        };
-        if !ok {
-            return Err(ApiError::bad(
+        let value = check_setting(name, value.trim()).map_err(|expected| {
+            ApiError::bad(
                 "InvalidSetting",
-                format!("{value:?} is not a valid value for {name}"),
-            ));
-        }
+                format!("{value:?} is not a valid value for {name}: expected {expected}"),
+            )
+        })?;
         store::modify::<Setting>(&*self.store, name, |s| {
             let changed = s.value != value;
-            s.value = value.to_string();
+            s.value = value.clone();
             changed
         })?
         .ok_or_else(|| not_found("setting", name))
@@ -308,6 +370,7 @@ impl Manager {
             spec: VolumeSpec {
                 size,
                 replicas,
+                backup_target: DEFAULT_TARGET.to_string(),
                 ..Default::default()
             },
             ..Default::default()
@@ -738,7 +801,14 @@ impl Manager {
                     changed
                 })?;
             }
-            a.engines.push(e.spec);
+            let mut spec = e.spec;
+            if let Some(r) = spec.restore.as_mut() {
+                // Stored orders carry no credentials; the node gets them here only.
+                if let Ok(t) = self.target_ref(&r.target.name) {
+                    r.target.options = t.options;
+                }
+            }
+            a.engines.push(spec);
         }
         Ok(a)
     }

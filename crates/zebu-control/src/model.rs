@@ -236,14 +236,26 @@ pub struct EngineSpec {
     pub restore: Option<RestoreOrder>,
 }
 
-/// A resolved backup target: where it is and how to reach it (with secrets; node-internal).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// A resolved backup target: where it is and how to reach it. Its options (with secrets) are
+/// filled in only in the answers a node gets to its heartbeat, never in stored objects; its
+/// `Debug` shows the option names alone.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TargetRef {
     pub name: String,
     pub url: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub options: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for TargetRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetRef")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("options", &self.options.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -483,6 +495,10 @@ pub struct BackupSpec {
     #[serde(default)]
     pub snapshot: String,
     pub target: String,
+    /// Read every block of the snapshot and check each one against the target, uploading what
+    /// is missing, instead of taking unchanged blocks over from the previous backup.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -540,6 +556,12 @@ pub struct BackupStatus {
     /// The node running it.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub node: String,
+    /// Unix seconds when it ended in Error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_at: Option<u64>,
+    /// The manifest object's change tag when a target sync last read it (empty: never read).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub manifest_tag: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -594,6 +616,18 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "0",
         "transfer limit per backup or restore in bytes per second (0: unlimited)",
     ),
+    (
+        "failed-backup-ttl",
+        "86400",
+        "seconds a failed backup stays listed before its object is deleted (0: kept)",
+    ),
+];
+
+/// Settings whose values are sizes in bytes: they accept the units `--size` does.
+pub const SIZE_SETTINGS: &[&str] = &[
+    "max-volume-size",
+    "backup-block-size",
+    "backup-bandwidth-limit",
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -712,6 +746,12 @@ pub struct BackupOrder {
     pub concurrency: u32,
     /// Bytes per second; 0 = unlimited.
     pub bandwidth: u64,
+    /// Check every block instead of trusting the parent (see [`BackupSpec::full`]).
+    #[serde(default)]
+    pub full: bool,
+    /// Labels recorded in the manifest.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,7 +2,6 @@
 //! engine becomes a backup (incremental to the newest earlier backup whose snapshot still
 //! exists), and a backup is written through the engine to every replica of a new volume.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -171,7 +170,9 @@ async fn backup(
     let size = engine.size();
     // Incremental to the newest backup whose snapshot still exists.
     let mut parent = None;
-    for (pb, psnap) in &order.parents {
+    // A full backup reads every block and checks each against the target.
+    let parents: &[(String, String)] = if order.full { &[] } else { &order.parents };
+    for (pb, psnap) in parents {
         if psnap.is_empty() || !snaps.contains(psnap) {
             continue;
         }
@@ -216,7 +217,7 @@ async fn backup(
         parent,
         concurrency: order.concurrency.max(1) as usize,
         created,
-        labels: BTreeMap::new(),
+        labels: order.labels.clone(),
         bandwidth: (order.bandwidth > 0).then_some(order.bandwidth),
     };
     let src = Arc::new(SnapSource {

@@ -39,6 +39,10 @@ pub enum TargetCmd {
         poll_interval: Option<u64>,
         #[arg(long = "option", value_parser = parse_kv)]
         options: Vec<(String, String)>,
+        /// Remove every option first (the given --option values then apply). Options that do
+        /// not apply to a new URL's scheme are removed anyway, and named.
+        #[arg(long)]
+        clear_options: bool,
     },
     List,
     Get {
@@ -65,6 +69,13 @@ pub enum BackupCmd {
         /// The target (default: the volume's).
         #[arg(long)]
         target: Option<String>,
+        /// A label as KEY=VALUE, stored with the backup; repeat for each.
+        #[arg(long = "label", value_parser = parse_kv)]
+        labels: Vec<(String, String)>,
+        /// Read every block and check each against the target, uploading what is missing
+        /// (repairs a target that lost blocks).
+        #[arg(long)]
+        full: bool,
         /// Wait until the backup completes, showing its progress.
         #[arg(long)]
         wait: bool,
@@ -74,6 +85,9 @@ pub enum BackupCmd {
         volume: Option<String>,
         #[arg(long)]
         target: Option<String>,
+        /// Only backups with this label (KEY=VALUE); repeat to require several.
+        #[arg(long = "label", value_parser = parse_kv)]
+        labels: Vec<(String, String)>,
     },
     Get {
         name: String,
@@ -155,16 +169,35 @@ pub async fn target(g: &Global, cmd: TargetCmd) -> Result<()> {
             url,
             poll_interval,
             options,
+            clear_options,
         } => {
-            let mut body = json!({"options": opts(options)});
-            if let Some(u) = url {
+            let before: BackupTarget = api.get(&format!("/v1/backup-targets/{name}")).await?;
+            let asked = opts(options);
+            let mut body = json!({"options": asked, "clearOptions": clear_options});
+            if let Some(u) = &url {
                 body["url"] = json!(u);
             }
             if let Some(p) = poll_interval {
                 body["pollInterval"] = json!(p);
             }
-            api.put(&format!("/v1/backup-targets/{name}"), &body)
-                .await?
+            let t: BackupTarget = api
+                .put(&format!("/v1/backup-targets/{name}"), &body)
+                .await?;
+            let dropped: Vec<&str> = before
+                .spec
+                .options
+                .keys()
+                .filter(|k| !t.spec.options.contains_key(*k) && !asked.contains_key(*k))
+                .map(String::as_str)
+                .collect();
+            if !dropped.is_empty() && !clear_options {
+                eprintln!(
+                    "removed options that do not apply to {}: {}",
+                    t.spec.url,
+                    dropped.join(", ")
+                );
+            }
+            t
         }
         TargetCmd::List => {
             let ts: Vec<BackupTarget> = api.get("/v1/backup-targets").await?;
@@ -202,7 +235,7 @@ fn show_backups(g: &Global, bs: &[Backup]) -> Result<()> {
     table(
         &[
             "NAME", "VOLUME", "SNAPSHOT", "TARGET", "STATE", "PROGRESS", "UPLOADED", "PRESENT",
-            "ZERO", "TOTAL", "STORED", "ERROR",
+            "ZERO", "TOTAL", "STORED", "LABELS", "ERROR",
         ],
         bs.iter()
             .map(|b| {
@@ -219,6 +252,12 @@ fn show_backups(g: &Global, bs: &[Backup]) -> Result<()> {
                     st.blocks.zero.to_string(),
                     st.blocks.total.to_string(),
                     ByteSize(st.bytes.stored).to_string(),
+                    b.metadata
+                        .labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(","),
                     st.error.clone(),
                 ]
             })
@@ -276,9 +315,12 @@ pub async fn backup(g: &Global, cmd: BackupCmd) -> Result<()> {
             volume,
             snapshot,
             target,
+            labels,
+            full,
             wait,
         } => {
-            let mut body = json!({"volume": volume});
+            let labels: BTreeMap<String, String> = labels.into_iter().collect();
+            let mut body = json!({"volume": volume, "labels": labels, "full": full});
             if let Some(s) = snapshot {
                 body["snapshot"] = json!(s);
             }
@@ -296,8 +338,16 @@ pub async fn backup(g: &Global, cmd: BackupCmd) -> Result<()> {
                 Ok(())
             }
         }
-        BackupCmd::List { volume, target } => {
+        BackupCmd::List {
+            volume,
+            target,
+            labels,
+        } => {
             let mut q = Vec::new();
+            if !labels.is_empty() {
+                let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                q.push(format!("label={}", l.join(",")));
+            }
             if let Some(v) = volume {
                 q.push(format!("volume={v}"));
             }
