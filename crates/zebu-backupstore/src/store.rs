@@ -116,7 +116,7 @@ impl FsStore {
         if !marker.exists() {
             if !init {
                 return Err(StoreError::Unavailable(format!(
-                    "{} is not an initialised backup target (no {MARKER})",
+                    "{} has no {MARKER} (not mounted, or never initialised)",
                     root.display()
                 )));
             }

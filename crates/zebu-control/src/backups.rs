@@ -1540,3 +1540,7 @@ fn backup_from_manifest(target: &str, url: &str, m: &Manifest) -> Backup {
         },
     }
 }
+
+#[cfg(test)]
+#[path = "backups_tests.rs"]
+mod tests;

@@ -5,83 +5,10 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
 
 use common::*;
 use serde_json::Value;
-
-fn json_of(s: &str) -> Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
-}
-
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
-}
-
-/// BLAKE3 of a whole volume, read through NBD with nbdcopy.
-fn volume_hash(tmp: &Path, uri: &str) -> String {
-    let out = tmp.join(format!("read-{}.img", rand::random::<u32>()));
-    must("nbdcopy", &[uri, out.to_str().expect("utf8")]);
-    let h = file_hash(&out);
-    let _ = std::fs::remove_file(&out);
-    h
-}
-
-fn write_file(p: &Path, chunks: &[(usize, Option<u8>)]) {
-    // (MiB, None = random | Some(byte) = that byte)
-    let mut f = std::fs::File::create(p).expect("create");
-    for (mib, fill) in chunks {
-        for _ in 0..*mib {
-            let buf: Vec<u8> = match fill {
-                Some(b) => vec![*b; 1 << 20],
-                None => (0..1 << 20).map(|_| rand::random::<u8>()).collect(),
-            };
-            f.write_all(&buf).expect("write");
-        }
-    }
-}
-
-fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-/// Creates a volume from a backup, waits for the restore, attaches it and returns its hash.
-fn restore_hash(srv: &Server, tmp: &Path, name: &str, backup: &str) -> String {
-    srv.cli(&[
-        "volume",
-        "create",
-        name,
-        "--from-backup",
-        backup,
-        "--replicas",
-        "2",
-        "--wait",
-    ]);
-    let v = json_of(&srv.cli(&["volume", "get", name, "-o", "json"]));
-    assert_eq!(v["status"]["restore"]["lastRestoredBackup"], backup);
-    assert_eq!(v["status"]["restore"]["progress"], 100);
-    let uri = srv.cli(&["volume", "attach", name]).trim().to_string();
-    let h = volume_hash(tmp, &uri);
-    srv.cli(&["volume", "detach", name]);
-    h
-}
 
 fn backup_json(srv: &Server, args: &[&str]) -> Value {
     let mut a = vec!["backup", "create"];
@@ -530,22 +457,6 @@ fn snapshot_names(srv: &Server, name: &str) -> Vec<String> {
         .iter()
         .map(|s| s["name"].as_str().expect("name").to_string())
         .collect()
-}
-
-fn write_at(uri: &str, file: &Path, offset: &str, len: &str) {
-    let out = must(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            uri,
-            "-c",
-            &format!("write -s {} {offset} {len}", file.display()),
-            "-c",
-            "flush",
-        ],
-    );
-    assert!(!out.contains("failed"), "{out}");
 }
 
 /// Activates a standby volume, attaches it and returns its whole-volume hash.

@@ -11,10 +11,6 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 use zebu_control::client::ApiClient;
 
-fn json_of(s: &str) -> Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
-}
-
 #[test]
 fn quickstart_volume_lifecycle() {
     let tmp = TempDir::new("quick");

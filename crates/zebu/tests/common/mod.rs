@@ -51,7 +51,12 @@ impl Proc {
     }
 
     /// Starts a prepared `zebu` command and waits for its "... listening on ADDR" line.
-    pub fn start_cmd(name: &str, mut cmd: Command) -> Proc {
+    pub fn start_cmd(name: &str, cmd: Command) -> Proc {
+        Proc::start_logged(name, cmd, None)
+    }
+
+    /// Like [`Proc::start_cmd`], with its log (stderr) appended to `log` when given.
+    pub fn start_logged(name: &str, mut cmd: Command, log: Option<&Path>) -> Proc {
         let args: Vec<String> = cmd
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
@@ -63,7 +68,16 @@ impl Proc {
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(match log {
+                Some(p) => Stdio::from(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(p)
+                        .expect("log file"),
+                ),
+                None => Stdio::inherit(),
+            })
             .spawn()
             .unwrap_or_else(|e| panic!("spawn zebu {args:?}: {e}"));
         let stdout = child.stdout.take().expect("stdout");
@@ -217,18 +231,22 @@ pub struct Server {
 
 impl Server {
     pub fn start(data: &Path) -> Server {
-        let proc = Proc::start(
+        Server::start_logged(data, None)
+    }
+
+    /// A server whose log goes to `log` (appended) instead of the test's stderr.
+    pub fn start_logged(data: &Path, log: Option<&Path>) -> Server {
+        let mut cmd = Command::new(ZEBU);
+        cmd.args([
             "server",
-            &[
-                "server",
-                "--data-dir",
-                data.to_str().expect("utf8"),
-                "--api-listen",
-                "127.0.0.1:0",
-                "--nbd-listen",
-                "127.0.0.1:0",
-            ],
-        );
+            "--data-dir",
+            data.to_str().expect("utf8"),
+            "--api-listen",
+            "127.0.0.1:0",
+            "--nbd-listen",
+            "127.0.0.1:0",
+        ]);
+        let proc = Proc::start_logged("server", cmd, log);
         let token = std::fs::read_to_string(data.join("api-token"))
             .expect("api-token")
             .trim()
@@ -412,4 +430,93 @@ pub fn manager_proc(dir: &Path, listen: &str) -> (Proc, String) {
         .trim()
         .to_string();
     (mgr, token)
+}
+
+pub fn json_of(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+pub fn u(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// BLAKE3 of a whole volume, read through NBD with nbdcopy.
+pub fn volume_hash(tmp: &Path, uri: &str) -> String {
+    let out = tmp.join(format!("read-{}.img", rand::random::<u32>()));
+    must("nbdcopy", &[uri, out.to_str().expect("utf8")]);
+    let h = file_hash(&out);
+    let _ = std::fs::remove_file(&out);
+    h
+}
+
+pub fn write_file(p: &Path, chunks: &[(usize, Option<u8>)]) {
+    use std::io::Write;
+    // (MiB, None = random | Some(byte) = that byte)
+    let mut f = std::fs::File::create(p).expect("create");
+    for (mib, fill) in chunks {
+        for _ in 0..*mib {
+            let buf: Vec<u8> = match fill {
+                Some(b) => vec![*b; 1 << 20],
+                None => (0..1 << 20).map(|_| rand::random::<u8>()).collect(),
+            };
+            f.write_all(&buf).expect("write");
+        }
+    }
+}
+
+pub fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Creates a volume from a backup, waits for the restore, attaches it and returns its hash.
+pub fn restore_hash(srv: &Server, tmp: &Path, name: &str, backup: &str) -> String {
+    srv.cli(&[
+        "volume",
+        "create",
+        name,
+        "--from-backup",
+        backup,
+        "--replicas",
+        "2",
+        "--wait",
+    ]);
+    let v = json_of(&srv.cli(&["volume", "get", name, "-o", "json"]));
+    assert_eq!(v["status"]["restore"]["lastRestoredBackup"], backup);
+    assert_eq!(v["status"]["restore"]["progress"], 100);
+    let uri = srv.cli(&["volume", "attach", name]).trim().to_string();
+    let h = volume_hash(tmp, &uri);
+    srv.cli(&["volume", "detach", name]);
+    h
+}
+
+pub fn write_at(uri: &str, file: &Path, offset: &str, len: &str) {
+    let out = must(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            uri,
+            "-c",
+            &format!("write -s {} {offset} {len}", file.display()),
+            "-c",
+            "flush",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
 }
