@@ -220,15 +220,6 @@ impl BackupStore for S3Store {
         }
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        Ok(self
-            .list_meta(prefix)
-            .await?
-            .into_iter()
-            .map(|o| o.key)
-            .collect())
-    }
-
     async fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
         let prefix = prefix.trim_end_matches('/');
         if !prefix.is_empty() {

@@ -36,27 +36,17 @@ pub trait BackupStore: Send + Sync + 'static {
     fn put(&self, key: &str, data: Vec<u8>) -> impl Future<Output = Result<(), StoreError>> + Send;
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
     fn exists(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
-    /// Every key under `prefix` (recursively), sorted.
-    fn list(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
-    /// Like [`BackupStore::list`], with each object's size and a tag that changes whenever the
-    /// object is rewritten (an ETag or a modification time). Backends that cannot tell give an
-    /// empty tag, which callers treat as "changed".
+    /// Every object under `prefix` (recursively), sorted by key, with its size and a tag that
+    /// changes whenever the object is rewritten (an ETag, or a modification time, inode and
+    /// size); empty where a backend cannot tell, which callers treat as "changed".
     fn list_meta(
         &self,
         prefix: &str,
-    ) -> impl Future<Output = Result<Vec<ObjectInfo>, StoreError>> + Send {
-        let listing = self.list(prefix);
-        async move {
-            Ok(listing
-                .await?
-                .into_iter()
-                .map(|key| ObjectInfo {
-                    key,
-                    size: 0,
-                    tag: String::new(),
-                })
-                .collect())
-        }
+    ) -> impl Future<Output = Result<Vec<ObjectInfo>, StoreError>> + Send;
+    /// Every key under `prefix` (recursively), sorted.
+    fn list(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send {
+        let listing = self.list_meta(prefix);
+        async move { Ok(listing.await?.into_iter().map(|o| o.key).collect()) }
     }
     /// Deletes an object; deleting a missing one is not an error.
     fn delete(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -228,15 +218,6 @@ impl BackupStore for FsStore {
             Ok(p.exists())
         })
         .await
-    }
-
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        Ok(self
-            .list_meta(prefix)
-            .await?
-            .into_iter()
-            .map(|o| o.key)
-            .collect())
     }
 
     async fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {

@@ -269,12 +269,6 @@ impl BackupStore for Target {
             Target::S3(s) => s.exists(key).await,
         }
     }
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        match self {
-            Target::Fs(s) => s.list(prefix).await,
-            Target::S3(s) => s.list(prefix).await,
-        }
-    }
     async fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
         match self {
             Target::Fs(s) => s.list_meta(prefix).await,

@@ -11,7 +11,7 @@ use zebu_backupstore::backup::{
     BackupError, BackupSpec, Problem, Progress, RestoreSink, SnapshotSource, block_key,
     manifest_key, read_manifest, run_backup, run_restore, verify,
 };
-use zebu_backupstore::store::{BackupStore, FsStore, StoreError};
+use zebu_backupstore::store::{BackupStore, FsStore, ObjectInfo, StoreError};
 use zebu_backupstore::{Codec, Manifest};
 
 const BS: u32 = 1 << 20;
@@ -226,9 +226,9 @@ impl BackupStore for Counting {
         self.exists.fetch_add(1, Ordering::SeqCst);
         self.inner.exists(key).await
     }
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+    async fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
         self.lists.fetch_add(1, Ordering::SeqCst);
-        self.inner.list(prefix).await
+        self.inner.list_meta(prefix).await
     }
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.inner.delete(key).await
@@ -371,8 +371,8 @@ impl BackupStore for Flaky {
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
         self.inner.exists(key).await
     }
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        self.inner.list(prefix).await
+    async fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        self.inner.list_meta(prefix).await
     }
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.inner.delete(key).await
@@ -562,8 +562,8 @@ impl BackupStore for PausedGc {
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
         self.inner.exists(key).await
     }
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let r = self.inner.list(prefix).await;
+    async fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let r = self.inner.list_meta(prefix).await;
         if prefix == "locks/backups" && !self.once.swap(true, Ordering::SeqCst) {
             self.paused.notify_one();
             let _p = self.release.acquire().await;

@@ -39,6 +39,17 @@ fn write_random(uri: &str, tmp: &Path, offset_mib: u64, mib: usize) {
     let _ = std::fs::remove_file(img);
 }
 
+/// Points the `default` target at a directory.
+fn set_dir_target(srv: &Server, dir: &Path) {
+    srv.cli(&[
+        "backup-target",
+        "update",
+        "default",
+        "--url",
+        &format!("file://{}", dir.display()),
+    ]);
+}
+
 fn verify_ok(srv: &Server, backup: &str) {
     let r = json_of(&srv.cli(&["backup", "verify", backup, "--deep", "-o", "json"]));
     assert_eq!(r["ok"], true, "{r}");
@@ -64,13 +75,7 @@ fn lost_blocks_are_uploaded_again_full_repairs_and_a_failed_restore_does_not_hol
     let tmp = TempDir::new("bk-lost");
     let srv = Server::start(&tmp.path().join("data"));
     let bt = tmp.path().join("target");
-    srv.cli(&[
-        "backup-target",
-        "update",
-        "default",
-        "--url",
-        &format!("file://{}", bt.display()),
-    ]);
+    set_dir_target(&srv, &bt);
     srv.cli(&[
         "volume",
         "create",
@@ -156,13 +161,7 @@ fn a_failed_backup_drops_its_lease_at_once_collection_follows_and_failed_backups
     let tmp = TempDir::new("bk-lease");
     let srv = Server::start(&tmp.path().join("data"));
     let bt = tmp.path().join("target");
-    srv.cli(&[
-        "backup-target",
-        "update",
-        "default",
-        "--url",
-        &format!("file://{}", bt.display()),
-    ]);
+    set_dir_target(&srv, &bt);
     // Size settings take units; a bad value names what is expected and changes nothing.
     let (ok, _, err) = zebu_cli(
         srv.api(),
@@ -260,13 +259,7 @@ fn sync_lists_damaged_manifests_as_error_a_new_url_replaces_the_listing_and_labe
     let srv = Server::start(&tmp.path().join("data"));
     let a = tmp.path().join("a");
     let b = tmp.path().join("b");
-    srv.cli(&[
-        "backup-target",
-        "update",
-        "default",
-        "--url",
-        &format!("file://{}", a.display()),
-    ]);
+    set_dir_target(&srv, &a);
     let uri = srv.volume("v1", "16MiB", 1);
     write_random(&uri, tmp.path(), 0, 4);
     let a1 = bk(&srv, &["v1", "--label", "env=prod", "--label", "tier=gold"]);
@@ -321,13 +314,7 @@ fn sync_lists_damaged_manifests_as_error_a_new_url_replaces_the_listing_and_labe
     verify_ok(&srv, &a1n);
 
     // A new URL: the listing is the new store's when the update returns, labels included.
-    srv.cli(&[
-        "backup-target",
-        "update",
-        "default",
-        "--url",
-        &format!("file://{}", b.display()),
-    ]);
+    set_dir_target(&srv, &b);
     assert_eq!(
         backup_names(&srv, &["--target", "default"]),
         vec![a1n.clone()]
