@@ -450,14 +450,23 @@ async fn get_replica(
     get_named(&m, &h, &name)
 }
 
+#[derive(Debug, Deserialize)]
+struct ForceQuery {
+    force: Option<bool>,
+}
+
 async fn delete_replica(
     State(m): State<Arc<Manager>>,
     h: HeaderMap,
     Path(name): Path<String>,
+    Query(q): Query<ForceQuery>,
 ) -> Result<(StatusCode, Json<Replica>), ApiError> {
     authorize(&m, &h)?;
     check_name(&name)?;
-    Ok((StatusCode::ACCEPTED, Json(m.delete_replica(&name)?)))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(m.delete_replica(&name, q.force.unwrap_or(false))?),
+    ))
 }
 
 async fn list_engines(State(m): State<Arc<Manager>>, h: HeaderMap) -> ApiResult<Vec<Engine>> {

@@ -74,10 +74,51 @@ pub struct Manager {
     /// Leases of failed backups to remove from their targets: (target, volume, backup).
     pub(crate) lease_cleanups:
         std::sync::Mutex<std::collections::BTreeSet<(String, String, String)>>,
+    /// Unix seconds when this manager process started: no node is judged down before it has
+    /// had a full node-down timeout to send fresh heartbeats.
+    started: AtomicU64,
+    /// A fixed clock for tests (0: the real one).
+    clock: AtomicU64,
     /// Targets whose availability probe is running.
     pub(crate) probing: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
     /// Per node: set when something the node must act on changed (its long-poll returns).
     wakes: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
+}
+
+/// Whether a replica holds a complete copy of its volume: RW and not failed, or, while no
+/// replica of the volume has ever joined an engine (a new volume), any replica not failed. A
+/// replica scheduled as a replacement holds nothing until its rebuild makes it RW.
+pub fn good_copy(r: &Replica, volume_replicas: &[Replica]) -> bool {
+    if r.status.failed_at.is_some() || r.metadata.deletion_requested.is_some() {
+        return false;
+    }
+    match r.status.mode {
+        Some(m) => m == ReplicaMode::RW,
+        None => volume_replicas
+            .iter()
+            .all(|o| o.status.mode.is_none() || o.metadata.deletion_requested.is_some()),
+    }
+}
+
+/// A volume's robustness: while attached (or standby, with its engine running) from the
+/// replica modes the engine reports, at once; otherwise `faulted` when no replica holds a
+/// complete copy any more, else `unknown`.
+pub fn robustness(v: &Volume, state: VolumeState, engine: bool, live: &[Replica]) -> Robustness {
+    let good = live.iter().filter(|r| good_copy(r, live)).count() as u32;
+    let followed = state == VolumeState::Attached || (v.spec.standby && engine);
+    if followed {
+        return match good {
+            0 => Robustness::Faulted,
+            g if g >= v.spec.replicas => Robustness::Healthy,
+            _ => Robustness::Degraded,
+        };
+    }
+    let had_data = live.iter().any(|r| r.status.mode.is_some());
+    if good == 0 && had_data {
+        Robustness::Faulted
+    } else {
+        Robustness::Unknown
+    }
 }
 
 /// Checks a setting's value and returns it as stored (sizes in plain bytes); the error says
@@ -121,6 +162,10 @@ pub fn check_setting(name: &str, value: &str) -> Result<String, &'static str> {
             "a whole number from 1 to 256",
         ),
         "failed-backup-ttl" => (n.is_some(), "a whole number of seconds (0: kept for ever)"),
+        "engine-replica-timeout" => (
+            n.is_some_and(|v| (1..=300).contains(&v)),
+            "a whole number of seconds from 1 to 300",
+        ),
         _ => (
             n.is_some_and(|v| v > 0),
             "a whole number of seconds greater than 0",
@@ -161,6 +206,8 @@ impl Manager {
             sync_requests: std::sync::Mutex::new(Default::default()),
             sync_notify: tokio::sync::Notify::new(),
             lease_cleanups: std::sync::Mutex::new(Default::default()),
+            started: AtomicU64::new(now()),
+            clock: AtomicU64::new(0),
             probing: Arc::new(std::sync::Mutex::new(Default::default())),
             wakes: std::sync::Mutex::new(HashMap::new()),
         });
@@ -168,9 +215,12 @@ impl Manager {
         // What engines report is only known again after their nodes' next heartbeats.
         for e in store::list::<Engine>(&*m.store)? {
             store::modify::<Engine>(&*m.store, &e.metadata.name, |e| {
-                let changed = e.status.state != "starting" || e.status.nbd_uri.is_some();
+                let changed = e.status.state != "starting"
+                    || e.status.nbd_uri.is_some()
+                    || e.status.rw_replicas.is_some();
                 e.status.state = "starting".into();
                 e.status.nbd_uri = None;
+                e.status.rw_replicas = None;
                 changed
             })?;
         }
@@ -202,6 +252,22 @@ impl Manager {
             }
         }
         Ok(m)
+    }
+
+    /// Unix seconds, from the test clock when one is set.
+    pub(crate) fn now_s(&self) -> u64 {
+        match self.clock.load(Ordering::Relaxed) {
+            0 => now(),
+            t => t,
+        }
+    }
+
+    /// Fixes the clock at `t` Unix seconds (tests; 0 goes back to the real clock). The first
+    /// call also counts as the process start, for the node-down grace after a restart.
+    pub fn set_clock(&self, t: u64) {
+        if self.clock.swap(t, Ordering::Relaxed) == 0 {
+            self.started.store(t, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn setting(&self, name: &str) -> String {
@@ -577,29 +643,37 @@ impl Manager {
         Ok(v)
     }
 
-    pub fn delete_replica(&self, name: &str) -> Result<Replica, ApiError> {
+    /// Deletes a replica. Refused (unless `force`) when no other complete copy of the volume
+    /// would remain while this one holds data: rebuilding copies do not count until they are RW.
+    pub fn delete_replica(&self, name: &str, force: bool) -> Result<Replica, ApiError> {
         let r =
             store::get::<Replica>(&*self.store, name)?.ok_or_else(|| not_found("replica", name))?;
-        let others_healthy = store::list::<Replica>(&*self.store)?.iter().any(|o| {
-            o.spec.volume == r.spec.volume
-                && o.metadata.name != r.metadata.name
-                && o.metadata.deletion_requested.is_none()
-                && o.status.failed_at.is_none()
-        });
-        if !others_healthy && r.status.failed_at.is_none() {
-            return Err(conflict(
-                "LastHealthyReplica",
-                format!(
-                    "replica {name:?} is the last healthy copy of volume {:?}",
-                    r.spec.volume
-                ),
-            ));
+        let all: Vec<Replica> = store::list::<Replica>(&*self.store)?
+            .into_iter()
+            .filter(|o| o.spec.volume == r.spec.volume)
+            .collect();
+        let others = all
+            .iter()
+            .filter(|o| o.metadata.name != r.metadata.name && good_copy(o, &all))
+            .count();
+        let holds_data = good_copy(&r, &all) || r.status.mode == Some(ReplicaMode::ERR);
+        if others == 0 && holds_data && r.metadata.deletion_requested.is_none() {
+            if !force {
+                return Err(conflict(
+                    "LastGoodReplica",
+                    format!(
+                        "replica {name:?} is the last complete copy of volume {:?} (other replicas are missing, failed or still rebuilding); deleting it loses the volume's data (--force to delete anyway)",
+                        r.spec.volume
+                    ),
+                ));
+            }
+            tracing::warn!(volume = %r.spec.volume, replica = name, "the last complete copy of the volume is deleted on request (force); its data is lost");
         }
         store::modify::<Replica>(&*self.store, name, |r| {
             if r.metadata.deletion_requested.is_some() {
                 return false;
             }
-            r.metadata.deletion_requested = Some(now());
+            r.metadata.deletion_requested = Some(self.now_s());
             true
         })?
         .ok_or_else(|| not_found("replica", name))
@@ -607,7 +681,7 @@ impl Manager {
 
     /// Records a node's report and answers with what it should run.
     pub fn heartbeat(&self, node: &str, hb: Heartbeat) -> Result<Assignments, ApiError> {
-        let t = now();
+        let t = self.now_s();
         let status = |s: &mut NodeStatus| {
             let changed = s.state != "up"
                 || s.address != hb.address
@@ -664,11 +738,19 @@ impl Manager {
             if e.spec.generation != er.generation || e.spec.node != node {
                 continue;
             }
+            let rw = er
+                .replicas
+                .iter()
+                .filter(|r| r.mode == ReplicaMode::RW)
+                .count() as u32;
             store::modify::<Engine>(&*self.store, &er.volume, |e| {
                 let uri = Some(er.nbd_uri.clone());
-                let changed = e.status.state != "running" || e.status.nbd_uri != uri;
+                let changed = e.status.state != "running"
+                    || e.status.nbd_uri != uri
+                    || e.status.rw_replicas != Some(rw);
                 e.status.state = "running".into();
                 e.status.nbd_uri = uri;
+                e.status.rw_replicas = Some(rw);
                 changed
             })?;
             for rm in &er.replicas {
@@ -860,8 +942,26 @@ impl Manager {
         if ev.mode == ReplicaMode::ERR {
             tracing::warn!(volume = %ev.volume, replica = %ev.replica, reason = %ev.reason, "replica failed");
         }
-        self.record_mode(&ev.replica, &ev.volume, ev.mode, None)?
-            .ok_or_else(|| not_found("replica", &ev.replica))
+        // A replica already deleted has left the volume for good: nothing to record, and the
+        // engine must not wait for it.
+        Ok(self
+            .record_mode(&ev.replica, &ev.volume, ev.mode, None)?
+            .unwrap_or_else(|| Replica {
+                metadata: Meta {
+                    name: ev.replica.clone(),
+                    deletion_requested: Some(self.now_s()),
+                    ..Default::default()
+                },
+                spec: ReplicaSpec {
+                    volume: ev.volume.clone(),
+                    ..Default::default()
+                },
+                status: ReplicaStatus {
+                    mode: Some(ev.mode),
+                    state: "deleted".into(),
+                    ..Default::default()
+                },
+            }))
     }
 
     fn wake_handle(&self, node: &str) -> Option<Arc<tokio::sync::Notify>> {
@@ -944,11 +1044,16 @@ impl Manager {
 
     /// One pass over every object.
     pub fn reconcile(&self) -> Result<(), ApiError> {
-        let t = now();
+        let t = self.now_s();
         let s = &*self.store;
         let down_after = self.setting_u64("node-down-timeout");
         for n in store::list::<Node>(s)? {
-            if n.status.state == "up" && t.saturating_sub(n.status.last_heartbeat) > down_after {
+            // Heartbeats missed while this manager was not running do not count against a node.
+            let heard = n
+                .status
+                .last_heartbeat
+                .max(self.started.load(Ordering::Relaxed));
+            if n.status.state == "up" && t.saturating_sub(heard) > down_after {
                 tracing::warn!(node = %n.metadata.name, "node missed its heartbeats; marking it down");
                 store::modify::<Node>(s, &n.metadata.name, |n| {
                     let c = n.status.state != "down";
@@ -1029,7 +1134,7 @@ impl Manager {
                 .iter()
                 .filter(|r| r.metadata.deletion_requested.is_none())
                 .collect();
-            let healthy = live.iter().filter(|r| r.status.failed_at.is_none()).count();
+            let healthy = live.iter().filter(|r| good_copy(r, &vreps)).count();
             // A failed replica that did not come back within the wait is replaced, never the last
             // good copy.
             for r in &live {
@@ -1179,7 +1284,7 @@ impl Manager {
                 r.status.address.as_ref().map(|a| EngineReplica {
                     name: r.metadata.name.clone(),
                     address: a.clone(),
-                    candidate: r.status.failed_at.is_none(),
+                    candidate: good_copy(r, live),
                 })
             })
             .collect();
@@ -1269,6 +1374,7 @@ impl Manager {
                         replicas: reps,
                         frontend: restore.is_none(),
                         restore,
+                        replica_timeout: self.setting_u64("engine-replica-timeout"),
                     },
                     status: EngineStatus {
                         state: "starting".into(),
@@ -1289,8 +1395,9 @@ impl Manager {
             }
             (Some(_), Some(e))
                 if e.status.state == "running"
+                    && e.status.rw_replicas == Some(0)
                     && !live.is_empty()
-                    && live.iter().all(|r| r.status.failed_at.is_some())
+                    && !live.iter().any(|r| good_copy(r, live))
                     && self
                         .engine_replicas(live, nodes)
                         .iter()
@@ -1376,21 +1483,7 @@ impl Manager {
                 }
             }
         };
-        let rw = live
-            .iter()
-            .filter(|r| r.status.mode == Some(ReplicaMode::RW) && r.status.failed_at.is_none())
-            .count() as u32;
-        let robustness = if state == VolumeState::Attached {
-            if rw >= v.spec.replicas {
-                Robustness::Healthy
-            } else if rw >= 1 {
-                Robustness::Degraded
-            } else {
-                Robustness::Faulted
-            }
-        } else {
-            Robustness::Unknown
-        };
+        let robustness = robustness(v, state, engine.is_some(), live);
         let nbd_uri = if state == VolumeState::Attached {
             engine.and_then(|e| e.status.nbd_uri)
         } else {
@@ -1525,3 +1618,7 @@ impl Manager {
         o
     }
 }
+
+#[cfg(test)]
+#[path = "controller_tests.rs"]
+mod tests;

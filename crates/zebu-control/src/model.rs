@@ -234,6 +234,10 @@ pub struct EngineSpec {
     /// A backup to restore into the volume before anything else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreOrder>,
+    /// Seconds a replica may take to answer before it leaves the set (the
+    /// `engine-replica-timeout` setting when the engine started); 0: the node's default.
+    #[serde(default)]
+    pub replica_timeout: u64,
 }
 
 /// A resolved backup target: where it is and how to reach it. Its options (with secrets) are
@@ -283,6 +287,10 @@ pub struct EngineStatus {
     pub nbd_uri: Option<String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// RW replicas in the engine's own latest report to this manager process (none yet after
+    /// a manager start); salvage is decided from this, never from missed heartbeats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rw_replicas: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -615,6 +623,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "backup-bandwidth-limit",
         "0",
         "transfer limit per backup or restore in bytes per second (0: unlimited)",
+    ),
+    (
+        "engine-replica-timeout",
+        "10",
+        "seconds a replica may take to answer an I/O before the engine drops it from the volume (applies to engines started after a change)",
     ),
     (
         "failed-backup-ttl",

@@ -76,6 +76,8 @@ impl ApiHook {
         loop {
             match self.api.post::<_, Replica>("/v1/replica-events", &ev).await {
                 Ok(_) => return Ok(()),
+                // The replica was deleted: it has left the volume for good.
+                Err(e) if e.code() == Some("NotFound") => return Ok(()),
                 Err(e) if e.code() == Some("Fenced") => {
                     tracing::warn!(volume = %ev.volume, replica = %ev.replica, reason = %ev.reason, "replica event refused: this engine was superseded");
                     return Err(e.to_string());
@@ -557,7 +559,11 @@ impl NodeAgent {
                 volume: w.volume.clone(),
                 generation: Generation(w.generation),
                 size: w.size,
-                io_timeout: self.cfg.io_timeout,
+                io_timeout: if w.replica_timeout > 0 {
+                    Duration::from_secs(w.replica_timeout)
+                } else {
+                    self.cfg.io_timeout
+                },
             };
             let hook = Arc::new(ApiHook {
                 api: self.api.clone(),

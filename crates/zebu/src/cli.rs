@@ -128,8 +128,12 @@ pub enum ReplicaCmd {
         #[arg(long)]
         volume: Option<String>,
     },
+    /// Delete a replica; refused when it is the volume's last complete copy.
     Delete {
         name: String,
+        /// Delete it even when it is the last complete copy: the volume's data is lost.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -472,7 +476,21 @@ pub async fn replica(g: &Global, cmd: ReplicaCmd) -> Result<()> {
             let q = volume.map(|v| format!("?volume={v}")).unwrap_or_default();
             api.get(&format!("/v1/replicas{q}")).await?
         }
-        ReplicaCmd::Delete { name } => vec![api.delete(&format!("/v1/replicas/{name}")).await?],
+        ReplicaCmd::Delete { name, force } => {
+            let path = if force {
+                format!("/v1/replicas/{name}?force=true")
+            } else {
+                format!("/v1/replicas/{name}")
+            };
+            let r: Replica = api.delete(&path).await?;
+            if force {
+                eprintln!(
+                    "replica {name} of volume {} deleted; if it was the last complete copy, the volume's data is lost",
+                    r.spec.volume
+                );
+            }
+            vec![r]
+        }
     };
     if g.output == Output::Json {
         return print_json(&reps);

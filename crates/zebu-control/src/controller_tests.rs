@@ -1,0 +1,397 @@
+//! Unit tests of replica and node policy without processes: a manager on a redb store in a
+//! temporary directory, nodes simulated by their heartbeats, and an injected clock.
+
+use super::*;
+use crate::store::RedbStore;
+
+struct Sim {
+    m: Arc<Manager>,
+    dir: std::path::PathBuf,
+    t: u64,
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Sim {
+    fn new(nodes: &[&str]) -> Sim {
+        let dir = std::env::temp_dir().join(format!(
+            "zebu-controller-unit-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let store = Arc::new(RedbStore::open(&dir.join("store.redb")).expect("store"));
+        let m = Manager::new(store, "t".into(), None).expect("manager");
+        let t = now();
+        m.set_clock(t);
+        let sim = Sim { m, dir, t };
+        for n in nodes {
+            sim.beat(n, &[]);
+        }
+        sim
+    }
+
+    fn tick(&mut self, secs: u64) {
+        self.t += secs;
+        self.m.set_clock(self.t);
+    }
+
+    /// A heartbeat from `node`: it runs every replica assigned to it, and the engines given
+    /// with the modes given.
+    fn beat(&self, node: &str, engines: &[(&str, &[(&str, ReplicaMode)])]) -> Assignments {
+        let replicas: Vec<ReplicaReport> = store::list::<Replica>(&*self.m.store)
+            .expect("list")
+            .into_iter()
+            .filter(|r| r.spec.node == node && r.metadata.deletion_requested.is_none())
+            .map(|r| ReplicaReport {
+                address: format!("{node}:{}", r.metadata.name),
+                name: r.metadata.name,
+                flush_seq: 1,
+            })
+            .collect();
+        let engines = engines
+            .iter()
+            .map(|(vol, modes)| EngineReport {
+                volume: vol.to_string(),
+                generation: self.engine(vol).expect("engine").spec.generation,
+                nbd_uri: format!("nbd://{node}/{vol}"),
+                replicas: modes
+                    .iter()
+                    .map(|(name, mode)| EngineReplicaReport {
+                        name: name.to_string(),
+                        mode: *mode,
+                        rebuild_copied: 0,
+                        rebuild_skipped: 0,
+                        rebuild_total: 0,
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect();
+        self.m
+            .heartbeat(
+                node,
+                Heartbeat {
+                    address: node.to_string(),
+                    nbd_address: node.to_string(),
+                    disks: vec![DiskStatus {
+                        path: "/d".into(),
+                        capacity: 1 << 40,
+                        available: 1 << 40,
+                        scheduled: 0,
+                    }],
+                    replicas,
+                    engines,
+                    backups: Vec::new(),
+                },
+            )
+            .expect("heartbeat")
+    }
+
+    fn replicas(&self, vol: &str) -> Vec<Replica> {
+        let mut r: Vec<Replica> = store::list::<Replica>(&*self.m.store)
+            .expect("list")
+            .into_iter()
+            .filter(|r| r.spec.volume == vol && r.metadata.deletion_requested.is_none())
+            .collect();
+        r.sort_by(|a, b| a.spec.node.cmp(&b.spec.node));
+        r
+    }
+
+    fn engine(&self, vol: &str) -> Option<Engine> {
+        store::get::<Engine>(&*self.m.store, vol).expect("get")
+    }
+
+    fn volume(&self, vol: &str) -> Volume {
+        self.m.get_volume(vol).expect("volume")
+    }
+
+    fn node_state(&self, n: &str) -> String {
+        store::get::<Node>(&*self.m.store, n)
+            .expect("get")
+            .expect("node")
+            .status
+            .state
+    }
+
+    /// Reconciles until every replica of `vol` is scheduled and reported running.
+    fn settle(&self, vol: &str) {
+        for _ in 0..8 {
+            self.m.reconcile().expect("reconcile");
+            self.beat("n1", &[]);
+            self.all_beat(&[]);
+        }
+        let v = self.volume(vol);
+        let reps = self.replicas(vol);
+        assert_eq!(reps.len() as u32, v.spec.replicas);
+        assert!(reps.iter().all(|r| r.status.address.is_some()));
+    }
+
+    /// A 3-replica volume attached to n1 with every replica RW in its engine.
+    fn attached(&mut self, vol: &str) -> Vec<String> {
+        self.m.create_volume(vol, 1 << 30, 3).expect("create");
+        self.settle(vol);
+        self.m.attach_volume(vol, Some("n1")).expect("attach");
+        self.m.reconcile().expect("reconcile");
+        let names: Vec<String> = self
+            .replicas(vol)
+            .into_iter()
+            .map(|r| r.metadata.name)
+            .collect();
+        let modes: Vec<(&str, ReplicaMode)> = names
+            .iter()
+            .map(|n| (n.as_str(), ReplicaMode::RW))
+            .collect();
+        self.beat("n1", &[(vol, &modes)]);
+        self.all_beat(&[]);
+        self.m.reconcile().expect("reconcile");
+        assert_eq!(self.volume(vol).status.state, VolumeState::Attached);
+        names
+    }
+
+    fn all_beat(&self, except: &[&str]) {
+        for n in ["n2", "n3", "n4"] {
+            if !except.contains(&n)
+                && store::get::<Node>(&*self.m.store, n)
+                    .expect("get")
+                    .is_some()
+            {
+                self.beat(n, &[]);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_last_complete_copy_cannot_be_deleted_while_others_rebuild() {
+    let mut sim = Sim::new(&["n1", "n2", "n3"]);
+    let names = sim.attached("v");
+    assert_eq!(sim.volume("v").status.robustness, Robustness::Healthy);
+    sim.m
+        .delete_replica(&names[0], false)
+        .expect("first delete");
+    sim.m.reconcile().expect("reconcile");
+    // The replacement is scheduled and rebuilds (WO) in the engine.
+    let fresh: Vec<Replica> = sim
+        .replicas("v")
+        .into_iter()
+        .filter(|r| !names.contains(&r.metadata.name))
+        .collect();
+    assert_eq!(fresh.len(), 1, "a replacement is scheduled");
+    sim.beat(
+        "n1",
+        &[(
+            "v",
+            &[(&names[1], ReplicaMode::RW), (&names[2], ReplicaMode::RW)],
+        )],
+    );
+    sim.m
+        .delete_replica(&names[1], false)
+        .expect("second delete: one RW copy remains");
+    sim.beat(
+        "n1",
+        &[(
+            "v",
+            &[
+                (&names[2], ReplicaMode::RW),
+                (&fresh[0].metadata.name, ReplicaMode::WO),
+            ],
+        )],
+    );
+    let err = sim
+        .m
+        .delete_replica(&names[2], false)
+        .expect_err("the last RW copy");
+    assert_eq!(err.status, StatusCode::CONFLICT);
+    assert!(
+        err.message.contains("last complete copy"),
+        "{}",
+        err.message
+    );
+    assert!(
+        sim.m.delete_replica(&fresh[0].metadata.name, false).is_ok(),
+        "a rebuilding copy may go"
+    );
+    let r = store::get::<Replica>(&*sim.m.store, &names[2])
+        .expect("get")
+        .expect("r");
+    assert!(
+        r.metadata.deletion_requested.is_none(),
+        "the refusal changed nothing"
+    );
+    sim.m.delete_replica(&names[2], true).expect("force");
+}
+
+#[test]
+fn replicas_of_a_new_volume_are_all_complete_copies() {
+    let sim = Sim::new(&["n1", "n2", "n3"]);
+    sim.m.create_volume("v", 1 << 30, 2).expect("create");
+    sim.settle("v");
+    let reps = sim.replicas("v");
+    assert_eq!(reps.len(), 2);
+    assert!(reps.iter().all(|r| good_copy(r, &reps)));
+    sim.m
+        .delete_replica(&reps[0].metadata.name, false)
+        .expect("delete one");
+}
+
+#[test]
+fn an_event_for_a_deleted_replica_is_acknowledged() {
+    let mut sim = Sim::new(&["n1", "n2", "n3"]);
+    let names = sim.attached("v");
+    let generation = sim.engine("v").expect("engine").spec.generation;
+    let ev = ReplicaEvent {
+        volume: "v".into(),
+        replica: "v-r-gone".into(),
+        generation,
+        mode: ReplicaMode::ERR,
+        reason: "connection closed".into(),
+    };
+    sim.m.replica_event(&ev).expect("acknowledged");
+    let stale = ReplicaEvent {
+        generation: generation + 100,
+        replica: names[0].clone(),
+        ..ev
+    };
+    assert_eq!(
+        sim.m.replica_event(&stale).expect_err("fenced").code,
+        "Fenced"
+    );
+}
+
+#[test]
+fn a_manager_restart_judges_no_node_before_a_full_timeout_of_fresh_heartbeats() {
+    let mut sim = Sim::new(&["n1", "n2", "n3"]);
+    let _ = sim.attached("v");
+    // The manager was down for a minute: every node's last heartbeat is old.
+    sim.tick(60);
+    let store = sim.m.store.clone();
+    let m2 = Manager::new(store, "t".into(), None).expect("restart");
+    m2.set_clock(sim.t);
+    sim.m = m2;
+    sim.m.reconcile().expect("reconcile");
+    for n in ["n1", "n2", "n3"] {
+        assert_eq!(sim.node_state(n), "up", "{n} judged before it could report");
+    }
+    // n1 and n2 report; n3 was killed while the manager was down.
+    sim.tick(5);
+    let names: Vec<String> = sim
+        .replicas("v")
+        .into_iter()
+        .map(|r| r.metadata.name)
+        .collect();
+    let on = |n: &str| {
+        sim.replicas("v")
+            .into_iter()
+            .find(|r| r.spec.node == n)
+            .expect("replica")
+            .metadata
+            .name
+    };
+    let (r1, r2) = (on("n1"), on("n2"));
+    sim.beat(
+        "n1",
+        &[("v", &[(&r1, ReplicaMode::RW), (&r2, ReplicaMode::RW)])],
+    );
+    sim.beat("n2", &[]);
+    sim.m.reconcile().expect("reconcile");
+    assert_eq!(sim.node_state("n3"), "up", "still within the timeout");
+    sim.tick(6);
+    sim.beat(
+        "n1",
+        &[("v", &[(&r1, ReplicaMode::RW), (&r2, ReplicaMode::RW)])],
+    );
+    sim.beat("n2", &[]);
+    sim.m.reconcile().expect("reconcile");
+    assert_eq!(sim.node_state("n3"), "down");
+    let e = sim.engine("v").expect("engine");
+    assert!(
+        e.metadata.deletion_requested.is_none(),
+        "no salvage restart while the engine has RW replicas"
+    );
+    assert_eq!(sim.volume("v").status.robustness, Robustness::Degraded);
+    assert_eq!(names.len(), 3);
+    let _ = sim.replicas("v");
+}
+
+#[test]
+fn salvage_is_decided_from_the_engine_report_alone() {
+    let mut sim = Sim::new(&["n1", "n2", "n3"]);
+    let names = sim.attached("v");
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    // Every replica's node misses heartbeats, but the engine still reports them RW.
+    sim.tick(11);
+    sim.beat(
+        "n1",
+        &[(
+            "v",
+            &refs
+                .iter()
+                .map(|n| (*n, ReplicaMode::RW))
+                .collect::<Vec<_>>(),
+        )],
+    );
+    sim.m.reconcile().expect("reconcile");
+    assert!(
+        sim.engine("v")
+            .expect("engine")
+            .metadata
+            .deletion_requested
+            .is_none()
+    );
+    // The engine itself reports no RW replica: a new session salvages.
+    sim.beat(
+        "n1",
+        &[(
+            "v",
+            &refs
+                .iter()
+                .map(|n| (*n, ReplicaMode::ERR))
+                .collect::<Vec<_>>(),
+        )],
+    );
+    sim.m.reconcile().expect("reconcile");
+    assert_eq!(sim.volume("v").status.robustness, Robustness::Faulted);
+    assert!(
+        sim.engine("v")
+            .expect("engine")
+            .metadata
+            .deletion_requested
+            .is_some(),
+        "the engine is restarted to salvage"
+    );
+}
+
+#[test]
+fn robustness_follows_engine_modes_while_attached_and_replicas_otherwise() {
+    let mut sim = Sim::new(&["n1", "n2", "n3"]);
+    let names = sim.attached("v");
+    let modes = |m: [ReplicaMode; 3]| -> Vec<(&str, ReplicaMode)> {
+        names.iter().map(String::as_str).zip(m).collect()
+    };
+    use ReplicaMode::{ERR, RW};
+    sim.beat("n1", &[("v", &modes([RW, ERR, RW]))]);
+    sim.all_beat(&[]);
+    sim.m.reconcile().expect("reconcile");
+    assert_eq!(sim.volume("v").status.robustness, Robustness::Degraded);
+    sim.m.detach_volume("v").expect("detach");
+    sim.beat("n1", &[("v", &modes([RW, ERR, RW]))]);
+    sim.m.reconcile().expect("reconcile");
+    sim.beat("n1", &[]);
+    sim.m.reconcile().expect("reconcile");
+    let v = sim.volume("v");
+    assert_eq!(v.status.state, VolumeState::Detached);
+    assert_eq!(v.status.robustness, Robustness::Unknown);
+    // Every copy failed while detached: faulted, not unknown.
+    for n in &names {
+        sim.m
+            .record_mode(n, "v", ReplicaMode::ERR, None)
+            .expect("record");
+    }
+    sim.m.reconcile().expect("reconcile");
+    assert_eq!(sim.volume("v").status.robustness, Robustness::Faulted);
+}
