@@ -115,8 +115,10 @@ pub async fn bind_listener(addr: &str) -> Result<tokio::net::TcpListener> {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ZEBU_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }

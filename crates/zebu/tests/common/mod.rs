@@ -415,16 +415,20 @@ pub fn node_proc(name: &str, manager: &str, token: &str, dir: &std::path::Path) 
 
 /// A `zebu manager` on `listen` with its data in `dir`; returns it and its API token.
 pub fn manager_proc(dir: &Path, listen: &str) -> (Proc, String) {
-    let mgr = Proc::start(
+    manager_logged(dir, listen, None)
+}
+
+/// Like [`manager_proc`], with the manager's log appended to `log` when given.
+pub fn manager_logged(dir: &Path, listen: &str, log: Option<&Path>) -> (Proc, String) {
+    let mut cmd = Command::new(ZEBU);
+    cmd.args([
         "manager",
-        &[
-            "manager",
-            "--data-dir",
-            dir.to_str().expect("utf8"),
-            "--api-listen",
-            listen,
-        ],
-    );
+        "--data-dir",
+        dir.to_str().expect("utf8"),
+        "--api-listen",
+        listen,
+    ]);
+    let mgr = Proc::start_logged("manager", cmd, log);
     let token = std::fs::read_to_string(dir.join("api-token"))
         .expect("token")
         .trim()

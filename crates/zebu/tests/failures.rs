@@ -1,0 +1,355 @@
+//! Replica and node failures with real processes: a manager and three node agents, a writer
+//! that records every acknowledged block and its latency, replicas deleted back to back (the
+//! last complete copy is refused), a stalled replica node dropped after the replica timeout, a
+//! manager SIGKILLed with a replica node killed while it is down, robustness under I/O.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const BLK: usize = 64 * 1024;
+const BLOCKS: u64 = 512; // 32 MiB
+
+/// What the writer saw: the last tag acknowledged per block, the slowest write, the errors.
+#[derive(Default)]
+struct Written {
+    acked: HashMap<u64, u64>,
+    slowest: Duration,
+    errors: Vec<String>,
+    writes: u64,
+}
+
+/// Writes blocks through one NBD connection until stopped.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Written>,
+}
+
+impl Writer {
+    fn start(addr: &str, volume: &str, first_tag: u64) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (addr, volume, s) = (addr.to_string(), volume.to_string(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("rt");
+            let mut w = Written::default();
+            let mut c = match rt.block_on(zebu_nbd::client::NbdClient::connect(&addr, &volume)) {
+                Ok(c) => c,
+                Err(e) => {
+                    w.errors.push(format!("connect: {e}"));
+                    return w;
+                }
+            };
+            let mut tag = first_tag;
+            while !s.load(Ordering::SeqCst) {
+                tag += 1;
+                let blk = (tag * 7919) % BLOCKS;
+                let t0 = Instant::now();
+                let r = rt.block_on(c.write(blk * BLK as u64, &block_data(blk, tag, BLK), false));
+                w.slowest = w.slowest.max(t0.elapsed());
+                match r {
+                    Ok(()) => {
+                        w.acked.insert(blk, tag);
+                        w.writes += 1;
+                    }
+                    Err(e) => {
+                        w.errors.push(format!("write of block {blk}: {e}"));
+                        break;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if let Err(e) = rt.block_on(c.flush()) {
+                w.errors.push(format!("flush: {e}"));
+            }
+            w
+        });
+        Writer { stop, handle }
+    }
+
+    fn finish(self) -> Written {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.join().expect("writer thread")
+    }
+}
+
+struct Cluster {
+    tmp: TempDir,
+    mgr: Proc,
+    listen: String,
+    token: String,
+    nodes: Vec<Option<Proc>>,
+}
+
+impl Cluster {
+    fn start(nodes: usize) -> Cluster {
+        let tmp = TempDir::new("failures");
+        let listen = format!("127.0.0.1:{}", free_port());
+        let (mgr, token) = manager_proc(&tmp.path().join("manager"), &listen);
+        let mut c = Cluster {
+            tmp,
+            mgr,
+            listen,
+            token,
+            nodes: Vec::new(),
+        };
+        for i in 1..=nodes {
+            c.nodes.push(Some(c.node(i)));
+        }
+        c.cli(&["setting", "set", "node-down-timeout", "3"]);
+        wait_for("every node up", 30, || {
+            (c.nodes_up() == nodes).then_some(())
+        });
+        c
+    }
+
+    fn node(&self, i: usize) -> Proc {
+        node_proc(
+            &format!("n{i}"),
+            &self.listen,
+            &self.token,
+            &self.tmp.path().join(format!("n{i}")),
+        )
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let (ok, out, err) = zebu_cli(&self.listen, &self.token, args);
+        assert!(ok, "zebu {args:?}: {err}");
+        out
+    }
+
+    fn nodes_up(&self) -> usize {
+        json_of(&self.cli(&["node", "list", "-o", "json"]))
+            .as_array()
+            .map(|a| a.iter().filter(|x| x["status"]["state"] == "up").count())
+            .unwrap_or(0)
+    }
+
+    fn volume(&self, name: &str) -> Value {
+        json_of(&self.cli(&["volume", "get", name, "-o", "json"]))
+    }
+
+    fn replicas(&self, volume: &str) -> Vec<Value> {
+        json_of(&self.cli(&["replica", "list", "--volume", volume, "-o", "json"]))
+            .as_array()
+            .expect("array")
+            .clone()
+    }
+
+    fn engine_generation(&self, volume: &str) -> u64 {
+        let rt = tokio::runtime::Runtime::new().expect("rt");
+        let api =
+            zebu_control::client::ApiClient::new(&format!("http://{}", self.listen), &self.token)
+                .expect("client");
+        let engines: Vec<Value> = rt.block_on(api.get("/v1/engines")).expect("engines");
+        engines
+            .iter()
+            .find(|e| e["spec"]["volume"] == volume)
+            .and_then(|e| e["spec"]["generation"].as_u64())
+            .expect("engine")
+    }
+
+    fn wait_robustness(&self, volume: &str, want: &str, secs: u64) -> Duration {
+        let t0 = Instant::now();
+        wait_for(&format!("volume {volume} {want}"), secs, || {
+            (self.volume(volume)["status"]["robustness"] == want).then_some(())
+        });
+        t0.elapsed()
+    }
+
+    /// A 3-replica 32 MiB volume attached to n1, filled; returns the NBD address.
+    fn attached_volume(&self, name: &str) -> (String, HashMap<u64, u64>) {
+        self.cli(&[
+            "volume",
+            "create",
+            name,
+            "--size",
+            "32MiB",
+            "--replicas",
+            "3",
+            "--wait",
+        ]);
+        let uri = self
+            .cli(&["volume", "attach", name, "--node", "n1"])
+            .trim()
+            .to_string();
+        self.wait_robustness(name, "healthy", 60);
+        let addr = uri
+            .trim_start_matches("nbd://")
+            .split('/')
+            .next()
+            .expect("addr")
+            .to_string();
+        let rt = tokio::runtime::Runtime::new().expect("rt");
+        let mut c = rt
+            .block_on(zebu_nbd::client::NbdClient::connect(&addr, name))
+            .expect("nbd");
+        let mut acked = HashMap::new();
+        for blk in 0..BLOCKS {
+            rt.block_on(c.write(blk * BLK as u64, &block_data(blk, 0, BLK), false))
+                .expect("fill");
+            acked.insert(blk, 0);
+        }
+        rt.block_on(c.flush()).expect("flush");
+        (addr, acked)
+    }
+}
+
+/// Reads every block back through a new connection and compares it with the last acknowledged
+/// write.
+fn check_data(addr: &str, volume: &str, acked: &HashMap<u64, u64>) {
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let mut c = rt
+        .block_on(zebu_nbd::client::NbdClient::connect(addr, volume))
+        .expect("nbd");
+    for (blk, tag) in acked {
+        let got = rt
+            .block_on(c.read(blk * BLK as u64, BLK as u32))
+            .expect("read");
+        assert!(
+            got == block_data(*blk, *tag, BLK),
+            "block {blk} lost its acknowledged write {tag}"
+        );
+    }
+}
+
+#[test]
+fn replicas_deleted_back_to_back_keep_the_last_copy_and_a_stalled_node_leaves_after_the_timeout() {
+    let c = Cluster::start(3);
+    let (addr, mut acked) = c.attached_volume("vol");
+    let names: Vec<String> = c
+        .replicas("vol")
+        .iter()
+        .map(|r| r["metadata"]["name"].as_str().expect("name").to_string())
+        .collect();
+    assert_eq!(names.len(), 3);
+    let w = Writer::start(&addr, "vol", 1_000);
+    std::thread::sleep(Duration::from_millis(300));
+    // Three deletes back to back under writes: the first two go (a rebuild of the first one's
+    // replacement runs meanwhile), the third is the last complete copy.
+    c.cli(&["replica", "delete", &names[0]]);
+    c.cli(&["replica", "delete", &names[1]]);
+    let (ok, _, err) = zebu_cli(&c.listen, &c.token, &["replica", "delete", &names[2]]);
+    assert!(!ok, "the last complete copy was deleted");
+    assert!(
+        err.trim().lines().count() == 1 && err.contains("last complete copy"),
+        "{err}"
+    );
+    c.wait_robustness("vol", "healthy", 120);
+    let got = w.finish();
+    assert!(got.errors.is_empty(), "writes failed: {:?}", got.errors);
+    assert!(got.writes > 50, "the writer made progress: {}", got.writes);
+    assert!(
+        got.slowest < Duration::from_secs(5),
+        "a write stalled for {:?}",
+        got.slowest
+    );
+    acked.extend(got.acked);
+    check_data(&addr, "vol", &acked);
+
+    // A replica node that stops answering leaves the set after the replica timeout, not the
+    // default 10 s, and the writes go on.
+    c.cli(&["setting", "set", "engine-replica-timeout", "2"]);
+    c.cli(&["volume", "detach", "vol"]);
+    wait_for("detached", 30, || {
+        (c.volume("vol")["status"]["state"] == "detached").then_some(())
+    });
+    c.cli(&["volume", "attach", "vol", "--node", "n1"]);
+    c.wait_robustness("vol", "healthy", 60);
+    let victim = c
+        .replicas("vol")
+        .iter()
+        .find(|r| r["spec"]["node"] != "n1")
+        .map(|r| r["spec"]["node"].as_str().expect("node").to_string())
+        .expect("a replica off n1");
+    let idx: usize = victim.trim_start_matches('n').parse().expect("index");
+    let pid = c.nodes[idx - 1].as_ref().expect("node").child.id();
+    let w = Writer::start(&addr, "vol", 1_000_000);
+    std::thread::sleep(Duration::from_millis(300));
+    must("kill", &["-STOP", &pid.to_string()]);
+    c.wait_robustness("vol", "degraded", 15);
+    std::thread::sleep(Duration::from_millis(500));
+    let got = w.finish();
+    must("kill", &["-CONT", &pid.to_string()]);
+    assert!(got.errors.is_empty(), "writes failed: {:?}", got.errors);
+    assert!(
+        got.slowest < Duration::from_secs(5),
+        "a write waited {:?} for the stalled replica",
+        got.slowest
+    );
+    acked.extend(got.acked);
+    c.wait_robustness("vol", "healthy", 120);
+    check_data(&addr, "vol", &acked);
+}
+
+#[test]
+fn a_manager_restart_with_a_replica_node_killed_meanwhile_restarts_no_engine() {
+    let mut c = Cluster::start(3);
+    let (addr, mut acked) = c.attached_volume("vol");
+    let generation = c.engine_generation("vol");
+    let w = Writer::start(&addr, "vol", 1_000);
+    std::thread::sleep(Duration::from_millis(300));
+    // A replica node SIGKILLed under I/O: degraded within 2 s.
+    if let Some(mut p) = c.nodes[2].take() {
+        p.kill();
+    }
+    let took = c.wait_robustness("vol", "degraded", 10);
+    assert!(
+        took < Duration::from_secs(2),
+        "degraded only after {took:?}"
+    );
+    c.nodes[2] = Some(c.node(3));
+    c.wait_robustness("vol", "healthy", 120);
+    // The manager is SIGKILLed, n3 dies while it is down, the manager comes back after twice
+    // the node-down timeout (writes wait meanwhile: n3's failure cannot be recorded).
+    c.mgr.kill();
+    if let Some(mut p) = c.nodes[2].take() {
+        p.kill();
+    }
+    std::thread::sleep(Duration::from_secs(6));
+    let log = c.tmp.path().join("manager-restarted.log");
+    let (mgr, _) = manager_logged(&c.tmp.path().join("manager"), &c.listen, Some(&log));
+    c.mgr = mgr;
+    c.wait_robustness("vol", "degraded", 30);
+    std::thread::sleep(Duration::from_secs(4));
+    let text = std::fs::read_to_string(&log).expect("log");
+    let downs: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("marking it down"))
+        .collect();
+    assert!(
+        downs.iter().all(|l| l.contains("n3")) && !downs.is_empty(),
+        "only n3 is judged down after the restart: {downs:?}"
+    );
+    assert!(!text.contains("salvage"), "{text}");
+    assert_eq!(
+        c.engine_generation("vol"),
+        generation,
+        "the engine was restarted"
+    );
+    assert_eq!(c.volume("vol")["status"]["state"], "attached");
+    // The failed replica comes back and is rebuilt; the client's connection never dropped.
+    c.nodes[2] = Some(c.node(3));
+    c.wait_robustness("vol", "healthy", 120);
+    let got = w.finish();
+    assert!(
+        got.errors.is_empty(),
+        "the client saw errors: {:?}",
+        got.errors
+    );
+    assert_eq!(c.engine_generation("vol"), generation);
+    acked.extend(got.acked);
+    check_data(&addr, "vol", &acked);
+    // Every replica node gone: faulted.
+    for n in c.nodes.iter_mut() {
+        if let Some(mut p) = n.take() {
+            p.kill();
+        }
+    }
+    c.wait_robustness("vol", "faulted", 30);
+}
