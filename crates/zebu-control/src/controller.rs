@@ -728,7 +728,26 @@ impl Manager {
                 r.status.address = addr;
                 r.status.state = "running".into();
                 r.status.flush_seq = rr.flush_seq;
+                let changed = changed || !r.status.message.is_empty();
+                r.status.message.clear();
                 changed
+            })?;
+        }
+        for b in &hb.broken_replicas {
+            store::modify::<Replica>(&*self.store, &b.name, |r| {
+                if r.spec.node != node {
+                    return false;
+                }
+                let before = r.status.clone();
+                if r.status.state != "broken" {
+                    tracing::warn!(volume = %r.spec.volume, replica = %b.name, node, reason = %b.reason, "replica cannot be opened; replacing it");
+                }
+                r.status.state = "broken".into();
+                r.status.message = b.reason.clone();
+                r.status.address = None;
+                r.status.mode = Some(ReplicaMode::ERR);
+                r.status.failed_at.get_or_insert(t);
+                r.status != before
             })?;
         }
         for er in &hb.engines {
@@ -830,7 +849,9 @@ impl Manager {
                 continue;
             }
             if r.metadata.deletion_requested.is_some() {
-                if reported.contains_key(r.metadata.name.as_str()) {
+                let on_disk = reported.contains_key(r.metadata.name.as_str())
+                    || hb.broken_replicas.iter().any(|b| b.name == r.metadata.name);
+                if on_disk {
                     a.delete_replicas.push(r.metadata.name.clone());
                 } else {
                     // The node no longer has it: the deletion is complete.
@@ -1138,11 +1159,15 @@ impl Manager {
             // A failed replica that did not come back within the wait is replaced, never the last
             // good copy.
             for r in &live {
+                // A replica whose store cannot be opened will not come back: no wait.
+                let broken = r.status.state == "broken";
                 if let Some(f) = r.status.failed_at
-                    && t.saturating_sub(f) > wait
+                    && (broken || t.saturating_sub(f) > wait)
                     && healthy > 0
                 {
-                    tracing::warn!(volume = %name, replica = %r.metadata.name, "replica did not return in time; replacing it");
+                    if !broken {
+                        tracing::warn!(volume = %name, replica = %r.metadata.name, "replica did not return in time; replacing it");
+                    }
                     store::modify::<Replica>(s, &r.metadata.name, |r| {
                         r.metadata.deletion_requested = Some(t);
                         true

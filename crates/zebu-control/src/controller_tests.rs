@@ -43,10 +43,21 @@ impl Sim {
     /// A heartbeat from `node`: it runs every replica assigned to it, and the engines given
     /// with the modes given.
     fn beat(&self, node: &str, engines: &[(&str, &[(&str, ReplicaMode)])]) -> Assignments {
+        self.beat_with(node, engines, &[])
+    }
+
+    /// A heartbeat that also reports replicas whose stores cannot be opened.
+    fn beat_with(
+        &self,
+        node: &str,
+        engines: &[(&str, &[(&str, ReplicaMode)])],
+        broken: &[&str],
+    ) -> Assignments {
         let replicas: Vec<ReplicaReport> = store::list::<Replica>(&*self.m.store)
             .expect("list")
             .into_iter()
             .filter(|r| r.spec.node == node && r.metadata.deletion_requested.is_none())
+            .filter(|r| !broken.contains(&r.metadata.name.as_str()))
             .map(|r| ReplicaReport {
                 address: format!("{node}:{}", r.metadata.name),
                 name: r.metadata.name,
@@ -87,6 +98,13 @@ impl Sim {
                     replicas,
                     engines,
                     backups: Vec::new(),
+                    broken_replicas: broken
+                        .iter()
+                        .map(|b| BrokenReplica {
+                            name: b.to_string(),
+                            reason: "data file of layer 1 is missing".into(),
+                        })
+                        .collect(),
                 },
             )
             .expect("heartbeat")
@@ -394,4 +412,56 @@ fn robustness_follows_engine_modes_while_attached_and_replicas_otherwise() {
     }
     sim.m.reconcile().expect("reconcile");
     assert_eq!(sim.volume("v").status.robustness, Robustness::Faulted);
+}
+
+#[test]
+fn a_replica_that_cannot_be_opened_is_replaced_without_waiting_but_never_the_last_copy() {
+    let mut sim = Sim::new(&["n1", "n2", "n3"]);
+    let names = sim.attached("v");
+    let on_n3 = sim
+        .replicas("v")
+        .into_iter()
+        .find(|r| r.spec.node == "n3")
+        .expect("replica on n3")
+        .metadata
+        .name;
+    sim.tick(1);
+    let a = sim.beat_with("n3", &[], &[&on_n3]);
+    assert!(a.delete_replicas.is_empty());
+    sim.m.reconcile().expect("reconcile");
+    let r = store::get::<Replica>(&*sim.m.store, &on_n3)
+        .expect("get")
+        .expect("r");
+    assert_eq!(r.status.state, "broken");
+    assert!(r.status.message.contains("missing"));
+    assert!(
+        r.metadata.deletion_requested.is_some(),
+        "replaced at once, no wait"
+    );
+    // The node is told to remove its files; the object goes once it no longer reports it.
+    let a = sim.beat_with("n3", &[], &[&on_n3]);
+    assert_eq!(a.delete_replicas, vec![on_n3.clone()]);
+    sim.beat("n3", &[]);
+    assert!(
+        store::get::<Replica>(&*sim.m.store, &on_n3)
+            .expect("get")
+            .is_none()
+    );
+    // A volume whose only complete copy is broken keeps it.
+    let mut one = Sim::new(&["n1"]);
+    one.m.create_volume("w", 1 << 30, 1).expect("create");
+    one.settle("w");
+    let r = one.replicas("w").remove(0).metadata.name;
+    one.tick(1);
+    one.beat_with("n1", &[], &[&r]);
+    one.m.reconcile().expect("reconcile");
+    let rep = store::get::<Replica>(&*one.m.store, &r)
+        .expect("get")
+        .expect("r");
+    assert!(
+        rep.metadata.deletion_requested.is_none(),
+        "the only copy is kept"
+    );
+    assert_eq!(one.volume("w").status.robustness, Robustness::Faulted);
+    assert_eq!(names.len(), 3);
 }

@@ -196,6 +196,9 @@ pub struct ReplicaStatus {
     /// Bytes its last (or current) rebuild has to go through.
     #[serde(default)]
     pub rebuild_total: u64,
+    /// Why the replica cannot be used (its node cannot open its store), if so.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -658,6 +661,16 @@ pub struct Heartbeat {
     /// Backups this node runs or finished since the manager last assigned them.
     #[serde(default)]
     pub backups: Vec<BackupReport>,
+    /// Replicas whose stores this node cannot open (damaged or missing files), with the reason.
+    #[serde(default)]
+    pub broken_replicas: Vec<BrokenReplica>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BrokenReplica {
+    pub name: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

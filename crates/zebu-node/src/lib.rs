@@ -37,6 +37,9 @@ pub enum NodeError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Setup(String),
+    /// A replica's store cannot be opened (damaged or missing files): retrying will not help.
+    #[error("{0}")]
+    BrokenStore(String),
 }
 
 struct RunningReplica {
@@ -63,6 +66,8 @@ pub struct NodeAgent {
     waiting: Mutex<HashMap<String, tokio::time::Instant>>,
     /// Wakes the heartbeat loop (a local backup or restore finished).
     wake: Arc<tokio::sync::Notify>,
+    /// Replicas whose stores cannot be opened, with the reason: reported, not retried.
+    broken: Mutex<HashMap<String, String>>,
 }
 
 /// Reports engine membership changes to the manager, which records them before answering.
@@ -198,6 +203,7 @@ impl NodeAgent {
             backups: Mutex::new(HashMap::new()),
             waiting: Mutex::new(HashMap::new()),
             wake: Arc::new(tokio::sync::Notify::new()),
+            broken: Mutex::new(HashMap::new()),
         });
         agent.open_existing().await;
         let a = agent.clone();
@@ -292,9 +298,27 @@ impl NodeAgent {
                 continue;
             };
             let vol = std::fs::read_to_string(e.path().join("volume")).unwrap_or_default();
-            if let Err(err) = self.start_replica(&name, vol.trim(), 0).await {
-                tracing::error!(replica = %name, error = %err, "cannot open replica found on disk");
+            match self.start_replica(&name, vol.trim(), 0).await {
+                Ok(()) => {}
+                Err(NodeError::BrokenStore(why)) => self.mark_broken(&name, &why).await,
+                Err(e) => {
+                    tracing::error!(replica = %name, error = %e, "cannot open replica found on disk")
+                }
             }
+        }
+    }
+
+    /// Records a replica whose store cannot be opened: logged once, reported on every
+    /// heartbeat, not retried until this process restarts or the replica is deleted.
+    async fn mark_broken(&self, name: &str, reason: &str) {
+        let fresh = self
+            .broken
+            .lock()
+            .await
+            .insert(name.to_string(), reason.to_string())
+            .is_none();
+        if fresh {
+            tracing::error!(replica = %name, reason, "cannot open replica; reporting it as failed");
         }
     }
 
@@ -316,7 +340,7 @@ impl NodeAgent {
         })
         .await
         .map_err(|e| NodeError::Setup(e.to_string()))?
-        .map_err(|e| NodeError::Setup(e.to_string()))?;
+        .map_err(|e| NodeError::BrokenStore(e.to_string()))?;
         let l = TcpListener::bind((self.cfg.listen_host.as_str(), 0)).await?;
         let addr = l.local_addr()?.to_string();
         tokio::spawn(svc.clone().serve(l));
@@ -334,6 +358,7 @@ impl NodeAgent {
         if let Some(r) = self.replicas.lock().await.remove(name) {
             r.svc.shutdown();
         }
+        self.broken.lock().await.remove(name);
         let dir = self.replica_dir(name);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => tracing::info!(replica = name, "replica deleted"),
@@ -382,8 +407,19 @@ impl NodeAgent {
             .iter()
             .map(|(name, t)| t.report(name))
             .collect();
+        let broken_replicas = self
+            .broken
+            .lock()
+            .await
+            .iter()
+            .map(|(name, reason)| BrokenReplica {
+                name: name.clone(),
+                reason: reason.clone(),
+            })
+            .collect();
         Heartbeat {
             backups,
+            broken_replicas,
             address: self.cfg.listen_host.clone(),
             nbd_address: self.nbd_addr.clone(),
             disks: vec![disk_status(&self.cfg.data_dir)],
@@ -406,9 +442,19 @@ impl NodeAgent {
             }
         };
         for ra in &a.replicas {
-            if let Err(e) = self.start_replica(&ra.name, &ra.volume, ra.size).await {
-                tracing::error!(replica = %ra.name, error = %e, "cannot start replica");
+            if self.broken.lock().await.contains_key(&ra.name) {
                 continue;
+            }
+            match self.start_replica(&ra.name, &ra.volume, ra.size).await {
+                Ok(()) => {}
+                Err(NodeError::BrokenStore(why)) => {
+                    self.mark_broken(&ra.name, &why).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(replica = %ra.name, error = %e, "cannot start replica");
+                    continue;
+                }
             }
             if let Some(r) = self.replicas.lock().await.get(&ra.name) {
                 let cur = r.svc.read_store().size();

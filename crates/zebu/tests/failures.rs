@@ -353,3 +353,56 @@ fn a_manager_restart_with_a_replica_node_killed_meanwhile_restarts_no_engine() {
     }
     c.wait_robustness("vol", "faulted", 30);
 }
+
+#[test]
+fn a_replica_whose_data_file_vanished_is_replaced_at_once_with_one_log_line() {
+    let mut c = Cluster::start(3);
+    let (addr, acked) = c.attached_volume("vol");
+    let old: String = c
+        .replicas("vol")
+        .iter()
+        .find(|r| r["spec"]["node"] == "n3")
+        .and_then(|r| r["metadata"]["name"].as_str().map(str::to_string))
+        .expect("a replica on n3");
+    if let Some(mut p) = c.nodes[2].take() {
+        p.kill();
+    }
+    let store = c.tmp.path().join(format!("n3/replicas/{old}/store"));
+    let data: Vec<_> = files_under(&store)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".data"))
+        .collect();
+    assert!(!data.is_empty(), "no data file under {}", store.display());
+    for p in &data {
+        std::fs::remove_file(p).expect("remove data file");
+    }
+    let log = c.tmp.path().join("n3.log");
+    let t0 = Instant::now();
+    c.nodes[2] = Some(node_logged(
+        "n3",
+        &c.listen,
+        &c.token,
+        &c.tmp.path().join("n3"),
+        Some(&log),
+    ));
+    wait_for("the broken replica to be replaced", 30, || {
+        let reps = c.replicas("vol");
+        (reps.len() == 3 && reps.iter().all(|r| r["metadata"]["name"] != old.as_str()))
+            .then_some(())
+    });
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "replaced only after {took:?}"
+    );
+    c.wait_robustness("vol", "healthy", 120);
+    std::thread::sleep(Duration::from_secs(2));
+    let text = std::fs::read_to_string(&log).expect("log");
+    let lines = text
+        .lines()
+        .filter(|l| l.contains(&old) && l.contains("cannot open"))
+        .count();
+    assert_eq!(lines, 1, "one log line for the broken replica:\n{text}");
+    assert!(!store.exists(), "the broken replica's files are removed");
+    check_data(&addr, "vol", &acked);
+}

@@ -394,6 +394,17 @@ impl Proxy {
 
 /// A `zebu node` agent process with ephemeral ports.
 pub fn node_proc(name: &str, manager: &str, token: &str, dir: &std::path::Path) -> Proc {
+    node_logged(name, manager, token, dir, None)
+}
+
+/// Like [`node_proc`], with the node's log appended to `log` when given.
+pub fn node_logged(
+    name: &str,
+    manager: &str,
+    token: &str,
+    dir: &std::path::Path,
+    log: Option<&Path>,
+) -> Proc {
     let mut child = std::process::Command::new(ZEBU);
     child
         .args([
@@ -410,7 +421,7 @@ pub fn node_proc(name: &str, manager: &str, token: &str, dir: &std::path::Path) 
             name,
         ])
         .env("ZEBU_TOKEN", token);
-    Proc::start_cmd(name, child)
+    Proc::start_logged(name, child, log)
 }
 
 /// A `zebu manager` on `listen` with its data in `dir`; returns it and its API token.
