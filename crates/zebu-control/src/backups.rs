@@ -1290,8 +1290,8 @@ impl Manager {
     }
 
     /// The restore an engine of `v` must run: the backup it was created from until that is
-    /// restored; for a standby volume after that, the newest backup of its backup volume taken
-    /// after the one it holds (or that one again, which is a no-op).
+    /// restored; for a standby volume after that, the newest existing backup of its backup
+    /// volume (or the one it holds again, which is a no-op).
     pub(crate) fn restore_order(&self, v: &Volume) -> Option<RestoreOrder> {
         if v.spec.from_backup.is_empty() || (!v.spec.standby && restore_done(v)) {
             return None;
@@ -1327,20 +1327,20 @@ impl Manager {
         })
     }
 
-    /// The newest completed backup of a standby volume's backup volume taken after the one it
-    /// holds.
+    /// The backup a standby volume must move to: the newest completed backup of its backup
+    /// volume that still exists, when that is not the one it holds. This goes backwards too:
+    /// deleting the newest backup (a bad one) makes the standby follow the one before it.
     fn newer_backup(&self, v: &Volume, st: &RestoreStatus) -> Option<String> {
-        store::list::<Backup>(&*self.store)
+        let newest = store::list::<Backup>(&*self.store)
             .ok()?
             .into_iter()
             .filter(|b| {
                 b.spec.target == volume_target(v)
                     && b.spec.volume == v.spec.backup_volume
                     && b.status.state == BackupState::Completed
-                    && b.status.created_ms > st.last_restored_ms
             })
-            .max_by_key(|b| b.status.created_ms)
-            .map(|b| b.metadata.name)
+            .max_by_key(|b| (b.status.created_ms, b.metadata.name.clone()))?;
+        (newest.metadata.name != st.last_restored_backup).then_some(newest.metadata.name)
     }
 
     /// Asks a standby volume to become a normal one: syncs its target now, and the reconcile

@@ -435,6 +435,15 @@ async fn restore(
             progress,
         )
         .await;
+        let res = match res {
+            // Past an older, smaller backup's end the volume reads zeros, as that backup did.
+            Ok(()) if !fresh && engine.size() > m.volume_size => engine
+                .zero(m.volume_size, engine.size() - m.volume_size, false)
+                .await
+                .map_err(|e| format!("zeroing past the backup's end: {e}")),
+            Ok(()) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        };
         if let Err(e) = res {
             if !order.from.is_empty()
                 && names.contains(&base)

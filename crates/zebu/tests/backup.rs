@@ -624,14 +624,15 @@ fn standby_volumes_follow_backups_incrementally_and_activate() {
     write_at(&uri, &r1, "40M", "1M");
     let b3 = backup_json(&srv, &["v"]);
     let b3n = b3["metadata"]["name"].as_str().expect("name").to_string();
-    let h3 = volume_hash(tmp.path(), &uri);
     let v = wait_restored(&srv, "dr3", &b3n);
     assert_eq!(u(&v["spec"]["size"]), 64 << 20, "the standby grew: {v}");
-    // Deleting the newest backup: lastBackup falls back; the data stays at backup3.
+    // Deleting the newest backup (a bad one): the standby follows the newest that still
+    // exists, backwards, and past backup2's end it reads zeros.
     srv.cli(&["backup", "delete", &b3n]);
     wait_for("lastBackup to fall back", 30, || {
         (vol(&srv, "dr3")["status"]["lastBackup"] == b2n.as_str()).then_some(())
     });
+    wait_restored(&srv, "dr3", &b2n);
     for b in [&b0n, &b1n, &b2n] {
         srv.cli(&["backup", "delete", b]);
     }
@@ -642,11 +643,20 @@ fn standby_volumes_follow_backups_incrementally_and_activate() {
             .then_some(())
     });
     let v = vol(&srv, "dr3");
-    assert_eq!(v["status"]["restore"]["lastRestoredBackup"], b3n.as_str());
-    let (h, _) = activate_hash(&srv, tmp.path(), "dr3");
+    assert_eq!(v["status"]["restore"]["lastRestoredBackup"], b2n.as_str());
+    let (_, uri) = activate_hash(&srv, tmp.path(), "dr3");
+    let img = tmp.path().join("dr3.img");
+    must("nbdcopy", &[&uri, img.to_str().expect("utf8")]);
+    let bytes = std::fs::read(&img).expect("read image");
+    assert_eq!(bytes.len(), 64 << 20);
     assert_eq!(
-        h, h3,
-        "dr3 equals v at backup3, still activatable without backups"
+        blake3::hash(&bytes[..32 << 20]).to_hex().to_string(),
+        h2,
+        "dr3 equals v at backup2, still activatable without backups"
+    );
+    assert!(
+        bytes[32 << 20..].iter().all(|b| *b == 0),
+        "zeros past backup2's end"
     );
 }
 
@@ -764,8 +774,11 @@ fn standby_restore_survives_a_sigkill_and_a_missing_block_keeps_the_last_good_st
     srv.cli(&["backup", "delete", &b2n]);
     let (h, _) = activate_hash(&srv, tmp.path(), "dr3");
     assert_eq!(h, h1, "dr3 kept its last good state (backup1)");
+    // dr had reached b2; with b2 deleted it follows the newest backup that exists, b1.
+    let v = wait_restored(&srv, "dr", &b1n);
+    assert_eq!(v["status"]["restore"]["lastRestoredBackup"], b1n.as_str());
     let (h, _) = activate_hash(&srv, tmp.path(), "dr");
-    assert_ne!(h, h1, "dr had reached b2 before the block went");
+    assert_eq!(h, h1, "dr followed back to backup1");
 }
 
 /// A manager and two node agents; a standby volume with a replica on each node. SIGKILL the node
