@@ -117,6 +117,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/engines"),
     ("get", "/v1/nodes"),
     ("get", "/v1/nodes/{name}"),
+    ("put", "/v1/nodes/{name}"),
+    ("delete", "/v1/nodes/{name}"),
+    ("post", "/v1/nodes/{name}/evict"),
     ("post", "/v1/nodes/{name}/heartbeat"),
     ("get", "/v1/nodes/{name}/wait"),
     ("post", "/v1/replica-events"),
@@ -162,7 +165,11 @@ pub fn router(m: Arc<Manager>) -> Router {
         )
         .route("/v1/engines", get(list_engines))
         .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{name}", get(get_node))
+        .route(
+            "/v1/nodes/{name}",
+            get(get_node).put(update_node).delete(delete_node),
+        )
+        .route("/v1/nodes/{name}/evict", post(evict_node))
         .route("/v1/nodes/{name}/heartbeat", post(heartbeat))
         .route("/v1/nodes/{name}/wait", get(node_wait))
         .route("/v1/replica-events", post(replica_event))
@@ -485,6 +492,51 @@ async fn get_node(
     Path(name): Path<String>,
 ) -> ApiResult<Node> {
     get_named(&m, &h, &name)
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_scheduling: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evict: Option<bool>,
+}
+
+async fn update_node(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    raw: axum::body::Bytes,
+) -> ApiResult<Node> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    let req: NodeUpdate = body(&raw)?;
+    Ok(Json(m.update_node(
+        &name,
+        req.allow_scheduling,
+        req.evict,
+    )?))
+}
+
+async fn evict_node(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Node> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    Ok(Json(m.update_node(&name, None, Some(true))?))
+}
+
+async fn delete_node(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Node> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    Ok(Json(m.delete_node(&name)?))
 }
 
 async fn heartbeat(

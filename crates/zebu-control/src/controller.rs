@@ -121,6 +121,87 @@ pub fn robustness(v: &Volume, state: VolumeState, engine: bool, live: &[Replica]
     }
 }
 
+/// What the manager does with one volume's replicas on one reconcile pass.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReplicaPlan {
+    /// Replicas to delete, with the reason.
+    pub delete: Vec<(String, &'static str)>,
+    /// Schedule one more replica.
+    pub schedule: bool,
+}
+
+/// Plans a volume's replica set (a pure function of the objects and the time):
+/// - a replica that failed longer ago than `wait` ("stale"), or sits on a node being evicted,
+///   stops counting toward the volume's replica count, so a replacement is scheduled; it is kept
+///   (a returning stale replica is reused by a delta rebuild) until the replicas that count hold
+///   enough complete copies, and only then deleted;
+/// - a replica whose store cannot be opened is deleted at once when another complete copy
+///   exists;
+/// - once enough complete copies count, extra replicas still rebuilding are deleted;
+/// - nothing is deleted that would leave no complete copy.
+pub fn plan_replicas(
+    v: &Volume,
+    live: &[Replica],
+    nodes: &HashMap<String, Node>,
+    t: u64,
+    wait: u64,
+) -> ReplicaPlan {
+    let mut plan = ReplicaPlan::default();
+    let good = |r: &Replica| good_copy(r, live);
+    let any_good = live.iter().any(good);
+    let evicting = |r: &Replica| nodes.get(&r.spec.node).is_some_and(|n| n.spec.evict);
+    let broken = |r: &Replica| r.status.state == "broken";
+    let stale = |r: &Replica| {
+        r.status
+            .failed_at
+            .is_some_and(|f| t.saturating_sub(f) > wait)
+    };
+    for r in live.iter().filter(|r| broken(r)) {
+        if any_good {
+            plan.delete
+                .push((r.metadata.name.clone(), "its store cannot be opened"));
+        }
+    }
+    let counted: Vec<&Replica> = live
+        .iter()
+        .filter(|r| !broken(r) && !stale(r) && !evicting(r))
+        .collect();
+    let want = v.spec.replicas as usize;
+    if counted.len() < want {
+        // A new replica needs a complete copy to be rebuilt from (or a volume that never held
+        // data).
+        plan.schedule = any_good || live.iter().all(|r| r.status.mode.is_none());
+        return plan;
+    }
+    let counted_good = counted.iter().filter(|r| good(r)).count();
+    if counted_good < want {
+        return plan;
+    }
+    for r in live.iter().filter(|r| !broken(r)) {
+        if evicting(r) {
+            plan.delete
+                .push((r.metadata.name.clone(), "its node is being evicted"));
+        } else if stale(r) {
+            plan.delete
+                .push((r.metadata.name.clone(), "it did not return in time"));
+        }
+    }
+    // More counted replicas than wanted (a stale one came back while its replacement was
+    // rebuilding): the ones still rebuilding go.
+    let mut extra = counted.len() - want;
+    let mut rebuilding: Vec<&&Replica> = counted.iter().filter(|r| !good(r)).collect();
+    rebuilding.sort_by_key(|r| std::cmp::Reverse(r.metadata.created));
+    for r in rebuilding {
+        if extra == 0 {
+            break;
+        }
+        plan.delete
+            .push((r.metadata.name.clone(), "an older copy returned"));
+        extra -= 1;
+    }
+    plan
+}
+
 /// Checks a setting's value and returns it as stored (sizes in plain bytes); the error says
 /// what the setting expects.
 pub fn check_setting(name: &str, value: &str) -> Result<String, &'static str> {
@@ -679,6 +760,92 @@ impl Manager {
         .ok_or_else(|| not_found("replica", name))
     }
 
+    /// Changes whether new replicas may go to a node, and whether it is being evicted (evicting
+    /// also stops scheduling there).
+    pub fn update_node(
+        &self,
+        name: &str,
+        allow_scheduling: Option<bool>,
+        evict: Option<bool>,
+    ) -> Result<Node, ApiError> {
+        store::get::<Node>(&*self.store, name)?.ok_or_else(|| not_found("node", name))?;
+        let n = store::modify::<Node>(&*self.store, name, |n| {
+            let before = n.spec.clone();
+            if let Some(e) = evict {
+                n.spec.evict = e;
+                if e {
+                    n.spec.allow_scheduling = false;
+                }
+            }
+            if let Some(a) = allow_scheduling {
+                n.spec.allow_scheduling = a;
+            }
+            n.spec != before
+        })?
+        .ok_or_else(|| not_found("node", name))?;
+        tracing::info!(
+            node = name,
+            scheduling = n.spec.allow_scheduling,
+            evict = n.spec.evict,
+            "node updated"
+        );
+        Ok(n)
+    }
+
+    /// Deletes a node object. Refused while it holds replicas or runs engines; replicas on it
+    /// that are already being deleted go with it (their files are on a machine that is gone).
+    pub fn delete_node(&self, name: &str) -> Result<Node, ApiError> {
+        let s = &*self.store;
+        let n = store::get::<Node>(s, name)?.ok_or_else(|| not_found("node", name))?;
+        let reps: Vec<Replica> = store::list::<Replica>(s)?
+            .into_iter()
+            .filter(|r| r.spec.node == name)
+            .collect();
+        let held: Vec<&str> = reps
+            .iter()
+            .filter(|r| r.metadata.deletion_requested.is_none())
+            .map(|r| r.metadata.name.as_str())
+            .collect();
+        if !held.is_empty() {
+            return Err(conflict(
+                "NodeInUse",
+                format!(
+                    "node {name:?} holds replicas {}; evict it first (zebu node evict {name})",
+                    held.join(", ")
+                ),
+            ));
+        }
+        let engines: Vec<String> = store::list::<Engine>(s)?
+            .into_iter()
+            .filter(|e| e.spec.node == name)
+            .map(|e| e.spec.volume)
+            .collect();
+        if !engines.is_empty() {
+            return Err(conflict(
+                "NodeInUse",
+                format!(
+                    "node {name:?} runs the engines of volumes {}; detach them first",
+                    engines.join(", ")
+                ),
+            ));
+        }
+        if n.status.state == "up" && !reps.is_empty() {
+            return Err(conflict(
+                "NodeInUse",
+                format!("node {name:?} is still deleting replicas; try again when it is done"),
+            ));
+        }
+        for r in &reps {
+            match store::delete(s, r) {
+                Ok(()) | Err(StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        store::delete(s, &n)?;
+        tracing::info!(node = name, "node deleted");
+        Ok(n)
+    }
+
     /// Records a node's report and answers with what it should run.
     pub fn heartbeat(&self, node: &str, hb: Heartbeat) -> Result<Assignments, ApiError> {
         let t = self.now_s();
@@ -1151,34 +1318,25 @@ impl Manager {
                 }
                 continue;
             }
-            let live: Vec<&Replica> = vreps
+            let live: Vec<Replica> = vreps
                 .iter()
                 .filter(|r| r.metadata.deletion_requested.is_none())
+                .cloned()
                 .collect();
-            let healthy = live.iter().filter(|r| good_copy(r, &vreps)).count();
-            // A failed replica that did not come back within the wait is replaced, never the last
-            // good copy.
-            for r in &live {
-                // A replica whose store cannot be opened will not come back: no wait.
-                let broken = r.status.state == "broken";
-                if let Some(f) = r.status.failed_at
-                    && (broken || t.saturating_sub(f) > wait)
-                    && healthy > 0
-                {
-                    if !broken {
-                        tracing::warn!(volume = %name, replica = %r.metadata.name, "replica did not return in time; replacing it");
-                    }
-                    store::modify::<Replica>(s, &r.metadata.name, |r| {
-                        r.metadata.deletion_requested = Some(t);
-                        true
-                    })?;
-                }
+            let plan = plan_replicas(v, &live, &nodes, t, wait);
+            for (r, why) in &plan.delete {
+                tracing::warn!(volume = %name, replica = %r, reason = why, "deleting replica");
+                store::modify::<Replica>(s, r, |r| {
+                    let fresh = r.metadata.deletion_requested.is_none();
+                    r.metadata.deletion_requested.get_or_insert(t);
+                    fresh
+                })?;
             }
-            let live: Vec<Replica> = store::list::<Replica>(s)?
+            let live: Vec<Replica> = live
                 .into_iter()
-                .filter(|r| r.spec.volume == name && r.metadata.deletion_requested.is_none())
+                .filter(|r| !plan.delete.iter().any(|(d, _)| d == &r.metadata.name))
                 .collect();
-            if (live.len() as u32) < v.spec.replicas {
+            if plan.schedule {
                 self.schedule_replica(v, &live, &nodes, soft)?;
             }
             // Expansion of a detached volume reaches its replicas.
@@ -1318,6 +1476,8 @@ impl Manager {
             let fresh = live
                 .iter()
                 .filter(|r| r.status.address.is_some())
+                // A replica that never joined an engine holds nothing to salvage.
+                .filter(|r| r.status.mode.is_some() && r.status.state != "broken")
                 .filter(|r| {
                     nodes
                         .get(&r.spec.node)
@@ -1347,7 +1507,10 @@ impl Manager {
         if v.spec.node.is_some() {
             return v.spec.node.clone();
         }
-        let order = restore?;
+        let up = |n: &str| nodes.get(n).is_some_and(|n| n.status.state == "up");
+        let Some(order) = restore else {
+            return self.offline_rebuild_node(v, live, &up);
+        };
         // A restore that failed is not retried until there is another backup to restore.
         let failed = v
             .status
@@ -1357,7 +1520,6 @@ impl Manager {
         if failed {
             return None;
         }
-        let up = |n: &str| nodes.get(n).is_some_and(|n| n.status.state == "up");
         if let Some(l) = &self.local_node
             && up(l)
         {
@@ -1365,6 +1527,37 @@ impl Manager {
         }
         live.iter()
             .filter(|r| r.status.address.is_some() && up(&r.spec.node))
+            .map(|r| r.spec.node.clone())
+            .min()
+    }
+
+    /// Where a detached volume's replicas are rebuilt without an attach (the
+    /// `offline-replica-rebuilding` setting): the node of a complete copy, while a replica that
+    /// is not one runs on an up node.
+    fn offline_rebuild_node(
+        &self,
+        v: &Volume,
+        live: &[Replica],
+        up: &dyn Fn(&str) -> bool,
+    ) -> Option<String> {
+        if v.spec.standby
+            || v.metadata.deletion_requested.is_some()
+            || !crate::backups::restore_done(v)
+            || self.setting("offline-replica-rebuilding") != "true"
+        {
+            return None;
+        }
+        let running = |r: &&Replica| r.status.address.is_some() && up(&r.spec.node);
+        let needs = live
+            .iter()
+            .filter(running)
+            .any(|r| !good_copy(r, live) && r.status.state != "broken");
+        if !needs {
+            return None;
+        }
+        live.iter()
+            .filter(running)
+            .filter(|r| good_copy(r, live))
             .map(|r| r.spec.node.clone())
             .min()
     }
@@ -1379,6 +1572,8 @@ impl Manager {
         let s = &*self.store;
         let restore = self.restore_order(v);
         let want = self.engine_node(v, restore.as_ref(), live, nodes);
+        // Served over NBD only when attached (not while restoring or rebuilding offline).
+        let frontend = restore.is_none() && v.spec.node.is_some();
         match (&want, engine) {
             (Some(node), None) => {
                 let reps = self.engine_replicas(live, nodes);
@@ -1397,7 +1592,7 @@ impl Manager {
                         size: v.spec.size,
                         generation,
                         replicas: reps,
-                        frontend: restore.is_none(),
+                        frontend,
                         restore,
                         replica_timeout: self.setting_u64("engine-replica-timeout"),
                     },
@@ -1434,9 +1629,9 @@ impl Manager {
                 self.stop_engine(e, nodes)?;
             }
             (Some(_), Some(e)) => {
-                if e.spec.restore != restore || e.spec.frontend != restore.is_none() {
+                if e.spec.restore != restore || e.spec.frontend != frontend {
                     store::modify::<Engine>(s, &e.metadata.name, |e| {
-                        e.spec.frontend = restore.is_none();
+                        e.spec.frontend = frontend;
                         e.spec.restore = restore.clone();
                         true
                     })?;
@@ -1495,6 +1690,8 @@ impl Manager {
         let state = match (&v.spec.node, &engine) {
             _ if restoring => VolumeState::Creating,
             (None, Some(_)) if v.spec.standby => VolumeState::Detached,
+            // An engine rebuilding a detached volume's replicas serves no one.
+            (None, Some(e)) if !e.spec.frontend => VolumeState::Detached,
             (Some(_), Some(_)) if running => VolumeState::Attached,
             (Some(_), _) => VolumeState::Attaching,
             (None, Some(_)) => VolumeState::Detaching,

@@ -465,3 +465,137 @@ fn a_replica_that_cannot_be_opened_is_replaced_without_waiting_but_never_the_las
     assert_eq!(one.volume("w").status.robustness, Robustness::Faulted);
     assert_eq!(names.len(), 3);
 }
+
+fn rep(
+    name: &str,
+    node: &str,
+    mode: Option<ReplicaMode>,
+    failed_at: Option<u64>,
+    created: u64,
+) -> Replica {
+    Replica {
+        metadata: Meta {
+            name: name.into(),
+            created,
+            ..Default::default()
+        },
+        spec: ReplicaSpec {
+            volume: "v".into(),
+            node: node.into(),
+            disk: "/d".into(),
+            size: 1 << 30,
+        },
+        status: ReplicaStatus {
+            mode,
+            failed_at,
+            state: "running".into(),
+            address: Some(format!("{node}:1")),
+            ..Default::default()
+        },
+    }
+}
+
+fn cluster(evicting: &[&str]) -> HashMap<String, Node> {
+    ["n1", "n2", "n3", "n4"]
+        .iter()
+        .map(|n| {
+            let mut node = Node::default();
+            node.metadata.name = n.to_string();
+            node.status.state = "up".into();
+            node.spec.allow_scheduling = !evicting.contains(n);
+            node.spec.evict = evicting.contains(n);
+            (n.to_string(), node)
+        })
+        .collect()
+}
+
+fn vol3() -> Volume {
+    let mut v = Volume::default();
+    v.metadata.name = "v".into();
+    v.spec.replicas = 3;
+    v
+}
+
+fn deleted(p: &ReplicaPlan) -> Vec<&str> {
+    p.delete.iter().map(|(n, _)| n.as_str()).collect()
+}
+
+#[test]
+fn replica_plans() {
+    use ReplicaMode::{ERR, RW, WO};
+    let (t, wait) = (1_000, 60);
+    let nodes = cluster(&[]);
+    let v = vol3();
+    let healthy = vec![
+        rep("a", "n1", Some(RW), None, 1),
+        rep("b", "n2", Some(RW), None, 1),
+        rep("c", "n3", Some(RW), None, 1),
+    ];
+    assert_eq!(
+        plan_replicas(&v, &healthy, &nodes, t, wait),
+        ReplicaPlan::default()
+    );
+
+    // Failed within the wait: nothing yet. Past it: a replacement, the old one kept.
+    let mut r = healthy.clone();
+    r[2] = rep("c", "n3", Some(ERR), Some(t - 30), 1);
+    assert_eq!(
+        plan_replicas(&v, &r, &nodes, t, wait),
+        ReplicaPlan::default()
+    );
+    r[2].status.failed_at = Some(t - 61);
+    let p = plan_replicas(&v, &r, &nodes, t, wait);
+    assert!(p.schedule && p.delete.is_empty(), "{p:?}");
+    // The replacement rebuilds: the old one still stays.
+    r.push(rep("d", "n4", Some(WO), Some(t - 5), 2));
+    assert_eq!(
+        plan_replicas(&v, &r, &nodes, t, wait),
+        ReplicaPlan::default()
+    );
+    // The replacement is complete: now the old one goes.
+    r[3] = rep("d", "n4", Some(RW), None, 2);
+    assert_eq!(deleted(&plan_replicas(&v, &r, &nodes, t, wait)), vec!["c"]);
+    // Or the old one came back first (delta rebuild, RW again): the rebuilding new one goes.
+    let mut back = r.clone();
+    back[2] = rep("c", "n3", Some(RW), None, 1);
+    back[3] = rep("d", "n4", Some(WO), Some(t - 5), 2);
+    assert_eq!(
+        deleted(&plan_replicas(&v, &back, &nodes, t, wait)),
+        vec!["d"]
+    );
+
+    // Eviction: a new copy first, the evicted one only once the new copy is complete.
+    let ev = cluster(&["n3"]);
+    let p = plan_replicas(&v, &healthy, &ev, t, wait);
+    assert!(p.schedule && p.delete.is_empty(), "{p:?}");
+    let mut e = healthy.clone();
+    e.push(rep("d", "n4", Some(WO), Some(t), 2));
+    assert_eq!(plan_replicas(&v, &e, &ev, t, wait), ReplicaPlan::default());
+    e[3] = rep("d", "n4", Some(RW), None, 2);
+    assert_eq!(deleted(&plan_replicas(&v, &e, &ev, t, wait)), vec!["c"]);
+
+    // A broken replica goes at once when another complete copy exists; never the last one.
+    let mut b = healthy.clone();
+    b[2].status.state = "broken".into();
+    b[2].status.failed_at = Some(t);
+    b[2].status.mode = Some(ERR);
+    let p = plan_replicas(&v, &b, &nodes, t, wait);
+    assert_eq!(deleted(&p), vec!["c"]);
+    assert!(p.schedule);
+    let mut only = vec![b[2].clone()];
+    only[0].metadata.name = "z".into();
+    assert!(plan_replicas(&v, &only, &nodes, t, wait).delete.is_empty());
+
+    // Every copy failed long ago: nothing is deleted (salvage needs them).
+    let all_stale: Vec<Replica> = ["a", "b", "c"]
+        .iter()
+        .zip(["n1", "n2", "n3"])
+        .map(|(n, node)| rep(n, node, Some(ERR), Some(t - 600), 1))
+        .collect();
+    let p = plan_replicas(&v, &all_stale, &nodes, t, wait);
+    assert_eq!(
+        p,
+        ReplicaPlan::default(),
+        "no deletion, and no empty replacement"
+    );
+}

@@ -322,6 +322,9 @@ pub struct DiskStatus {
 pub struct NodeSpec {
     #[serde(default = "yes")]
     pub allow_scheduling: bool,
+    /// Move every replica away (one at a time, each new copy complete before the old one goes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub evict: bool,
 }
 
 fn yes() -> bool {
@@ -631,6 +634,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "engine-replica-timeout",
         "10",
         "seconds a replica may take to answer an I/O before the engine drops it from the volume (applies to engines started after a change)",
+    ),
+    (
+        "offline-replica-rebuilding",
+        "true",
+        "rebuild the replicas of a detached volume without waiting for it to be attached",
     ),
     (
         "failed-backup-ttl",

@@ -578,6 +578,14 @@ impl NodeAgent {
                 .collect();
             if let Some(e) = engines.get_mut(&w.volume) {
                 e.engine.set_desired(desired);
+                // An engine that rebuilt a detached volume is exported once it is attached here.
+                let exported = self.exports.get(&w.volume).is_some();
+                if w.frontend && !exported {
+                    self.exports.insert(&w.volume, e.engine.clone());
+                    tracing::info!(volume = %w.volume, "volume exported");
+                } else if !w.frontend && exported {
+                    self.exports.remove(&w.volume);
+                }
                 if let Some(r) = &w.restore {
                     // A new order replaces a finished task; a running one completes first.
                     let start = match &e.restore {

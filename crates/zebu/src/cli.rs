@@ -140,7 +140,28 @@ pub enum ReplicaCmd {
 #[derive(Subcommand)]
 pub enum NodeCmd {
     List,
-    Get { name: String },
+    Get {
+        name: String,
+    },
+    /// Change whether new replicas may go to a node, or start/stop evicting it.
+    Update {
+        name: String,
+        /// Allow new replicas on the node.
+        #[arg(long)]
+        scheduling: Option<bool>,
+        /// Move every replica away (true), or stop doing so (false).
+        #[arg(long)]
+        evict: Option<bool>,
+    },
+    /// Move every replica off a node, one at a time, each new copy complete before the old one
+    /// goes; no new replicas are placed there.
+    Evict {
+        name: String,
+    },
+    /// Delete a node that holds no replicas and runs no engines.
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -599,18 +620,49 @@ pub async fn node(g: &Global, cmd: NodeCmd) -> Result<()> {
     let nodes: Vec<Node> = match cmd {
         NodeCmd::List => api.get("/v1/nodes").await?,
         NodeCmd::Get { name } => vec![api.get(&format!("/v1/nodes/{name}")).await?],
+        NodeCmd::Update {
+            name,
+            scheduling,
+            evict,
+        } => {
+            if scheduling.is_none() && evict.is_none() {
+                bail!("nothing to change: give --scheduling true|false or --evict true|false");
+            }
+            let mut body = json!({});
+            if let Some(s) = scheduling {
+                body["allowScheduling"] = json!(s);
+            }
+            if let Some(e) = evict {
+                body["evict"] = json!(e);
+            }
+            vec![api.put(&format!("/v1/nodes/{name}"), &body).await?]
+        }
+        NodeCmd::Evict { name } => vec![
+            api.post(&format!("/v1/nodes/{name}/evict"), &json!({}))
+                .await?,
+        ],
+        NodeCmd::Delete { name } => {
+            let n: Node = api.delete(&format!("/v1/nodes/{name}")).await?;
+            if g.output == Output::Json {
+                return print_json(&n);
+            }
+            println!("node {name} deleted");
+            return Ok(());
+        }
     };
     if g.output == Output::Json {
         return print_json(&nodes);
     }
     table(
-        &["NAME", "STATE", "ADDRESS", "NBD"],
+        &["NAME", "STATE", "SCHEDULING", "EVICT", "ADDRESS", "NBD"],
         nodes
             .iter()
             .map(|n| {
                 vec![
                     n.metadata.name.clone(),
                     n.status.state.clone(),
+                    n.spec.allow_scheduling.to_string(),
+                    n.spec.evict.to_string(),
                     n.status.address.clone(),
                     n.status.nbd_address.clone(),
                 ]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Subcommand};
+use clap::Args;
 use zebu_control::client::ApiClient;
 use zebu_control::controller::{Manager, load_or_create_token};
 use zebu_control::store::RedbStore;
@@ -40,7 +40,7 @@ pub struct ManagerArgs {
 #[command(args_conflicts_with_subcommands = true)]
 pub struct NodeArgs {
     #[command(subcommand)]
-    cmd: Option<NodeSub>,
+    cmd: Option<cli::NodeCmd>,
     /// Manager URL.
     #[arg(long)]
     manager: Option<String>,
@@ -56,12 +56,6 @@ pub struct NodeArgs {
     /// Where the node serves /metrics.
     #[arg(long, default_value = "127.0.0.1:9501")]
     metrics_listen: String,
-}
-
-#[derive(Subcommand)]
-enum NodeSub {
-    List,
-    Get { name: String },
 }
 
 async fn start_manager(
@@ -164,13 +158,13 @@ pub async fn manager(a: ManagerArgs) -> Result<()> {
 }
 
 pub async fn node(g: &cli::Global, a: NodeArgs) -> Result<()> {
-    match a.cmd {
-        Some(NodeSub::List) => return cli::node(g, cli::NodeCmd::List).await,
-        Some(NodeSub::Get { name }) => return cli::node(g, cli::NodeCmd::Get { name }).await,
-        None => {}
+    if let Some(cmd) = a.cmd {
+        return cli::node(g, cmd).await;
     }
     let (Some(manager), Some(data_dir)) = (a.manager, a.data_dir) else {
-        bail!("zebu node needs --manager URL and --data-dir DIR (or a subcommand: list, get)");
+        bail!(
+            "zebu node needs --manager URL and --data-dir DIR (or a subcommand: list, get, update, evict, delete)"
+        );
     };
     let token = match &g.token {
         Some(t) => t.clone(),

@@ -406,3 +406,134 @@ fn a_replica_whose_data_file_vanished_is_replaced_at_once_with_one_log_line() {
     assert!(!store.exists(), "the broken replica's files are removed");
     check_data(&addr, "vol", &acked);
 }
+
+/// Samples a volume's complete copies (RW, not failed, not being deleted) until stopped;
+/// returns the fewest seen.
+fn watch_rw(
+    listen: &str,
+    token: &str,
+    volume: &str,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    let (listen, token, volume) = (listen.to_string(), token.to_string(), volume.to_string());
+    std::thread::spawn(move || {
+        let mut fewest = usize::MAX;
+        while !stop.load(Ordering::SeqCst) {
+            let (ok, out, _) = zebu_cli(
+                &listen,
+                &token,
+                &["replica", "list", "--volume", &volume, "-o", "json"],
+            );
+            if ok {
+                let rw = json_of(&out)
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter(|r| {
+                                r["status"]["mode"] == "RW"
+                                    && r["status"].get("failedAt").is_none()
+                                    && r["metadata"].get("deletionRequested").is_none()
+                            })
+                            .count()
+                    })
+                    .unwrap_or(0);
+                fewest = fewest.min(rw);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        fewest
+    })
+}
+
+fn replica_nodes(c: &Cluster, volume: &str) -> Vec<String> {
+    let mut n: Vec<String> = c
+        .replicas(volume)
+        .iter()
+        .map(|r| r["spec"]["node"].as_str().unwrap_or("").to_string())
+        .collect();
+    n.sort();
+    n
+}
+
+#[test]
+fn evicting_a_node_moves_its_replica_one_complete_copy_at_a_time_and_detached_volumes_rebuild_offline()
+ {
+    let mut c = Cluster::start(4);
+    c.cli(&["node", "update", "n4", "--scheduling", "false"]);
+    let (addr, mut acked) = c.attached_volume("vol");
+    assert_eq!(
+        replica_nodes(&c, "vol"),
+        vec!["n1", "n2", "n3"],
+        "nothing on n4"
+    );
+    c.cli(&["node", "update", "n4", "--scheduling", "true"]);
+    let w = Writer::start(&addr, "vol", 1_000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = watch_rw(&c.listen, &c.token, "vol", stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let n = json_of(&c.cli(&["node", "evict", "n3", "-o", "json"]));
+    assert_eq!(n[0]["spec"]["evict"], true, "{n}");
+    assert_eq!(n[0]["spec"]["allowScheduling"], false, "{n}");
+    wait_for("the replica to move from n3 to n4", 120, || {
+        (replica_nodes(&c, "vol") == ["n1", "n2", "n4"]
+            && c.volume("vol")["status"]["robustness"] == "healthy")
+            .then_some(())
+    });
+    stop.store(true, Ordering::SeqCst);
+    let fewest = watcher.join().expect("watcher");
+    assert!(
+        fewest >= 2,
+        "the volume went down to {fewest} complete copies"
+    );
+    let got = w.finish();
+    assert!(got.errors.is_empty(), "writes failed: {:?}", got.errors);
+    acked.extend(got.acked);
+    check_data(&addr, "vol", &acked);
+
+    // A node with replicas or engines cannot be deleted; the evicted one can, once it is gone.
+    let (ok, _, err) = zebu_cli(&c.listen, &c.token, &["node", "delete", "n1"]);
+    assert!(!ok && err.contains("holds replicas"), "{err}");
+    if let Some(mut p) = c.nodes[2].take() {
+        p.kill();
+    }
+    wait_for("n3 down", 30, || (c.nodes_up() == 3).then_some(()));
+    c.cli(&["node", "delete", "n3"]);
+    let (ok, _, _) = zebu_cli(&c.listen, &c.token, &["node", "get", "n3"]);
+    assert!(!ok, "n3 is gone");
+
+    // Offline rebuild: a detached volume whose replica node was down is rebuilt without an attach.
+    c.cli(&["volume", "detach", "vol"]);
+    wait_for("detached", 30, || {
+        (c.volume("vol")["status"]["state"] == "detached").then_some(())
+    });
+    if let Some(mut p) = c.nodes[1].take() {
+        p.kill();
+    }
+    wait_for("n2's replica failed", 30, || {
+        c.replicas("vol")
+            .iter()
+            .any(|r| r["spec"]["node"] == "n2" && r["status"].get("failedAt").is_some())
+            .then_some(())
+    });
+    c.nodes[1] = Some(c.node(2));
+    wait_for("every replica complete again while detached", 120, || {
+        let reps = c.replicas("vol");
+        (reps.len() == 3
+            && reps
+                .iter()
+                .all(|r| r["status"]["mode"] == "RW" && r["status"].get("failedAt").is_none()))
+        .then_some(())
+    });
+    assert_eq!(c.volume("vol")["status"]["state"], "detached");
+    let uri = c
+        .cli(&["volume", "attach", "vol", "--node", "n2"])
+        .trim()
+        .to_string();
+    let addr2 = uri
+        .trim_start_matches("nbd://")
+        .split('/')
+        .next()
+        .expect("addr")
+        .to_string();
+    check_data(&addr2, "vol", &acked);
+}
