@@ -108,6 +108,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/volumes/{name}/detach"),
     ("post", "/v1/volumes/{name}/expand"),
     ("post", "/v1/volumes/{name}/activate"),
+    ("post", "/v1/volumes/{name}/salvage"),
     ("get", "/v1/volumes/{name}/snapshots"),
     ("post", "/v1/volumes/{name}/snapshots"),
     ("delete", "/v1/volumes/{name}/snapshots/{snapshot}"),
@@ -150,6 +151,7 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/volumes/{name}/detach", post(detach_volume))
         .route("/v1/volumes/{name}/expand", post(expand_volume))
         .route("/v1/volumes/{name}/activate", post(activate_volume))
+        .route("/v1/volumes/{name}/salvage", post(salvage_volume))
         .route(
             "/v1/volumes/{name}/snapshots",
             get(list_snapshots).post(create_snapshot),
@@ -834,6 +836,25 @@ async fn node_wait(
     let t = std::time::Duration::from_millis(q.timeout_ms.unwrap_or(1000).min(2_000));
     let woken = m.wait_for_work(&name, t).await;
     Ok(Json(json!({ "woken": woken })))
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SalvageReq {
+    pub replica: String,
+}
+
+async fn salvage_volume(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    raw: axum::body::Bytes,
+) -> ApiResult<Volume> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    let req: SalvageReq = body(&raw)?;
+    check_name(&req.replica)?;
+    Ok(Json(m.salvage_volume(&name, &req.replica)?))
 }
 
 async fn activate_volume(

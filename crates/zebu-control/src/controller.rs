@@ -305,6 +305,22 @@ impl Manager {
                 changed
             })?;
         }
+        // Whether a volume is served is only known again once its engine reports: until then
+        // it shows attaching, without an NBD URI from an earlier process.
+        for v in store::list::<Volume>(&*m.store)? {
+            if v.status.state == VolumeState::Attached || v.status.nbd_uri.is_some() {
+                store::modify::<Volume>(&*m.store, &v.metadata.name, |v| {
+                    let changed =
+                        v.status.state == VolumeState::Attached || v.status.nbd_uri.is_some();
+                    if v.status.state == VolumeState::Attached {
+                        v.status.state = VolumeState::Attaching;
+                        v.status.robustness = Robustness::Unknown;
+                    }
+                    v.status.nbd_uri = None;
+                    changed
+                })?;
+            }
+        }
         // Volumes made before the target was recorded at creation show the one they use.
         for v in store::list::<Volume>(&*m.store)? {
             if v.spec.backup_target.is_empty() {
@@ -642,10 +658,20 @@ impl Manager {
                 format!("volume {name:?} is a standby volume; it grows with its source's backups"),
             ));
         }
-        if v.spec.node.is_some() || v.status.state != VolumeState::Detached {
+        // Attached volumes grow online: the engine expands every replica in its set; clients
+        // see the new size on their next connection.
+        let settled = match v.status.state {
+            VolumeState::Detached => v.spec.node.is_none(),
+            VolumeState::Attached => v.spec.node.is_some(),
+            _ => false,
+        };
+        if !settled || !crate::backups::restore_done(&v) {
             return Err(conflict(
-                "VolumeAttached",
-                format!("volume {name:?} must be detached to expand"),
+                "VolumeBusy",
+                format!(
+                    "volume {name:?} is {}; expand it once it is attached or detached",
+                    v.status.state.as_str()
+                ),
             ));
         }
         store::modify::<Volume>(&*self.store, name, |v| {
@@ -758,6 +784,63 @@ impl Manager {
             true
         })?
         .ok_or_else(|| not_found("replica", name))
+    }
+
+    /// Salvages a faulted volume from the replica an operator chose (after comparing the flush
+    /// sequences `replica list` shows): that replica becomes the volume's only complete copy, the
+    /// engine restarts from it and rebuilds the others. Refused while any complete copy exists.
+    pub fn salvage_volume(&self, name: &str, replica: &str) -> Result<Volume, ApiError> {
+        let s = &*self.store;
+        let v = self.get_volume(name)?;
+        let live: Vec<Replica> = store::list::<Replica>(s)?
+            .into_iter()
+            .filter(|r| r.spec.volume == name && r.metadata.deletion_requested.is_none())
+            .collect();
+        if let Some(g) = live.iter().find(|r| good_copy(r, &live)) {
+            return Err(conflict(
+                "NotFaulted",
+                format!(
+                    "volume {name:?} is not faulted: replica {:?} is a complete copy",
+                    g.metadata.name
+                ),
+            ));
+        }
+        let Some(r) = live.iter().find(|r| r.metadata.name == replica) else {
+            return Err(not_found("replica", &format!("{replica} of volume {name}")));
+        };
+        let up = store::get::<Node>(s, &r.spec.node)?.is_some_and(|n| n.status.state == "up");
+        if r.status.state == "broken" || r.status.address.is_none() || !up {
+            return Err(conflict(
+                "ReplicaUnavailable",
+                format!(
+                    "replica {replica:?} cannot serve: {}",
+                    if r.status.state == "broken" {
+                        r.status.message.clone()
+                    } else {
+                        format!("its node {:?} is not up or it is not running", r.spec.node)
+                    }
+                ),
+            ));
+        }
+        tracing::warn!(
+            volume = name,
+            replica,
+            flush_seq = r.status.flush_seq,
+            "salvaging the volume from the chosen replica"
+        );
+        store::modify::<Replica>(s, replica, |r| {
+            r.status.failed_at = None;
+            r.status.mode = Some(ReplicaMode::RW);
+            true
+        })?;
+        if let Some(e) = store::get::<Engine>(s, name)? {
+            let nodes: HashMap<String, Node> = store::list::<Node>(s)?
+                .into_iter()
+                .map(|n| (n.metadata.name.clone(), n))
+                .collect();
+            self.stop_engine(&e, &nodes)?;
+        }
+        Ok(v)
     }
 
     /// Changes whether new replicas may go to a node, and whether it is being evicted (evicting
@@ -1629,10 +1712,12 @@ impl Manager {
                 self.stop_engine(e, nodes)?;
             }
             (Some(_), Some(e)) => {
-                if e.spec.restore != restore || e.spec.frontend != frontend {
+                let grown = e.spec.size < v.spec.size;
+                if e.spec.restore != restore || e.spec.frontend != frontend || grown {
                     store::modify::<Engine>(s, &e.metadata.name, |e| {
                         e.spec.frontend = frontend;
                         e.spec.restore = restore.clone();
+                        e.spec.size = e.spec.size.max(v.spec.size);
                         true
                     })?;
                 }

@@ -599,3 +599,57 @@ fn replica_plans() {
         "no deletion, and no empty replacement"
     );
 }
+
+#[test]
+fn a_faulted_volume_is_salvaged_from_the_replica_chosen() {
+    let mut sim = Sim::new(&["n1", "n2", "n3"]);
+    let names = sim.attached("v");
+    let err = sim
+        .m
+        .salvage_volume("v", &names[1])
+        .expect_err("healthy volume");
+    assert_eq!(err.code, "NotFaulted");
+    let refs: Vec<(&str, ReplicaMode)> = names
+        .iter()
+        .map(|n| (n.as_str(), ReplicaMode::ERR))
+        .collect();
+    sim.beat("n1", &[("v", &refs)]);
+    sim.all_beat(&[]);
+    sim.m.reconcile().expect("reconcile");
+    assert_eq!(sim.volume("v").status.robustness, Robustness::Faulted);
+    let gen0 = sim.engine("v").expect("engine").spec.generation;
+    assert_eq!(
+        sim.m
+            .salvage_volume("v", "v-r-nope")
+            .expect_err("unknown")
+            .code,
+        "NotFound"
+    );
+    sim.m.salvage_volume("v", &names[1]).expect("salvage");
+    let r = store::get::<Replica>(&*sim.m.store, &names[1])
+        .expect("get")
+        .expect("r");
+    assert!(r.status.failed_at.is_none() && r.status.mode == Some(ReplicaMode::RW));
+    assert!(
+        sim.engine("v")
+            .expect("engine")
+            .metadata
+            .deletion_requested
+            .is_some()
+    );
+    // The node stops the old engine; the new one starts from the chosen replica alone.
+    sim.beat("n1", &[]);
+    sim.all_beat(&[]);
+    sim.m.reconcile().expect("reconcile");
+    let e = sim.engine("v").expect("new engine");
+    assert_ne!(e.spec.generation, gen0);
+    let candidates: Vec<&str> = e
+        .spec
+        .replicas
+        .iter()
+        .filter(|r| r.candidate)
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(candidates, vec![names[1].as_str()]);
+    sim.tick(1);
+}

@@ -63,6 +63,19 @@ pub enum VolumeState {
     Deleting,
 }
 
+impl VolumeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeState::Creating => "creating",
+            VolumeState::Detached => "detached",
+            VolumeState::Attaching => "attaching",
+            VolumeState::Attached => "attached",
+            VolumeState::Detaching => "detaching",
+            VolumeState::Deleting => "deleting",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Robustness {

@@ -578,6 +578,17 @@ impl NodeAgent {
                 .collect();
             if let Some(e) = engines.get_mut(&w.volume) {
                 e.engine.set_desired(desired);
+                // Online expansion: the engine grows every replica in its set.
+                if w.size > e.engine.size() {
+                    match e.engine.expand(w.size).await {
+                        Ok(()) => {
+                            tracing::info!(volume = %w.volume, size = w.size, "volume expanded")
+                        }
+                        Err(err) => {
+                            tracing::warn!(volume = %w.volume, size = w.size, error = %err, "cannot expand the volume yet")
+                        }
+                    }
+                }
                 // An engine that rebuilt a detached volume is exported once it is attached here.
                 let exported = self.exports.get(&w.volume).is_some();
                 if w.frontend && !exported {

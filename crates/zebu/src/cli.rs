@@ -94,6 +94,12 @@ pub enum VolumeCmd {
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
     },
+    /// Restart a faulted volume from the replica given (compare FLUSH in `replica list`).
+    Salvage {
+        name: String,
+        #[arg(long)]
+        replica: String,
+    },
     /// Wait until the volume is healthy (attached) or settled (detached), showing rebuild
     /// progress bars on stderr.
     Wait {
@@ -384,6 +390,20 @@ pub async fn volume(g: &Global, cmd: VolumeCmd) -> Result<()> {
                 show_volumes(g, &[v])
             }
         }
+        VolumeCmd::Salvage { name, replica } => {
+            let v: Volume = api
+                .post(
+                    &format!("/v1/volumes/{name}/salvage"),
+                    &json!({"replica": replica}),
+                )
+                .await?;
+            if g.output == Output::Json {
+                print_json(&v)
+            } else {
+                println!("volume {name} restarts from replica {replica}");
+                Ok(())
+            }
+        }
         VolumeCmd::Activate { name, timeout } => {
             let _: Volume = api
                 .post(&format!("/v1/volumes/{name}/activate"), &json!({}))
@@ -517,7 +537,9 @@ pub async fn replica(g: &Global, cmd: ReplicaCmd) -> Result<()> {
         return print_json(&reps);
     }
     table(
-        &["NAME", "VOLUME", "NODE", "MODE", "STATE", "ADDRESS"],
+        &[
+            "NAME", "VOLUME", "NODE", "MODE", "STATE", "FLUSH", "ADDRESS", "MESSAGE",
+        ],
         reps.iter()
             .map(|r| {
                 vec![
@@ -526,7 +548,9 @@ pub async fn replica(g: &Global, cmd: ReplicaCmd) -> Result<()> {
                     r.spec.node.clone(),
                     r.status.mode.map(|m| enum_str(&m)).unwrap_or_default(),
                     r.status.state.clone(),
+                    r.status.flush_seq.to_string(),
                     r.status.address.clone().unwrap_or_default(),
+                    r.status.message.clone(),
                 ]
             })
             .collect(),
