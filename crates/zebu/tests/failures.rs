@@ -616,3 +616,70 @@ fn an_attached_volume_grows_online_under_fio_with_its_data_checked() {
     // Standby and transitional volumes are still refused.
     srv.cli(&["volume", "detach", "vol"]);
 }
+
+#[test]
+fn a_faulted_detached_volume_is_salvaged_from_the_replica_chosen() {
+    let mut c = Cluster::start(3);
+    let (addr, acked) = c.attached_volume("vol");
+    let (ok, _, err) = zebu_cli(
+        &c.listen,
+        &c.token,
+        &["volume", "salvage", "vol", "--replica", "whatever"],
+    );
+    assert!(!ok && err.contains("not faulted"), "{err}");
+    c.cli(&["volume", "detach", "vol"]);
+    wait_for("detached", 30, || {
+        (c.volume("vol")["status"]["state"] == "detached").then_some(())
+    });
+    // Every node down at once, then back: no complete copy is known any more.
+    for n in c.nodes.iter_mut() {
+        if let Some(mut p) = n.take() {
+            p.kill();
+        }
+    }
+    wait_for("every replica failed", 30, || {
+        c.replicas("vol")
+            .iter()
+            .all(|r| r["status"].get("failedAt").is_some())
+            .then_some(())
+    });
+    for i in 1..=3 {
+        c.nodes[i - 1] = Some(c.node(i));
+    }
+    wait_for("every node up", 30, || (c.nodes_up() == 3).then_some(()));
+    let v = wait_for("faulted", 30, || {
+        let v = c.volume("vol");
+        (v["status"]["robustness"] == "faulted").then_some(v)
+    });
+    assert_eq!(v["status"]["state"], "detached", "{v}");
+    let table = c.cli(&["replica", "list", "--volume", "vol"]);
+    assert!(table.contains("FLUSH"), "{table}");
+    let reps = c.replicas("vol");
+    let chosen = reps
+        .iter()
+        .max_by_key(|r| r["status"]["flushSeq"].as_u64().unwrap_or(0))
+        .and_then(|r| r["metadata"]["name"].as_str())
+        .expect("a replica")
+        .to_string();
+    c.cli(&["volume", "salvage", "vol", "--replica", &chosen]);
+    wait_for("every replica complete again", 120, || {
+        let reps = c.replicas("vol");
+        (reps.len() == 3
+            && reps
+                .iter()
+                .all(|r| r["status"]["mode"] == "RW" && r["status"].get("failedAt").is_none()))
+        .then_some(())
+    });
+    let uri = c
+        .cli(&["volume", "attach", "vol", "--node", "n1"])
+        .trim()
+        .to_string();
+    let addr2 = uri
+        .trim_start_matches("nbd://")
+        .split('/')
+        .next()
+        .expect("addr")
+        .to_string();
+    assert_ne!(addr2, "", "{addr}");
+    check_data(&addr2, "vol", &acked);
+}
