@@ -162,6 +162,31 @@ impl Cluster {
         t0.elapsed()
     }
 
+    /// Attaches `volume` on `node`; returns the NBD server's address.
+    fn attach(&self, volume: &str, node: &str) -> String {
+        let uri = self
+            .cli(&["volume", "attach", volume, "--node", node])
+            .trim()
+            .to_string();
+        uri.trim_start_matches("nbd://")
+            .split('/')
+            .next()
+            .expect("addr")
+            .to_string()
+    }
+
+    /// Waits until the volume has three replicas, every one RW and not failed.
+    fn wait_all_rw(&self, volume: &str, what: &str) {
+        wait_for(what, 120, || {
+            let reps = self.replicas(volume);
+            (reps.len() == 3
+                && reps
+                    .iter()
+                    .all(|r| r["status"]["mode"] == "RW" && r["status"].get("failedAt").is_none()))
+            .then_some(())
+        });
+    }
+
     /// A 3-replica 32 MiB volume attached to n1, filled; returns the NBD address.
     fn attached_volume(&self, name: &str) -> (String, HashMap<u64, u64>) {
         self.cli(&[
@@ -174,17 +199,8 @@ impl Cluster {
             "3",
             "--wait",
         ]);
-        let uri = self
-            .cli(&["volume", "attach", name, "--node", "n1"])
-            .trim()
-            .to_string();
+        let addr = self.attach(name, "n1");
         self.wait_robustness(name, "healthy", 60);
-        let addr = uri
-            .trim_start_matches("nbd://")
-            .split('/')
-            .next()
-            .expect("addr")
-            .to_string();
         let rt = tokio::runtime::Runtime::new().expect("rt");
         let mut c = rt
             .block_on(zebu_nbd::client::NbdClient::connect(&addr, name))
@@ -521,25 +537,9 @@ fn evicting_a_node_moves_its_replica_one_complete_copy_at_a_time_and_detached_vo
             .then_some(())
     });
     c.nodes[1] = Some(c.node(2));
-    wait_for("every replica complete again while detached", 120, || {
-        let reps = c.replicas("vol");
-        (reps.len() == 3
-            && reps
-                .iter()
-                .all(|r| r["status"]["mode"] == "RW" && r["status"].get("failedAt").is_none()))
-        .then_some(())
-    });
+    c.wait_all_rw("vol", "every replica complete again while detached");
     assert_eq!(c.volume("vol")["status"]["state"], "detached");
-    let uri = c
-        .cli(&["volume", "attach", "vol", "--node", "n2"])
-        .trim()
-        .to_string();
-    let addr2 = uri
-        .trim_start_matches("nbd://")
-        .split('/')
-        .next()
-        .expect("addr")
-        .to_string();
+    let addr2 = c.attach("vol", "n2");
     check_data(&addr2, "vol", &acked);
 }
 
@@ -662,24 +662,62 @@ fn a_faulted_detached_volume_is_salvaged_from_the_replica_chosen() {
         .expect("a replica")
         .to_string();
     c.cli(&["volume", "salvage", "vol", "--replica", &chosen]);
-    wait_for("every replica complete again", 120, || {
-        let reps = c.replicas("vol");
-        (reps.len() == 3
-            && reps
-                .iter()
-                .all(|r| r["status"]["mode"] == "RW" && r["status"].get("failedAt").is_none()))
-        .then_some(())
-    });
-    let uri = c
-        .cli(&["volume", "attach", "vol", "--node", "n1"])
-        .trim()
-        .to_string();
-    let addr2 = uri
-        .trim_start_matches("nbd://")
-        .split('/')
-        .next()
-        .expect("addr")
-        .to_string();
+    c.wait_all_rw("vol", "every replica complete again");
+    let addr2 = c.attach("vol", "n1");
     assert_ne!(addr2, "", "{addr}");
     check_data(&addr2, "vol", &acked);
+}
+
+#[test]
+fn a_replica_back_after_the_wait_is_reused_by_a_delta_rebuild() {
+    let mut c = Cluster::start(3);
+    c.cli(&["setting", "set", "replica-soft-anti-affinity", "false"]);
+    c.cli(&["setting", "set", "replica-replenishment-wait-interval", "2"]);
+    let (addr, mut acked) = c.attached_volume("vol");
+    let old = c
+        .replicas("vol")
+        .iter()
+        .find(|r| r["spec"]["node"] == "n3")
+        .and_then(|r| r["metadata"]["name"].as_str().map(str::to_string))
+        .expect("replica on n3");
+    if let Some(mut p) = c.nodes[2].take() {
+        p.kill();
+    }
+    // 40 blocks (2.5 MiB) change while n3 is away.
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let mut cl = rt
+        .block_on(zebu_nbd::client::NbdClient::connect(&addr, "vol"))
+        .expect("nbd");
+    for blk in 0..40u64 {
+        rt.block_on(cl.write(blk * BLK as u64, &block_data(blk, 7, BLK), false))
+            .expect("write");
+        acked.insert(blk, 7);
+    }
+    rt.block_on(cl.flush()).expect("flush");
+    wait_for("n3's replica failed", 30, || {
+        c.replicas("vol")
+            .iter()
+            .any(|r| r["metadata"]["name"] == old.as_str() && r["status"].get("failedAt").is_some())
+            .then_some(())
+    });
+    // Well past the replenishment wait; no other node may take a replacement.
+    std::thread::sleep(Duration::from_secs(4));
+    c.nodes[2] = Some(c.node(3));
+    c.wait_robustness("vol", "healthy", 120);
+    let r = wait_for("the rebuild figures of the returning replica", 30, || {
+        c.replicas("vol")
+            .into_iter()
+            .find(|r| r["spec"]["node"] == "n3" && r["status"]["rebuildTotal"].as_u64() > Some(0))
+    });
+    assert_eq!(
+        r["metadata"]["name"],
+        old.as_str(),
+        "the old replica was reused"
+    );
+    let copied = r["status"]["rebuildCopied"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        copied < 16 << 20,
+        "a delta rebuild copies what changed, not the 32 MiB volume: {copied}"
+    );
+    check_data(&addr, "vol", &acked);
 }
