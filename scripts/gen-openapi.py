@@ -138,6 +138,8 @@ paths = {
     "/v1/volumes/{name}/expand": {"post": op("Grow a detached volume", ref("Volume"), ref("Expand"), [P("name")])},
     "/v1/volumes/{name}/snapshots": {"get": op("List an attached volume's snapshots", arr(ref("SnapshotInfo")), params=[P("name")]),
                                       "post": op("Take a snapshot of an attached volume", ref("Snapshot"), ref("CreateSnapshot"), [P("name")], code=201)},
+    "/v1/volumes/{name}/snapshots/{snapshot}/revert": {"post": op("Revert a detached volume to a snapshot", ref("Volume"),
+        params=[P("name"), {"name": "snapshot", "in": "path", "required": True, "schema": NAME}], code=202)},
     "/v1/volumes/{name}/snapshots/{snapshot}": {"delete": op("Delete a snapshot (merged away in the background)", ref("Snapshot"),
                                                 params=[P("name"), P("snapshot")], code=202)},
     "/v1/replicas": {"get": op("List replicas", arr(ref("Replica")),

@@ -112,6 +112,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/volumes/{name}/snapshots"),
     ("post", "/v1/volumes/{name}/snapshots"),
     ("delete", "/v1/volumes/{name}/snapshots/{snapshot}"),
+    ("post", "/v1/volumes/{name}/snapshots/{snapshot}/revert"),
     ("get", "/v1/replicas"),
     ("get", "/v1/replicas/{name}"),
     ("delete", "/v1/replicas/{name}"),
@@ -159,6 +160,10 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route(
             "/v1/volumes/{name}/snapshots/{snapshot}",
             axum::routing::delete(delete_snapshot),
+        )
+        .route(
+            "/v1/volumes/{name}/snapshots/{snapshot}/revert",
+            post(revert_snapshot),
         )
         .route("/v1/replicas", get(list_replicas))
         .route(
@@ -415,6 +420,20 @@ async fn create_snapshot(
     Ok((
         StatusCode::CREATED,
         Json(m.create_snapshot(&name, req.name.as_deref())?),
+    ))
+}
+
+async fn revert_snapshot(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> Result<(StatusCode, Json<Volume>), ApiError> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    check_name(&snapshot)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(m.revert_volume(&name, &snapshot)?),
     ))
 }
 

@@ -1277,6 +1277,7 @@ impl Manager {
                 from_backup: backup.to_string(),
                 backup_volume: b.spec.volume.clone(),
                 activate: false,
+                revert: None,
             },
             status: VolumeStatus {
                 restore: Some(RestoreStatus {

@@ -121,6 +121,16 @@ pub fn robustness(v: &Volume, state: VolumeState, engine: bool, live: &[Replica]
     }
 }
 
+/// The node of a running complete copy on an up node (where an engine that serves no one, for a
+/// rebuild or a revert of a detached volume, runs).
+fn complete_copy_node(live: &[Replica], up: &dyn Fn(&str) -> bool) -> Option<String> {
+    live.iter()
+        .filter(|r| r.status.address.is_some() && up(&r.spec.node))
+        .filter(|r| good_copy(r, live))
+        .map(|r| r.spec.node.clone())
+        .min()
+}
+
 /// What the manager does with one volume's replicas on one reconcile pass.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ReplicaPlan {
@@ -587,6 +597,14 @@ impl Manager {
                 ),
             ));
         }
+        if let Some(snap) = &v.spec.revert {
+            return Err(conflict(
+                "RevertInProgress",
+                format!(
+                    "volume {name:?} is being reverted to snapshot {snap:?}; attach it when that is done"
+                ),
+            ));
+        }
         if !crate::backups::restore_done(&v) {
             let why = v
                 .status
@@ -1047,6 +1065,13 @@ impl Manager {
             if let Some(r) = &er.restore {
                 self.restore_report(&er.volume, r, &er.snapshots)?;
             }
+            let current = store::get::<Engine>(&*self.store, &er.volume)?
+                .is_some_and(|e| e.spec.generation == er.generation && e.spec.node == node);
+            if let Some(r) = &er.revert
+                && current
+            {
+                self.revert_report(er, r)?;
+            }
         }
         self.backup_reports(node, &hb.backups)?;
         // Snapshots as the engines report them.
@@ -1166,7 +1191,7 @@ impl Manager {
         Ok(a)
     }
 
-    fn record_mode(
+    pub(crate) fn record_mode(
         &self,
         replica: &str,
         volume: &str,
@@ -1592,6 +1617,9 @@ impl Manager {
         }
         let up = |n: &str| nodes.get(n).is_some_and(|n| n.status.state == "up");
         let Some(order) = restore else {
+            if v.spec.revert.is_some() {
+                return complete_copy_node(live, &up);
+            }
             return self.offline_rebuild_node(v, live, &up);
         };
         // A restore that failed is not retried until there is another backup to restore.
@@ -1638,11 +1666,7 @@ impl Manager {
         if !needs {
             return None;
         }
-        live.iter()
-            .filter(running)
-            .filter(|r| good_copy(r, live))
-            .map(|r| r.spec.node.clone())
-            .min()
+        complete_copy_node(live, up)
     }
 
     fn reconcile_engine(
@@ -1678,6 +1702,7 @@ impl Manager {
                         frontend,
                         restore,
                         replica_timeout: self.setting_u64("engine-replica-timeout"),
+                        revert: v.spec.revert.clone(),
                     },
                     status: EngineStatus {
                         state: "starting".into(),
@@ -1713,11 +1738,16 @@ impl Manager {
             }
             (Some(_), Some(e)) => {
                 let grown = e.spec.size < v.spec.size;
-                if e.spec.restore != restore || e.spec.frontend != frontend || grown {
+                if e.spec.restore != restore
+                    || e.spec.frontend != frontend
+                    || grown
+                    || e.spec.revert != v.spec.revert
+                {
                     store::modify::<Engine>(s, &e.metadata.name, |e| {
                         e.spec.frontend = frontend;
                         e.spec.restore = restore.clone();
                         e.spec.size = e.spec.size.max(v.spec.size);
+                        e.spec.revert = v.spec.revert.clone();
                         true
                     })?;
                 }

@@ -653,3 +653,90 @@ fn a_faulted_volume_is_salvaged_from_the_replica_chosen() {
     assert_eq!(candidates, vec![names[1].as_str()]);
     sim.tick(1);
 }
+
+#[test]
+fn a_revert_runs_on_a_detached_volume_and_replicas_that_missed_it_are_not_complete_copies() {
+    let mut sim = Sim::new(&["n1", "n2", "n3"]);
+    let names = sim.attached("v");
+    let s1 = sim.m.create_snapshot("v", Some("s1")).expect("snapshot");
+    assert_eq!(s1.spec.name, "s1");
+    let err = sim.m.revert_volume("v", "s1").expect_err("attached");
+    assert_eq!(err.code, "VolumeAttached");
+    sim.m.detach_volume("v").expect("detach");
+    sim.m.reconcile().expect("reconcile");
+    sim.beat("n1", &[]);
+    sim.all_beat(&[]);
+    sim.m.reconcile().expect("reconcile");
+    assert_eq!(sim.volume("v").status.state, VolumeState::Detached);
+    assert_eq!(
+        sim.m.revert_volume("v", "nope").expect_err("unknown").code,
+        "NotFound"
+    );
+    sim.m.revert_volume("v", "s1").expect("revert");
+    assert_eq!(
+        sim.m
+            .attach_volume("v", Some("n1"))
+            .expect_err("reverting")
+            .code,
+        "RevertInProgress"
+    );
+    sim.m.reconcile().expect("reconcile");
+    let e = sim.engine("v").expect("an engine for the revert");
+    assert_eq!(e.spec.revert.as_deref(), Some("s1"));
+    assert!(!e.spec.frontend);
+    assert_eq!(sim.volume("v").status.state, VolumeState::Detached);
+    // The engine reverted with two replicas; the third was not in its set.
+    let node = e.spec.node.clone();
+    let report = EngineReport {
+        volume: "v".into(),
+        generation: e.spec.generation,
+        nbd_uri: String::new(),
+        replicas: names[..2]
+            .iter()
+            .map(|n| EngineReplicaReport {
+                name: n.clone(),
+                mode: ReplicaMode::RW,
+                rebuild_copied: 0,
+                rebuild_skipped: 0,
+                rebuild_total: 0,
+            })
+            .collect(),
+        snapshots: Vec::new(),
+        restore: None,
+        revert: Some(RevertReport {
+            snapshot: "s1".into(),
+            error: String::new(),
+        }),
+    };
+    sim.m
+        .heartbeat(
+            &node,
+            Heartbeat {
+                address: node.clone(),
+                nbd_address: node.clone(),
+                engines: vec![report],
+                ..Default::default()
+            },
+        )
+        .expect("heartbeat");
+    let v = sim.volume("v");
+    assert!(v.spec.revert.is_none());
+    assert_eq!(
+        v.status.revert.as_ref().map(|r| r.state),
+        Some(RevertState::Done)
+    );
+    let third = store::get::<Replica>(&*sim.m.store, &names[2])
+        .expect("get")
+        .expect("r");
+    assert!(
+        third.status.failed_at.is_some(),
+        "missed the revert: not a complete copy"
+    );
+    // The snapshot objects not in the reported chain are gone.
+    assert!(
+        store::get::<Snapshot>(&*sim.m.store, "v.s1")
+            .expect("get")
+            .is_none()
+    );
+    sim.tick(1);
+}

@@ -6,4 +6,5 @@ pub mod client;
 pub mod controller;
 pub mod model;
 pub mod openapi;
+pub mod revert;
 pub mod store;

@@ -108,6 +108,28 @@ pub struct VolumeSpec {
     /// A standby volume asked to become a normal one once the newest backup is restored.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub activate: bool,
+    /// A snapshot a detached volume is asked to revert to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revert: Option<String>,
+}
+
+/// Where a snapshot revert stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RevertState {
+    #[default]
+    Pending,
+    Done,
+    Error,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevertStatus {
+    pub snapshot: String,
+    pub state: RevertState,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
 }
 
 /// Where a volume's restore stands.
@@ -154,6 +176,9 @@ pub struct VolumeStatus {
     pub last_backup_at: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreStatus>,
+    /// The last snapshot revert asked for, and how it went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revert: Option<RevertStatus>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
 }
@@ -254,6 +279,9 @@ pub struct EngineSpec {
     /// `engine-replica-timeout` setting when the engine started); 0: the node's default.
     #[serde(default)]
     pub replica_timeout: u64,
+    /// Revert every replica to this snapshot (a detached volume; no frontend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revert: Option<String>,
 }
 
 /// A resolved backup target: where it is and how to reach it. Its options (with secrets) are
@@ -749,6 +777,18 @@ pub struct EngineReport {
     pub snapshots: Vec<SnapshotInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreReport>,
+    /// The outcome of the revert the engine was asked for, once it is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revert: Option<RevertReport>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevertReport {
+    pub snapshot: String,
+    /// Empty when every replica in the set reverted.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -52,6 +52,50 @@ struct RunningEngine {
     generation: u64,
     healer: tokio::task::JoinHandle<()>,
     restore: Option<backup::RestoreTask>,
+    revert: Option<RevertTask>,
+}
+
+/// A snapshot revert running in an engine; the outcome is `Some("")` on success.
+struct RevertTask {
+    snapshot: String,
+    outcome: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl RevertTask {
+    fn start(engine: Arc<Engine>, snapshot: &str, wake: Arc<tokio::sync::Notify>) -> RevertTask {
+        let outcome = Arc::new(std::sync::Mutex::new(None));
+        let (o, name) = (outcome.clone(), snapshot.to_string());
+        tokio::spawn(async move {
+            let res = match engine.revert(&name).await {
+                Ok(()) => match engine.flush().await {
+                    Ok(()) => String::new(),
+                    Err(e) => format!("flush after the revert: {e}"),
+                },
+                Err(e) => e.to_string(),
+            };
+            if res.is_empty() {
+                tracing::info!(volume = %engine.volume(), snapshot = %name, "volume reverted");
+            } else {
+                tracing::warn!(volume = %engine.volume(), snapshot = %name, error = %res, "revert failed");
+            }
+            if let Ok(mut o) = o.lock() {
+                *o = Some(res);
+            }
+            wake.notify_one();
+        });
+        RevertTask {
+            snapshot: snapshot.to_string(),
+            outcome,
+        }
+    }
+
+    fn report(&self) -> Option<RevertReport> {
+        let error = self.outcome.lock().ok()?.clone()?;
+        Some(RevertReport {
+            snapshot: self.snapshot.clone(),
+            error,
+        })
+    }
 }
 
 pub struct NodeAgent {
@@ -382,6 +426,7 @@ impl NodeAgent {
             let snapshots = snapshot_infos(&e.engine).await;
             engines.push(EngineReport {
                 restore: e.restore.as_ref().map(|r| r.report()),
+                revert: e.revert.as_ref().and_then(RevertTask::report),
                 snapshots,
                 volume: vol.clone(),
                 generation: e.generation,
@@ -578,6 +623,11 @@ impl NodeAgent {
                 .collect();
             if let Some(e) = engines.get_mut(&w.volume) {
                 e.engine.set_desired(desired);
+                if let Some(snap) = &w.revert
+                    && e.revert.as_ref().is_none_or(|t| &t.snapshot != snap)
+                {
+                    e.revert = Some(RevertTask::start(e.engine.clone(), snap, self.wake.clone()));
+                }
                 // Online expansion: the engine grows every replica in its set.
                 if w.size > e.engine.size() {
                     match e.engine.expand(w.size).await {
@@ -642,6 +692,10 @@ impl NodeAgent {
                     let restore = w.restore.as_ref().map(|r| {
                         backup::start_restore(engine.clone(), r.clone(), 8, self.wake.clone())
                     });
+                    let revert = w
+                        .revert
+                        .as_ref()
+                        .map(|snap| RevertTask::start(engine.clone(), snap, self.wake.clone()));
                     tracing::info!(volume = %w.volume, generation = w.generation, "engine started");
                     self.wake.notify_one();
                     engines.insert(
@@ -651,6 +705,7 @@ impl NodeAgent {
                             generation: w.generation,
                             healer,
                             restore,
+                            revert,
                         },
                     );
                 }

@@ -126,6 +126,14 @@ pub enum SnapshotCmd {
         volume: String,
         name: String,
     },
+    /// Revert a detached volume to a snapshot (newer snapshots and data are discarded).
+    Revert {
+        volume: String,
+        name: String,
+        /// Seconds to wait for the revert before giving up.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -612,6 +620,43 @@ pub async fn snapshot(g: &Global, cmd: SnapshotCmd) -> Result<()> {
                     .collect(),
             );
             Ok(())
+        }
+        SnapshotCmd::Revert {
+            volume,
+            name,
+            timeout,
+        } => {
+            use zebu_control::model::RevertState;
+            let _: Volume = api
+                .post(
+                    &format!("/v1/volumes/{volume}/snapshots/{name}/revert"),
+                    &json!({}),
+                )
+                .await?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+            loop {
+                let v: Volume = api.get(&format!("/v1/volumes/{volume}")).await?;
+                match v.status.revert.as_ref() {
+                    Some(r) if r.snapshot == name && r.state == RevertState::Done => {
+                        return if g.output == Output::Json {
+                            print_json(&v)
+                        } else {
+                            println!("volume {volume} reverted to snapshot {name}");
+                            Ok(())
+                        };
+                    }
+                    Some(r) if r.snapshot == name && r.state == RevertState::Error => {
+                        bail!("revert of volume {volume} to {name} failed: {}", r.error);
+                    }
+                    _ => {}
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    bail!(
+                        "volume {volume} is not reverted to {name} after {timeout}s (no replica node with a complete copy up?)"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
         SnapshotCmd::Delete { volume, name } => {
             let _: Snapshot = api

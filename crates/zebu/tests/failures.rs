@@ -721,3 +721,68 @@ fn a_replica_back_after_the_wait_is_reused_by_a_delta_rebuild() {
     );
     check_data(&addr, "vol", &acked);
 }
+
+fn qemu_io(addr: &str, volume: &str, cmd: &str) {
+    let out = must(
+        "qemu-io",
+        &["-f", "raw", &format!("nbd://{addr}/{volume}"), "-c", cmd],
+    );
+    assert!(
+        !out.contains("failed") && !out.contains("Pattern verification"),
+        "{cmd}: {out}"
+    );
+}
+
+#[test]
+fn snapshot_revert_of_a_detached_volume_and_a_replica_down_meanwhile_is_rebuilt() {
+    let mut c = Cluster::start(3);
+    let (addr, _) = c.attached_volume("vol");
+    qemu_io(&addr, "vol", "write -P 0x11 0 4M");
+    c.cli(&["snapshot", "create", "vol", "--name", "s1"]);
+    qemu_io(&addr, "vol", "write -P 0x22 0 4M");
+    c.cli(&["snapshot", "create", "vol", "--name", "s2"]);
+    qemu_io(&addr, "vol", "write -P 0x33 0 2M");
+    let (ok, _, err) = zebu_cli(&c.listen, &c.token, &["snapshot", "revert", "vol", "s1"]);
+    assert!(
+        !ok && err.trim().lines().count() == 1 && err.contains("detach"),
+        "{err}"
+    );
+    c.cli(&["volume", "detach", "vol"]);
+    wait_for("detached", 30, || {
+        (c.volume("vol")["status"]["state"] == "detached").then_some(())
+    });
+    // n3 is down while the volume reverts.
+    if let Some(mut p) = c.nodes[2].take() {
+        p.kill();
+    }
+    wait_for("n3 down", 30, || (c.nodes_up() == 2).then_some(()));
+    let out = c.cli(&["snapshot", "revert", "vol", "s1"]);
+    assert!(out.contains("reverted"), "{out}");
+    let v = c.volume("vol");
+    assert_eq!(v["status"]["revert"]["state"], "done", "{v}");
+    let names: Vec<String> = json_of(&c.cli(&["snapshot", "list", "vol", "-o", "json"]))
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|s| s["name"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        names.contains(&"s1".to_string()) && !names.contains(&"s2".to_string()),
+        "{names:?}"
+    );
+    // n3 returns with the newer data: it is rebuilt before anything reads it.
+    c.nodes[2] = Some(c.node(3));
+    c.wait_all_rw("vol", "n3's replica rebuilt from the reverted copies");
+    // Only n3's replica left: it must hold the snapshot's bytes.
+    for i in [0, 1] {
+        if let Some(mut p) = c.nodes[i].take() {
+            p.kill();
+        }
+    }
+    wait_for("n1 and n2 down", 30, || (c.nodes_up() == 1).then_some(()));
+    let addr3 = c.attach("vol", "n3");
+    wait_for("attached on n3", 60, || {
+        (c.volume("vol")["status"]["state"] == "attached").then_some(())
+    });
+    qemu_io(&addr3, "vol", "read -P 0x11 0 4M");
+}
