@@ -1001,6 +1001,16 @@ impl Manager {
                 changed
             })?;
         }
+        for ee in &hb.engine_errors {
+            store::modify::<Engine>(&*self.store, &ee.volume, |e| {
+                if e.spec.generation != ee.generation || e.spec.node != node {
+                    return false;
+                }
+                let c = e.status.message != ee.message;
+                e.status.message = ee.message.clone();
+                c
+            })?;
+        }
         for b in &hb.broken_replicas {
             store::modify::<Replica>(&*self.store, &b.name, |r| {
                 if r.spec.node != node {
@@ -1034,10 +1044,12 @@ impl Manager {
                 let uri = Some(er.nbd_uri.clone());
                 let changed = e.status.state != "running"
                     || e.status.nbd_uri != uri
-                    || e.status.rw_replicas != Some(rw);
+                    || e.status.rw_replicas != Some(rw)
+                    || !e.status.message.is_empty();
                 e.status.state = "running".into();
                 e.status.nbd_uri = uri;
                 e.status.rw_replicas = Some(rw);
+                e.status.message.clear();
                 changed
             })?;
             for rm in &er.replicas {
@@ -1822,7 +1834,7 @@ impl Manager {
         };
         let robustness = robustness(v, state, engine.is_some(), live);
         let nbd_uri = if state == VolumeState::Attached {
-            engine.and_then(|e| e.status.nbd_uri)
+            engine.as_ref().and_then(|e| e.status.nbd_uri.clone())
         } else {
             None
         };
@@ -1844,6 +1856,16 @@ impl Manager {
         let (last_backup, last_backup_at) = bv
             .map(|b| (b.status.last_backup, b.status.last_backup_at))
             .unwrap_or_default();
+        // Why a volume waits: its engine cannot start on its node.
+        let waiting_for = engine
+            .as_ref()
+            .filter(|e| e.status.state != "running" && !e.status.message.is_empty())
+            .map(|e| {
+                format!(
+                    "engine on node {:?} cannot start: {}",
+                    e.spec.node, e.status.message
+                )
+            });
         store::modify::<Volume>(s, &v.metadata.name, |v| {
             let before = v.status.clone();
             v.status.state = state;
@@ -1853,6 +1875,11 @@ impl Manager {
             v.status.nbd_uri = nbd_uri.clone();
             v.status.node = node.clone();
             if live.len() as u32 >= v.spec.replicas {
+                v.status.message.clear();
+            }
+            if let Some(m) = &waiting_for {
+                v.status.message = m.clone();
+            } else if v.status.message.starts_with("engine on node ") {
                 v.status.message.clear();
             }
             v.status != before

@@ -98,6 +98,7 @@ impl Sim {
                     replicas,
                     engines,
                     backups: Vec::new(),
+                    engine_errors: Vec::new(),
                     broken_replicas: broken
                         .iter()
                         .map(|b| BrokenReplica {
@@ -739,4 +740,50 @@ fn a_revert_runs_on_a_detached_volume_and_replicas_that_missed_it_are_not_comple
             .is_none()
     );
     sim.tick(1);
+}
+
+#[test]
+fn a_volume_whose_engine_cannot_start_says_why() {
+    let sim = Sim::new(&["n1", "n2", "n3"]);
+    sim.m.create_volume("v", 1 << 30, 3).expect("create");
+    sim.settle("v");
+    sim.m.attach_volume("v", Some("n1")).expect("attach");
+    sim.m.reconcile().expect("reconcile");
+    let e = sim.engine("v").expect("engine");
+    let why = "connecting to replica v-r-1 at n2:1: failed to lookup address information";
+    sim.m
+        .heartbeat(
+            "n1",
+            Heartbeat {
+                address: "n1".into(),
+                nbd_address: "n1".into(),
+                engine_errors: vec![EngineStartError {
+                    volume: "v".into(),
+                    generation: e.spec.generation,
+                    message: why.into(),
+                }],
+                ..Default::default()
+            },
+        )
+        .expect("heartbeat");
+    sim.m.reconcile().expect("reconcile");
+    let v = sim.volume("v");
+    assert_eq!(v.status.state, VolumeState::Attaching);
+    assert!(v.status.message.contains(why), "{}", v.status.message);
+    assert!(v.status.message.contains("n1"), "{}", v.status.message);
+    // Once the engine runs, the reason goes.
+    let names: Vec<String> = sim
+        .replicas("v")
+        .into_iter()
+        .map(|r| r.metadata.name)
+        .collect();
+    let modes: Vec<(&str, ReplicaMode)> = names
+        .iter()
+        .map(|n| (n.as_str(), ReplicaMode::RW))
+        .collect();
+    sim.beat("n1", &[("v", &modes)]);
+    sim.m.reconcile().expect("reconcile");
+    let v = sim.volume("v");
+    assert_eq!(v.status.state, VolumeState::Attached);
+    assert!(v.status.message.is_empty(), "{}", v.status.message);
 }

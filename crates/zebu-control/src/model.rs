@@ -713,6 +713,17 @@ pub struct Heartbeat {
     /// Replicas whose stores this node cannot open (damaged or missing files), with the reason.
     #[serde(default)]
     pub broken_replicas: Vec<BrokenReplica>,
+    /// Engines assigned here that cannot start, with the reason.
+    #[serde(default)]
+    pub engine_errors: Vec<EngineStartError>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineStartError {
+    pub volume: String,
+    pub generation: u64,
+    pub message: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -112,6 +112,8 @@ pub struct NodeAgent {
     wake: Arc<tokio::sync::Notify>,
     /// Replicas whose stores cannot be opened, with the reason: reported, not retried.
     broken: Mutex<HashMap<String, String>>,
+    /// Engines that could not start on their last attempt: volume → (generation, reason).
+    engine_errors: Mutex<HashMap<String, (u64, String)>>,
 }
 
 /// Reports engine membership changes to the manager, which records them before answering.
@@ -248,6 +250,7 @@ impl NodeAgent {
             waiting: Mutex::new(HashMap::new()),
             wake: Arc::new(tokio::sync::Notify::new()),
             broken: Mutex::new(HashMap::new()),
+            engine_errors: Mutex::new(HashMap::new()),
         });
         agent.open_existing().await;
         let a = agent.clone();
@@ -462,9 +465,21 @@ impl NodeAgent {
                 reason: reason.clone(),
             })
             .collect();
+        let engine_errors = self
+            .engine_errors
+            .lock()
+            .await
+            .iter()
+            .map(|(volume, (generation, message))| EngineStartError {
+                volume: volume.clone(),
+                generation: *generation,
+                message: message.clone(),
+            })
+            .collect();
         Heartbeat {
             backups,
             broken_replicas,
+            engine_errors,
             address: self.cfg.listen_host.clone(),
             nbd_address: self.nbd_addr.clone(),
             disks: vec![disk_status(&self.cfg.data_dir)],
@@ -696,6 +711,7 @@ impl NodeAgent {
                         .revert
                         .as_ref()
                         .map(|snap| RevertTask::start(engine.clone(), snap, self.wake.clone()));
+                    self.engine_errors.lock().await.remove(&w.volume);
                     tracing::info!(volume = %w.volume, generation = w.generation, "engine started");
                     self.wake.notify_one();
                     engines.insert(
@@ -709,7 +725,18 @@ impl NodeAgent {
                         },
                     );
                 }
-                Err(e) => tracing::warn!(volume = %w.volume, error = %e, "engine cannot start yet"),
+                Err(e) => {
+                    let msg = e.to_string();
+                    let fresh = self
+                        .engine_errors
+                        .lock()
+                        .await
+                        .insert(w.volume.clone(), (w.generation, msg.clone()))
+                        .is_none_or(|(_, m)| m != msg);
+                    if fresh {
+                        tracing::warn!(volume = %w.volume, error = %msg, "engine cannot start yet");
+                    }
+                }
             }
         }
     }

@@ -269,14 +269,32 @@ pub(crate) async fn wait_volume(
     done: impl Fn(&Volume) -> bool,
 ) -> Result<Volume> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    // A reason the volume reports for waiting ends the wait once it has stood this long.
+    const REASON_GRACE: Duration = Duration::from_secs(20);
+    let mut reason_since: Option<(String, tokio::time::Instant)> = None;
     loop {
         let v: Volume = api.get(&format!("/v1/volumes/{name}")).await?;
         if done(&v) {
             return Ok(v);
         }
+        let msg = v.status.message.clone();
+        match &reason_since {
+            _ if msg.is_empty() => reason_since = None,
+            Some((m, at)) if *m == msg => {
+                if at.elapsed() >= REASON_GRACE {
+                    bail!("volume {name} is not {what}: {msg}");
+                }
+            }
+            _ => reason_since = Some((msg.clone(), tokio::time::Instant::now())),
+        }
         if tokio::time::Instant::now() >= deadline {
+            let why = if msg.is_empty() {
+                String::new()
+            } else {
+                format!(": {msg}")
+            };
             bail!(
-                "volume {name} is still not {what} after {secs}s (state {})",
+                "volume {name} is still not {what} after {secs}s (state {}){why}",
                 enum_str(&v.status.state)
             );
         }

@@ -95,12 +95,13 @@ enum Cmd {
 }
 
 /// Binds a listener with SO_REUSEADDR, so a restarted process gets its old port back at once.
-pub async fn bind_listener(addr: &str) -> Result<tokio::net::TcpListener> {
+/// Binds the address a flag names; errors name the flag.
+pub async fn bind_listener(flag: &str, addr: &str) -> Result<tokio::net::TcpListener> {
     let sa: std::net::SocketAddr = tokio::net::lookup_host(addr)
         .await
-        .with_context(|| format!("cannot resolve {addr}"))?
+        .with_context(|| format!("{flag} {addr}: not HOST:PORT that resolves"))?
         .next()
-        .with_context(|| format!("{addr} resolves to nothing"))?;
+        .with_context(|| format!("{flag} {addr}: resolves to nothing"))?;
     let sock = if sa.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -108,8 +109,9 @@ pub async fn bind_listener(addr: &str) -> Result<tokio::net::TcpListener> {
     };
     sock.set_reuseaddr(true)?;
     sock.bind(sa)
-        .with_context(|| format!("cannot listen on {addr}"))?;
-    Ok(sock.listen(1024)?)
+        .with_context(|| format!("{flag} {addr}: cannot listen there"))?;
+    sock.listen(1024)
+        .with_context(|| format!("{flag} {addr}: cannot listen there"))
 }
 
 fn init_tracing() {
@@ -166,7 +168,7 @@ async fn run(cli: Cli) -> Result<()> {
                 ReplicaService::open_or_create(&dir, &volume, size.0, cs)
             })
             .await??;
-            let l = bind_listener(&listen).await?;
+            let l = bind_listener("--listen", &listen).await?;
             println!("replica listening on {}", l.local_addr()?);
             tokio::select! {
                 r = svc.serve(l) => r.context("replica server failed"),
@@ -206,7 +208,7 @@ async fn run(cli: Cli) -> Result<()> {
             let _healer = engine.spawn_healer(reps, Duration::from_millis(500));
             let exports = Arc::new(zebu_nbd::Exports::new());
             exports.insert(&volume, engine.clone());
-            let l = bind_listener(&nbd_listen).await?;
+            let l = bind_listener("--nbd-listen", &nbd_listen).await?;
             println!("nbd listening on {}", l.local_addr()?);
             tokio::select! {
                 r = zebu_nbd::serve(l, exports) => r.context("NBD server failed"),

@@ -70,7 +70,7 @@ async fn start_manager(
     tokio::spawn(m.clone().run());
     tokio::spawn(m.clone().run_backup_sync());
     tokio::spawn(m.clone().run_wakeups());
-    let l = bind_listener(api_listen).await?;
+    let l = bind_listener("--api-listen", api_listen).await?;
     let addr = l.local_addr()?.to_string();
     let app = zebu_control::api::router(m.clone());
     tokio::spawn(async move {
@@ -90,7 +90,7 @@ async fn until_signal() -> Result<()> {
 pub async fn server(a: ServerArgs) -> Result<()> {
     let (m, addr, token) = start_manager(&a.data_dir, &a.api_listen, Some(a.name.clone())).await?;
     let api = ApiClient::new(&format!("http://{addr}"), &token)?;
-    let nbd = bind_listener(&a.nbd_listen).await?;
+    let nbd = bind_listener("--nbd-listen", &a.nbd_listen).await?;
     let cfg = NodeConfig {
         name: a.name,
         data_dir: a.data_dir.join("node"),
@@ -109,10 +109,13 @@ pub async fn server(a: ServerArgs) -> Result<()> {
 }
 
 /// Serves a node's `/metrics` (bearer token required).
-async fn serve_node_metrics(agent: Arc<NodeAgent>, token: String, listen: &str) -> Result<String> {
+async fn serve_node_metrics(
+    agent: Arc<NodeAgent>,
+    token: String,
+    l: tokio::net::TcpListener,
+) -> Result<String> {
     use axum::http::{HeaderMap, StatusCode};
     use axum::response::IntoResponse;
-    let l = bind_listener(listen).await?;
     let addr = l.local_addr()?.to_string();
     let app = axum::Router::new().route(
         "/metrics",
@@ -152,6 +155,24 @@ async fn serve_node_metrics(agent: Arc<NodeAgent>, token: String, listen: &str) 
     Ok(addr)
 }
 
+/// `--listen` is the host replica servers bind (each on a port of its own): a host name or an
+/// address without a port, that this machine can listen on.
+async fn check_listen_host(host: &str) -> Result<()> {
+    if host.parse::<std::net::SocketAddr>().is_ok()
+        || host
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.contains(':') && p.parse::<u16>().is_ok())
+    {
+        bail!(
+            "--listen {host}: takes a host without a port (each replica listens on a port of its own)"
+        );
+    }
+    let probe = std::net::TcpListener::bind((host, 0))
+        .with_context(|| format!("--listen {host}: this machine cannot listen there"))?;
+    drop(probe);
+    Ok(())
+}
+
 pub async fn manager(a: ManagerArgs) -> Result<()> {
     start_manager(&a.data_dir, &a.api_listen, None).await?;
     until_signal().await
@@ -176,9 +197,12 @@ pub async fn node(g: &cli::Global, a: NodeArgs) -> Result<()> {
             .map(|h| h.trim().to_lowercase())
             .unwrap_or_else(|_| "node".into()),
     };
-    zebu_types::validate_name(&name)?;
+    zebu_types::validate_name(&name).with_context(|| format!("--name {name:?}"))?;
+    check_listen_host(&a.listen).await?;
     let api = ApiClient::new(&manager, &token)?;
-    let nbd = bind_listener(&a.nbd_listen).await?;
+    // Every listener is bound before the node registers, so a bad flag ends here.
+    let nbd = bind_listener("--nbd-listen", &a.nbd_listen).await?;
+    let metrics = bind_listener("--metrics-listen", &a.metrics_listen).await?;
     let cfg = NodeConfig {
         name,
         data_dir,
@@ -189,7 +213,7 @@ pub async fn node(g: &cli::Global, a: NodeArgs) -> Result<()> {
     };
     let agent = NodeAgent::start(cfg, api, nbd).await?;
     println!("nbd listening on {}", agent.nbd_addr());
-    let maddr = serve_node_metrics(agent, token, &a.metrics_listen).await?;
+    let maddr = serve_node_metrics(agent, token, metrics).await?;
     println!("metrics listening on {maddr}");
     until_signal().await
 }

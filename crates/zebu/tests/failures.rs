@@ -786,3 +786,58 @@ fn snapshot_revert_of_a_detached_volume_and_a_replica_down_meanwhile_is_rebuilt(
     });
     qemu_io(&addr3, "vol", "read -P 0x11 0 4M");
 }
+
+#[test]
+fn bad_node_flags_end_at_start_with_one_line_and_the_node_never_registers() {
+    let c = Cluster::start(0);
+    let dir = c.tmp.path().join("bad");
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy_addr = busy.local_addr().expect("addr").to_string();
+    let manager = format!("http://{}", c.listen);
+    for (flag_args, flag) in [
+        (vec!["--listen", "127.0.0.1:19601"], "--listen"),
+        (
+            vec!["--metrics-listen", busy_addr.as_str()],
+            "--metrics-listen",
+        ),
+        (vec!["--nbd-listen", busy_addr.as_str()], "--nbd-listen"),
+        (
+            vec!["--nbd-listen", "no-such-host.invalid:1"],
+            "--nbd-listen",
+        ),
+    ] {
+        let mut args = vec![
+            "node",
+            "--manager",
+            manager.as_str(),
+            "--data-dir",
+            dir.to_str().expect("utf8"),
+            "--name",
+            "bad",
+        ];
+        for (f, default) in [
+            ("--nbd-listen", "127.0.0.1:0"),
+            ("--metrics-listen", "127.0.0.1:0"),
+        ] {
+            if !flag_args.contains(&f) {
+                args.extend([f, default]);
+            }
+        }
+        args.extend(flag_args);
+        let out = std::process::Command::new(ZEBU)
+            .args(&args)
+            .env("ZEBU_TOKEN", &c.token)
+            .env("ZEBU_LOG", "warn")
+            .output()
+            .expect("run zebu node");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started");
+        assert!(
+            err.trim().lines().count() == 1 && err.contains(flag),
+            "{args:?}: {err}"
+        );
+    }
+    let (ok, _, _) = zebu_cli(&c.listen, &c.token, &["node", "get", "bad"]);
+    assert!(!ok, "a node that failed its flags registered");
+    drop(busy);
+}
