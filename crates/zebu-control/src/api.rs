@@ -14,60 +14,47 @@ use serde_json::json;
 use crate::controller::{self, Manager};
 use crate::model::*;
 use crate::store::{self, StoreError};
+use crate::{ApiError, ErrorKind};
 
-/// An API error: HTTP status, a stable code and a one-line message.
-#[derive(Debug, Clone)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-}
+/// A domain error on its way out as an HTTP answer: the one place where error kinds become
+/// statuses. The body is `{"code","message"}`.
+pub struct HttpError(pub ApiError);
 
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-    pub fn bad(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
+impl From<ApiError> for HttpError {
+    fn from(e: ApiError) -> Self {
+        HttpError(e)
     }
 }
 
-impl IntoResponse for ApiError {
+impl From<StoreError> for HttpError {
+    fn from(e: StoreError) -> Self {
+        HttpError(e.into())
+    }
+}
+
+/// The HTTP status of an error kind.
+pub fn status_of(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::Upstream => StatusCode::BAD_GATEWAY,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         (
-            self.status,
-            Json(json!({"code": self.code, "message": self.message})),
+            status_of(self.0.kind),
+            Json(json!({"code": self.0.code, "message": self.0.message})),
         )
             .into_response()
     }
 }
 
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match &e {
-            StoreError::NotFound { .. } => {
-                ApiError::new(StatusCode::NOT_FOUND, "NotFound", e.to_string())
-            }
-            StoreError::Exists { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "AlreadyExists", e.to_string())
-            }
-            StoreError::Conflict { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "Conflict", e.to_string())
-            }
-            StoreError::Backend(_) => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "StoreError",
-                e.to_string(),
-            ),
-        }
-    }
-}
-
-type ApiResult<T> = Result<Json<T>, ApiError>;
+type ApiResult<T> = Result<Json<T>, HttpError>;
 
 fn authorize(m: &Manager, headers: &HeaderMap) -> Result<(), ApiError> {
     let got = headers
@@ -77,12 +64,12 @@ fn authorize(m: &Manager, headers: &HeaderMap) -> Result<(), ApiError> {
     match got {
         Some(t) if controller::constant_time_eq(t.as_bytes(), m.token.as_bytes()) => Ok(()),
         Some(_) => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
+            ErrorKind::Unauthorized,
             "Unauthorized",
             "the bearer token is wrong",
         )),
         None => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
+            ErrorKind::Unauthorized,
             "Unauthorized",
             "missing bearer token (Authorization: Bearer <token from DATA_DIR/api-token>)",
         )),
@@ -197,15 +184,19 @@ pub fn router(m: Arc<Manager>) -> Router {
         .with_state(m)
 }
 
-async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such endpoint")
+async fn not_found() -> HttpError {
+    HttpError(ApiError::new(
+        ErrorKind::NotFound,
+        "NotFound",
+        "no such endpoint",
+    ))
 }
 
 async fn health() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-async fn openapi(State(m): State<Arc<Manager>>, h: HeaderMap) -> Result<Response, ApiError> {
+async fn openapi(State(m): State<Arc<Manager>>, h: HeaderMap) -> Result<Response, HttpError> {
     authorize(&m, &h)?;
     Ok((
         [("content-type", "application/json")],
@@ -214,7 +205,7 @@ async fn openapi(State(m): State<Arc<Manager>>, h: HeaderMap) -> Result<Response
         .into_response())
 }
 
-async fn metrics(State(m): State<Arc<Manager>>, h: HeaderMap) -> Result<Response, ApiError> {
+async fn metrics(State(m): State<Arc<Manager>>, h: HeaderMap) -> Result<Response, HttpError> {
     authorize(&m, &h)?;
     Ok((
         [("content-type", "text/plain; version=0.0.4")],
@@ -255,7 +246,7 @@ async fn create_volume(
     State(m): State<Arc<Manager>>,
     h: HeaderMap,
     raw: axum::body::Bytes,
-) -> Result<(StatusCode, Json<Volume>), ApiError> {
+) -> Result<(StatusCode, Json<Volume>), HttpError> {
     authorize(&m, &h)?;
     let req: CreateVolume = body(&raw)?;
     let v = m.create_volume_with(
@@ -274,13 +265,7 @@ fn check_name(name: &str) -> Result<(), ApiError> {
 }
 
 fn found<T>(o: Option<T>, kind: &str, name: &str) -> Result<T, ApiError> {
-    o.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            format!("{kind} {name:?} not found"),
-        )
-    })
+    o.ok_or_else(|| ApiError::not_found(kind, name))
 }
 
 /// Authorizes, validates the name and reads one object of kind `T`.
@@ -306,7 +291,7 @@ async fn delete_volume(
     State(m): State<Arc<Manager>>,
     h: HeaderMap,
     Path(name): Path<String>,
-) -> Result<(StatusCode, Json<Volume>), ApiError> {
+) -> Result<(StatusCode, Json<Volume>), HttpError> {
     authorize(&m, &h)?;
     check_name(&name)?;
     Ok((StatusCode::ACCEPTED, Json(m.delete_volume(&name)?)))
@@ -409,7 +394,7 @@ async fn create_snapshot(
     h: HeaderMap,
     Path(name): Path<String>,
     raw: axum::body::Bytes,
-) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
+) -> Result<(StatusCode, Json<Snapshot>), HttpError> {
     authorize(&m, &h)?;
     check_name(&name)?;
     let req: SnapshotReq = if raw.is_empty() {
@@ -427,7 +412,7 @@ async fn revert_snapshot(
     State(m): State<Arc<Manager>>,
     h: HeaderMap,
     Path((name, snapshot)): Path<(String, String)>,
-) -> Result<(StatusCode, Json<Volume>), ApiError> {
+) -> Result<(StatusCode, Json<Volume>), HttpError> {
     authorize(&m, &h)?;
     check_name(&name)?;
     check_name(&snapshot)?;
@@ -441,7 +426,7 @@ async fn delete_snapshot(
     State(m): State<Arc<Manager>>,
     h: HeaderMap,
     Path((name, snapshot)): Path<(String, String)>,
-) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
+) -> Result<(StatusCode, Json<Snapshot>), HttpError> {
     authorize(&m, &h)?;
     check_name(&name)?;
     check_name(&snapshot)?;
@@ -488,7 +473,7 @@ async fn delete_replica(
     h: HeaderMap,
     Path(name): Path<String>,
     Query(q): Query<ForceQuery>,
-) -> Result<(StatusCode, Json<Replica>), ApiError> {
+) -> Result<(StatusCode, Json<Replica>), HttpError> {
     authorize(&m, &h)?;
     check_name(&name)?;
     Ok((
@@ -635,7 +620,7 @@ async fn create_target(
     State(m): State<Arc<Manager>>,
     h: HeaderMap,
     raw: axum::body::Bytes,
-) -> Result<(StatusCode, Json<BackupTarget>), ApiError> {
+) -> Result<(StatusCode, Json<BackupTarget>), HttpError> {
     authorize(&m, &h)?;
     let req: TargetReq = body(&raw)?;
     let t = m
@@ -668,10 +653,7 @@ async fn update_target(
     check_name(&name)?;
     let req: TargetReq = body(&raw)?;
     if !req.name.is_empty() && req.name != name {
-        return Err(ApiError::bad(
-            "InvalidName",
-            "a backup target cannot be renamed",
-        ));
+        return Err(ApiError::bad("InvalidName", "a backup target cannot be renamed").into());
     }
     Ok(Json(
         m.update_target(
@@ -778,7 +760,7 @@ async fn create_backup(
     State(m): State<Arc<Manager>>,
     h: HeaderMap,
     raw: axum::body::Bytes,
-) -> Result<(StatusCode, Json<Backup>), ApiError> {
+) -> Result<(StatusCode, Json<Backup>), HttpError> {
     authorize(&m, &h)?;
     let req: BackupReq = body(&raw)?;
     check_name(&req.volume)?;

@@ -7,17 +7,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use zebu_backupstore::backup::{BackupError, Problem, read_manifest, verify};
 use zebu_backupstore::gc::{delete_backup as remote_delete, drop_lease, gc_pass};
 use zebu_backupstore::target::{SECRET_OPTIONS, Target, list_manifests, options_for};
 use zebu_backupstore::{Manifest, StoreError as TargetError, TargetSpec};
 
-use crate::api::ApiError;
 use crate::controller::{Manager, conflict, not_found, now};
 use crate::model::*;
 use crate::store::{self, StoreError};
+use crate::{ApiError, ErrorKind};
 
 /// How often every target with a URL is probed, and how long a probe may take before the target
 /// counts as unavailable.
@@ -43,7 +42,7 @@ async fn open_url(
 }
 
 fn target_error(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(StatusCode::BAD_GATEWAY, "TargetError", e.to_string())
+    ApiError::new(ErrorKind::Upstream, "TargetError", e.to_string())
 }
 
 /// Shown in place of a secret option's value.

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::http::StatusCode;
-
-use crate::api::ApiError;
+use crate::ApiError;
 use crate::model::*;
 use crate::store::{self, Store, StoreError};
 
@@ -270,15 +268,11 @@ pub fn check_setting(name: &str, value: &str) -> Result<String, &'static str> {
 }
 
 pub(crate) fn conflict(code: &'static str, msg: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::CONFLICT, code, msg)
+    ApiError::conflict(code, msg)
 }
 
 pub(crate) fn not_found(kind: &str, name: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "NotFound",
-        format!("{kind} {name:?} not found"),
-    )
+    ApiError::not_found(kind, name)
 }
 
 impl Manager {

@@ -225,7 +225,7 @@ fn the_last_complete_copy_cannot_be_deleted_while_others_rebuild() {
         .m
         .delete_replica(&names[2], false)
         .expect_err("the last RW copy");
-    assert_eq!(err.status, StatusCode::CONFLICT);
+    assert_eq!(err.kind, crate::ErrorKind::Conflict);
     assert!(
         err.message.contains("last complete copy"),
         "{}",

@@ -1,10 +1,10 @@
 //! Zebu's control plane: the object model, the store, the controllers and the REST API.
 
 pub mod api;
+// The object model and the client live in zebu-api (shared with node agents and the CLI).
+pub use zebu_api::{Error as ApiError, ErrorKind, client, model};
 pub mod backups;
-pub mod client;
 pub mod controller;
-pub mod model;
 pub mod openapi;
 pub mod revert;
 pub mod store;

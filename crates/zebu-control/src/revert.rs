@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::api::ApiError;
+use crate::ApiError;
 use crate::controller::{Manager, conflict, good_copy, not_found};
 use crate::model::*;
 use crate::store;

@@ -345,3 +345,16 @@ pub fn modify<T: Object>(
         T::KIND
     )))
 }
+
+impl From<StoreError> for crate::ApiError {
+    fn from(e: StoreError) -> Self {
+        use crate::ErrorKind;
+        let (kind, code) = match &e {
+            StoreError::NotFound { .. } => (ErrorKind::NotFound, "NotFound"),
+            StoreError::Exists { .. } => (ErrorKind::Conflict, "AlreadyExists"),
+            StoreError::Conflict { .. } => (ErrorKind::Conflict, "Conflict"),
+            StoreError::Backend(_) => (ErrorKind::Internal, "StoreError"),
+        };
+        crate::ApiError::new(kind, code, e.to_string())
+    }
+}

@@ -6,13 +6,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use zebu_api::model::*;
 use zebu_backupstore::backup::{
     BackupSpec, Progress, RestoreOptions, RestoreSink, SnapshotSource, read_manifest, run_backup,
     run_restore_from,
 };
 use zebu_backupstore::gc::now_ms;
 use zebu_backupstore::{Codec, Target, TargetSpec};
-use zebu_control::model::*;
 use zebu_engine::Engine;
 use zebu_replica::DEFAULT_CLUSTER_SIZE;
 

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
-use zebu_control::client::ApiClient;
-use zebu_control::model::*;
+use zebu_api::client::ApiClient;
+use zebu_api::model::*;
 use zebu_engine::engine::BoxFut;
 use zebu_engine::{Engine, EngineConfig, EngineHook, Mode, ReplicaService};
 use zebu_nbd::Exports;
@@ -426,10 +426,12 @@ impl NodeAgent {
         }
         let mut engines = Vec::new();
         for (vol, e) in self.engines.lock().await.iter() {
+            // A finished revert is reported with the chain read after it.
+            let revert = e.revert.as_ref().and_then(RevertTask::report);
             let snapshots = snapshot_infos(&e.engine).await;
             engines.push(EngineReport {
                 restore: e.restore.as_ref().map(|r| r.report()),
-                revert: e.revert.as_ref().and_then(RevertTask::report),
+                revert,
                 snapshots,
                 volume: vol.clone(),
                 generation: e.generation,
