@@ -30,6 +30,56 @@ pub struct Meta {
     pub deletion_requested: Option<u64>,
 }
 
+/// Whether a node's agent reports in time (empty until its first heartbeat).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    #[default]
+    #[serde(rename = "")]
+    Unknown,
+    Up,
+    Down,
+}
+
+/// Where a replica's process stands (its mode in the engine is [`ReplicaMode`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaState {
+    /// Scheduled, not running yet.
+    #[default]
+    #[serde(alias = "")]
+    Pending,
+    Running,
+    /// Its node is down.
+    Stopped,
+    /// Its node cannot open its store (`status.message` says why).
+    Broken,
+    /// Deleted (an answer to an event for a replica already gone).
+    Deleted,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineState {
+    /// Assigned; its node has not reported it running (yet, or since a restart).
+    #[default]
+    #[serde(alias = "")]
+    Starting,
+    Running,
+    Failed,
+}
+
+/// Where a restore from a backup stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestoreState {
+    #[default]
+    #[serde(alias = "")]
+    Restoring,
+    Completed,
+    Error,
+}
+
 /// An object stored by kind and name.
 pub trait Object: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
     const KIND: &'static str;
@@ -143,9 +193,8 @@ pub struct RestoreStatus {
     /// 0–100.
     #[serde(default)]
     pub progress: u32,
-    /// `restoring`, `completed`, `error`.
     #[serde(default)]
-    pub state: String,
+    pub state: RestoreState,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
     /// When the last restored backup was taken (Unix ms); a standby volume follows only newer
@@ -215,9 +264,8 @@ pub struct ReplicaSpec {
 pub struct ReplicaStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<ReplicaMode>,
-    /// `pending` (not running yet), `running`, `stopped` (its node is down), `deleted`.
     #[serde(default)]
-    pub state: String,
+    pub state: ReplicaState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
     /// Unix seconds when it left the active set; cleared when it is RW again.
@@ -324,9 +372,8 @@ pub struct RestoreOrder {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EngineStatus {
-    /// `starting`, `running`, `failed`.
     #[serde(default)]
-    pub state: String,
+    pub state: EngineState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd_uri: Option<String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -375,8 +422,8 @@ fn yes() -> bool {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeStatus {
-    /// `up` or `down`.
-    pub state: String,
+    #[serde(default)]
+    pub state: NodeState,
     /// Host the node's replica and NBD servers listen on.
     pub address: String,
     #[serde(default)]
@@ -761,8 +808,7 @@ pub struct RestoreReport {
     /// Size of the restored backup (a standby volume grows to it).
     #[serde(default)]
     pub volume_size: u64,
-    /// `restoring`, `completed`, `error`.
-    pub state: String,
+    pub state: RestoreState,
     pub progress: u32,
     #[serde(default)]
     pub error: String,

@@ -396,7 +396,10 @@ impl Manager {
                 volume_target(v) == target
                     && !v.spec.from_backup.is_empty()
                     && !restore_done(v)
-                    && v.status.restore.as_ref().is_none_or(|r| r.state != "error")
+                    && v.status
+                        .restore
+                        .as_ref()
+                        .is_none_or(|r| r.state != RestoreState::Error)
             })
             .map(|v| v.metadata.name))
     }
@@ -965,10 +968,9 @@ impl Manager {
         if let Some(v) = store::list::<Volume>(&*self.store)?.into_iter().find(|v| {
             !v.spec.standby
                 && v.spec.from_backup == name
-                && v.status
-                    .restore
-                    .as_ref()
-                    .is_none_or(|r| r.last_restored_backup != name && r.state != "error")
+                && v.status.restore.as_ref().is_none_or(|r| {
+                    r.last_restored_backup != name && r.state != RestoreState::Error
+                })
         }) {
             return Err(conflict(
                 "BackupInUse",
@@ -982,7 +984,7 @@ impl Manager {
             v.status
                 .restore
                 .as_ref()
-                .is_some_and(|r| r.requested_backup == name && r.state == "restoring")
+                .is_some_and(|r| r.requested_backup == name && r.state == RestoreState::Restoring)
         }) {
             return Err(conflict(
                 "BackupInUse",
@@ -1192,7 +1194,7 @@ impl Manager {
                     )),
                     Some(e) => {
                         let up = store::get::<Node>(s, &e.spec.node)?
-                            .is_some_and(|n| n.status.state == "up");
+                            .is_some_and(|n| n.status.state == NodeState::Up);
                         (!up).then(|| {
                             (
                                 format!("node {:?} went down during the backup", e.spec.node),
@@ -1281,7 +1283,7 @@ impl Manager {
             status: VolumeStatus {
                 restore: Some(RestoreStatus {
                     requested_backup: backup.to_string(),
-                    state: "restoring".into(),
+                    state: RestoreState::Restoring,
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -1384,7 +1386,7 @@ impl Manager {
         }
         let st = v.status.restore.clone().unwrap_or_default();
         match self.newer_backup(v, &st) {
-            Some(newer) if st.state == "error" && st.requested_backup == newer => {
+            Some(newer) if st.state == RestoreState::Error && st.requested_backup == newer => {
                 let msg = format!("restoring backup {newer:?} failed: {}", st.error);
                 tracing::warn!(volume = %v.metadata.name, reason = %msg, "activation failed");
                 store::modify::<Volume>(&*self.store, &v.metadata.name, |v| {
@@ -1405,9 +1407,9 @@ impl Manager {
                     v.spec.from_backup = st.last_restored_backup.clone();
                     if let Some(r) = v.status.restore.as_mut() {
                         r.activation_error.clear();
-                        if r.state == "error" {
+                        if r.state == RestoreState::Error {
                             // The failure was about a backup that is gone.
-                            r.state = "completed".into();
+                            r.state = RestoreState::Completed;
                             r.error.clear();
                             r.requested_backup = r.last_restored_backup.clone();
                             r.progress = 100;
@@ -1440,16 +1442,16 @@ impl Manager {
             st.snapshots = snapshots.to_vec();
             st.requested_backup = r.backup.clone();
             st.progress = r.progress;
-            st.state = r.state.clone();
+            st.state = r.state;
             st.error = r.error.clone();
-            if r.state == "completed" && st.last_restored_backup != r.backup {
+            if r.state == RestoreState::Completed && st.last_restored_backup != r.backup {
                 st.last_restored_backup = r.backup.clone();
                 if created_ms > 0 {
                     st.last_restored_ms = created_ms;
                 }
                 tracing::info!(volume = %v.metadata.name, backup = %r.backup, "restore completed");
             }
-            if r.state == "completed" && r.volume_size > v.spec.size {
+            if r.state == RestoreState::Completed && r.volume_size > v.spec.size {
                 v.spec.size = r.volume_size;
             }
             v.status.restore = Some(st);

@@ -158,7 +158,7 @@ pub fn plan_replicas(
     let good = |r: &Replica| good_copy(r, live);
     let any_good = live.iter().any(good);
     let evicting = |r: &Replica| nodes.get(&r.spec.node).is_some_and(|n| n.spec.evict);
-    let broken = |r: &Replica| r.status.state == "broken";
+    let broken = |r: &Replica| r.status.state == ReplicaState::Broken;
     let stale = |r: &Replica| {
         r.status
             .failed_at
@@ -300,10 +300,10 @@ impl Manager {
         // What engines report is only known again after their nodes' next heartbeats.
         for e in store::list::<Engine>(&*m.store)? {
             store::modify::<Engine>(&*m.store, &e.metadata.name, |e| {
-                let changed = e.status.state != "starting"
+                let changed = e.status.state != EngineState::Starting
                     || e.status.nbd_uri.is_some()
                     || e.status.rw_replicas.is_some();
-                e.status.state = "starting".into();
+                e.status.state = EngineState::Starting;
                 e.status.nbd_uri = None;
                 e.status.rw_replicas = None;
                 changed
@@ -411,7 +411,7 @@ impl Manager {
     fn up_nodes(&self) -> Result<Vec<Node>, ApiError> {
         Ok(store::list::<Node>(&*self.store)?
             .into_iter()
-            .filter(|n| n.status.state == "up")
+            .filter(|n| n.status.state == NodeState::Up)
             .collect())
     }
 
@@ -604,7 +604,7 @@ impl Manager {
                 .status
                 .restore
                 .as_ref()
-                .filter(|r| r.state == "error")
+                .filter(|r| r.state == RestoreState::Error)
                 .map(|r| format!("its restore failed: {}", r.error))
                 .unwrap_or_else(|| "it is still being restored".into());
             return Err(conflict(
@@ -623,7 +623,7 @@ impl Manager {
         zebu_types::validate_name(&node)
             .map_err(|e| ApiError::bad("InvalidName", e.to_string()))?;
         let n = store::get::<Node>(&*self.store, &node)?.ok_or_else(|| not_found("node", &node))?;
-        if n.status.state != "up" {
+        if n.status.state != NodeState::Up {
             return Err(conflict("NodeDown", format!("node {node:?} is down")));
         }
         if let Some(cur) = &v.spec.node
@@ -820,13 +820,14 @@ impl Manager {
         let Some(r) = live.iter().find(|r| r.metadata.name == replica) else {
             return Err(not_found("replica", &format!("{replica} of volume {name}")));
         };
-        let up = store::get::<Node>(s, &r.spec.node)?.is_some_and(|n| n.status.state == "up");
-        if r.status.state == "broken" || r.status.address.is_none() || !up {
+        let up =
+            store::get::<Node>(s, &r.spec.node)?.is_some_and(|n| n.status.state == NodeState::Up);
+        if r.status.state == ReplicaState::Broken || r.status.address.is_none() || !up {
             return Err(conflict(
                 "ReplicaUnavailable",
                 format!(
                     "replica {replica:?} cannot serve: {}",
-                    if r.status.state == "broken" {
+                    if r.status.state == ReplicaState::Broken {
                         r.status.message.clone()
                     } else {
                         format!("its node {:?} is not up or it is not running", r.spec.node)
@@ -924,7 +925,7 @@ impl Manager {
                 ),
             ));
         }
-        if n.status.state == "up" && !reps.is_empty() {
+        if n.status.state == NodeState::Up && !reps.is_empty() {
             return Err(conflict(
                 "NodeInUse",
                 format!("node {name:?} is still deleting replicas; try again when it is done"),
@@ -945,11 +946,11 @@ impl Manager {
     pub fn heartbeat(&self, node: &str, hb: Heartbeat) -> Result<Assignments, ApiError> {
         let t = self.now_s();
         let status = |s: &mut NodeStatus| {
-            let changed = s.state != "up"
+            let changed = s.state != NodeState::Up
                 || s.address != hb.address
                 || s.nbd_address != hb.nbd_address
                 || s.disks != hb.disks;
-            s.state = "up".into();
+            s.state = NodeState::Up;
             s.address = hb.address.clone();
             s.nbd_address = hb.nbd_address.clone();
             s.disks = hb.disks.clone();
@@ -985,10 +986,10 @@ impl Manager {
                 }
                 let addr = Some(rr.address.clone());
                 let changed = r.status.address != addr
-                    || r.status.state != "running"
+                    || r.status.state != ReplicaState::Running
                     || r.status.flush_seq != rr.flush_seq;
                 r.status.address = addr;
-                r.status.state = "running".into();
+                r.status.state = ReplicaState::Running;
                 r.status.flush_seq = rr.flush_seq;
                 let changed = changed || !r.status.message.is_empty();
                 r.status.message.clear();
@@ -1011,10 +1012,10 @@ impl Manager {
                     return false;
                 }
                 let before = r.status.clone();
-                if r.status.state != "broken" {
+                if r.status.state != ReplicaState::Broken {
                     tracing::warn!(volume = %r.spec.volume, replica = %b.name, node, reason = %b.reason, "replica cannot be opened; replacing it");
                 }
-                r.status.state = "broken".into();
+                r.status.state = ReplicaState::Broken;
                 r.status.message = b.reason.clone();
                 r.status.address = None;
                 r.status.mode = Some(ReplicaMode::ERR);
@@ -1036,11 +1037,11 @@ impl Manager {
                 .count() as u32;
             store::modify::<Engine>(&*self.store, &er.volume, |e| {
                 let uri = Some(er.nbd_uri.clone());
-                let changed = e.status.state != "running"
+                let changed = e.status.state != EngineState::Running
                     || e.status.nbd_uri != uri
                     || e.status.rw_replicas != Some(rw)
                     || !e.status.message.is_empty();
-                e.status.state = "running".into();
+                e.status.state = EngineState::Running;
                 e.status.nbd_uri = uri;
                 e.status.rw_replicas = Some(rw);
                 e.status.message.clear();
@@ -1179,8 +1180,9 @@ impl Manager {
             {
                 // Assigned but not (or no longer) running there, e.g. after the node restarted.
                 store::modify::<Engine>(&*self.store, &e.metadata.name, |e| {
-                    let changed = e.status.state != "starting" || e.status.nbd_uri.is_some();
-                    e.status.state = "starting".into();
+                    let changed =
+                        e.status.state != EngineState::Starting || e.status.nbd_uri.is_some();
+                    e.status.state = EngineState::Starting;
                     e.status.nbd_uri = None;
                     changed
                 })?;
@@ -1260,7 +1262,7 @@ impl Manager {
                 },
                 status: ReplicaStatus {
                     mode: Some(ev.mode),
-                    state: "deleted".into(),
+                    state: ReplicaState::Deleted,
                     ..Default::default()
                 },
             }))
@@ -1355,11 +1357,11 @@ impl Manager {
                 .status
                 .last_heartbeat
                 .max(self.started.load(Ordering::Relaxed));
-            if n.status.state == "up" && t.saturating_sub(heard) > down_after {
+            if n.status.state == NodeState::Up && t.saturating_sub(heard) > down_after {
                 tracing::warn!(node = %n.metadata.name, "node missed its heartbeats; marking it down");
                 store::modify::<Node>(s, &n.metadata.name, |n| {
-                    let c = n.status.state != "down";
-                    n.status.state = "down".into();
+                    let c = n.status.state != NodeState::Down;
+                    n.status.state = NodeState::Down;
                     c
                 })?;
             }
@@ -1383,11 +1385,11 @@ impl Manager {
             for r in &vreps {
                 let up = nodes
                     .get(&r.spec.node)
-                    .is_some_and(|n| n.status.state == "up");
+                    .is_some_and(|n| n.status.state == NodeState::Up);
                 if !up && r.metadata.deletion_requested.is_none() {
                     store::modify::<Replica>(s, &r.metadata.name, |r| {
                         let before = r.status.clone();
-                        r.status.state = "stopped".into();
+                        r.status.state = ReplicaState::Stopped;
                         if r.status.failed_at.is_none() {
                             r.status.failed_at = Some(t);
                         }
@@ -1481,7 +1483,7 @@ impl Manager {
         let s = &*self.store;
         let up = nodes
             .get(&e.spec.node)
-            .is_some_and(|n| n.status.state == "up");
+            .is_some_and(|n| n.status.state == NodeState::Up);
         if !up {
             match store::delete(s, e) {
                 Ok(()) | Err(StoreError::NotFound { .. }) | Err(StoreError::Conflict { .. }) => {}
@@ -1517,7 +1519,7 @@ impl Manager {
         }
         let mut best: Option<(bool, u64, String, String)> = None;
         for n in nodes.values() {
-            if n.status.state != "up" || !n.spec.allow_scheduling {
+            if n.status.state != NodeState::Up || !n.spec.allow_scheduling {
                 continue;
             }
             let has = live.iter().any(|r| r.spec.node == n.metadata.name);
@@ -1561,7 +1563,7 @@ impl Manager {
                 size: v.spec.size,
             },
             status: ReplicaStatus {
-                state: "pending".into(),
+                state: ReplicaState::Pending,
                 ..Default::default()
             },
         };
@@ -1591,11 +1593,11 @@ impl Manager {
                 .iter()
                 .filter(|r| r.status.address.is_some())
                 // A replica that never joined an engine holds nothing to salvage.
-                .filter(|r| r.status.mode.is_some() && r.status.state != "broken")
+                .filter(|r| r.status.mode.is_some() && r.status.state != ReplicaState::Broken)
                 .filter(|r| {
                     nodes
                         .get(&r.spec.node)
-                        .is_some_and(|n| n.status.state == "up")
+                        .is_some_and(|n| n.status.state == NodeState::Up)
                 })
                 .max_by_key(|r| r.status.flush_seq);
             if let Some(f) = fresh {
@@ -1621,7 +1623,11 @@ impl Manager {
         if v.spec.node.is_some() {
             return v.spec.node.clone();
         }
-        let up = |n: &str| nodes.get(n).is_some_and(|n| n.status.state == "up");
+        let up = |n: &str| {
+            nodes
+                .get(n)
+                .is_some_and(|n| n.status.state == NodeState::Up)
+        };
         let Some(order) = restore else {
             if v.spec.revert.is_some() {
                 return complete_copy_node(live, &up);
@@ -1629,11 +1635,10 @@ impl Manager {
             return self.offline_rebuild_node(v, live, &up);
         };
         // A restore that failed is not retried until there is another backup to restore.
-        let failed = v
-            .status
-            .restore
-            .as_ref()
-            .is_some_and(|r| r.state == "error" && r.requested_backup == order.backup);
+        let failed =
+            v.status.restore.as_ref().is_some_and(|r| {
+                r.state == RestoreState::Error && r.requested_backup == order.backup
+            });
         if failed {
             return None;
         }
@@ -1668,7 +1673,7 @@ impl Manager {
         let needs = live
             .iter()
             .filter(running)
-            .any(|r| !good_copy(r, live) && r.status.state != "broken");
+            .any(|r| !good_copy(r, live) && r.status.state != ReplicaState::Broken);
         if !needs {
             return None;
         }
@@ -1711,7 +1716,7 @@ impl Manager {
                         revert: v.spec.revert.clone(),
                     },
                     status: EngineStatus {
-                        state: "starting".into(),
+                        state: EngineState::Starting,
                         ..Default::default()
                     },
                 };
@@ -1728,7 +1733,7 @@ impl Manager {
                 self.stop_engine(e, nodes)?;
             }
             (Some(_), Some(e))
-                if e.status.state == "running"
+                if e.status.state == EngineState::Running
                     && e.status.rw_replicas == Some(0)
                     && !live.is_empty()
                     && !live.iter().any(|r| good_copy(r, live))
@@ -1800,10 +1805,10 @@ impl Manager {
             store::get::<Node>(s, n)
                 .ok()
                 .flatten()
-                .is_some_and(|n| n.status.state == "up")
+                .is_some_and(|n| n.status.state == NodeState::Up)
         };
         let running = engine.as_ref().is_some_and(|e| {
-            e.status.state == "running"
+            e.status.state == EngineState::Running
                 && e.metadata.deletion_requested.is_none()
                 && node_up(&e.spec.node)
         });
@@ -1853,7 +1858,7 @@ impl Manager {
         // Why a volume waits: its engine cannot start on its node.
         let waiting_for = engine
             .as_ref()
-            .filter(|e| e.status.state != "running" && !e.status.message.is_empty())
+            .filter(|e| e.status.state != EngineState::Running && !e.status.message.is_empty())
             .map(|e| {
                 format!(
                     "engine on node {:?} cannot start: {}",

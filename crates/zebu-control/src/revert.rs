@@ -84,7 +84,43 @@ impl Manager {
     ) -> Result<(), ApiError> {
         let s = &*self.store;
         let ok = r.error.is_empty();
-        let ended = store::modify::<Volume>(s, &er.volume, |v| {
+        let asked = store::get::<Volume>(s, &er.volume)?
+            .is_some_and(|v| v.spec.revert.as_deref() == Some(r.snapshot.as_str()));
+        if !asked {
+            return Ok(()); // already recorded, or another request
+        }
+        if ok {
+            // Before the revert shows as done: whoever sees it done sees the rest too.
+            for rep in store::list::<Replica>(s)? {
+                let reverted = er
+                    .replicas
+                    .iter()
+                    .any(|x| x.name == rep.metadata.name && x.mode == ReplicaMode::RW);
+                if rep.spec.volume == er.volume
+                    && !reverted
+                    && rep.metadata.deletion_requested.is_none()
+                {
+                    tracing::warn!(volume = %er.volume, replica = %rep.metadata.name, "replica missed the revert; it is rebuilt before it is used");
+                    self.record_mode(&rep.metadata.name, &er.volume, ReplicaMode::ERR, None)?;
+                }
+            }
+            // The reverted-to snapshot is in any real chain; an empty one is a failed read.
+            let chain: BTreeSet<&str> = er.snapshots.iter().map(|x| x.name.as_str()).collect();
+            for sn in store::list::<Snapshot>(s)? {
+                if sn.spec.volume == er.volume
+                    && chain.contains(r.snapshot.as_str())
+                    && !chain.contains(sn.spec.name.as_str())
+                {
+                    match store::delete(s, &sn) {
+                        Ok(())
+                        | Err(store::StoreError::NotFound { .. })
+                        | Err(store::StoreError::Conflict { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        store::modify::<Volume>(s, &er.volume, |v| {
             if v.spec.revert.as_deref() != Some(r.snapshot.as_str()) {
                 return false;
             }
@@ -99,35 +135,7 @@ impl Manager {
                 error: r.error.clone(),
             });
             true
-        })?
-        .is_some_and(|v| v.spec.revert.is_none());
-        if !ended || !ok {
-            return Ok(());
-        }
-        for rep in store::list::<Replica>(s)? {
-            let reverted = er
-                .replicas
-                .iter()
-                .any(|x| x.name == rep.metadata.name && x.mode == ReplicaMode::RW);
-            if rep.spec.volume == er.volume
-                && !reverted
-                && rep.metadata.deletion_requested.is_none()
-            {
-                tracing::warn!(volume = %er.volume, replica = %rep.metadata.name, "replica missed the revert; it is rebuilt before it is used");
-                self.record_mode(&rep.metadata.name, &er.volume, ReplicaMode::ERR, None)?;
-            }
-        }
-        let chain: BTreeSet<&str> = er.snapshots.iter().map(|x| x.name.as_str()).collect();
-        for sn in store::list::<Snapshot>(s)? {
-            if sn.spec.volume == er.volume && !chain.contains(sn.spec.name.as_str()) {
-                match store::delete(s, &sn) {
-                    Ok(())
-                    | Err(store::StoreError::NotFound { .. })
-                    | Err(store::StoreError::Conflict { .. }) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
+        })?;
         Ok(())
     }
 }

@@ -312,19 +312,19 @@ impl RestoreTask {
         let done = self.progress.restored.load(Ordering::Relaxed);
         let outcome = self.outcome.lock().ok().and_then(|o| o.clone());
         let (state, error, volume_size) = match outcome {
-            None => ("restoring", String::new(), 0),
-            Some(Ok(size)) => ("completed", String::new(), size),
-            Some(Err(e)) => ("error", e, 0),
+            None => (RestoreState::Restoring, String::new(), 0),
+            Some(Ok(size)) => (RestoreState::Completed, String::new(), size),
+            Some(Err(e)) => (RestoreState::Error, e, 0),
         };
         let progress = match state {
-            "completed" => 100,
+            RestoreState::Completed => 100,
             _ if total > 0 => ((done * 100 / total) as u32).min(99),
             _ => 0,
         };
         RestoreReport {
             backup: self.backup.clone(),
             volume_size,
-            state: state.into(),
+            state,
             progress,
             error,
         }

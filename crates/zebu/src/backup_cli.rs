@@ -9,7 +9,7 @@ use clap::Subcommand;
 use serde_json::json;
 use zebu_control::backups::VerifyResult;
 use zebu_control::client::ApiClient;
-use zebu_control::model::{Backup, BackupState, BackupTarget, Volume};
+use zebu_control::model::{Backup, BackupState, BackupTarget, RestoreState, Volume};
 use zebu_types::ByteSize;
 
 use crate::cli::{Global, Output, bar, client, enum_str, mib, print_json, table};
@@ -427,7 +427,7 @@ pub async fn wait_restore(g: &Global, api: &ApiClient, name: &str) -> Result<Vol
             }
             return Ok(v);
         }
-        if r.state == "error" {
+        if r.state == RestoreState::Error {
             bail!("restore of volume {name} failed: {}", r.error);
         }
         if g.output == Output::Table {

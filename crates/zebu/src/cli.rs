@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 use zebu_control::client::ApiClient;
-use zebu_control::model::{Node, Replica, Setting, Volume, VolumeState};
+use zebu_control::model::{Node, Replica, ReplicaState, Setting, Volume, VolumeState};
 use zebu_types::ByteSize;
 
 #[derive(Args, Clone)]
@@ -484,7 +484,7 @@ async fn wait_healthy(g: &Global, api: &ApiClient, name: &str, secs: u64) -> Res
             VolumeState::Attached => {
                 v.status.robustness == zebu_control::model::Robustness::Healthy
             }
-            VolumeState::Detached => reps.iter().all(|r| r.status.state == "running"),
+            VolumeState::Detached => reps.iter().all(|r| r.status.state == ReplicaState::Running),
             _ => false,
         };
         if settled {
@@ -573,7 +573,7 @@ pub async fn replica(g: &Global, cmd: ReplicaCmd) -> Result<()> {
                     r.spec.volume.clone(),
                     r.spec.node.clone(),
                     r.status.mode.map(|m| enum_str(&m)).unwrap_or_default(),
-                    r.status.state.clone(),
+                    enum_str(&r.status.state),
                     r.status.flush_seq.to_string(),
                     r.status.address.clone().unwrap_or_default(),
                     r.status.message.clone(),
@@ -747,7 +747,7 @@ pub async fn node(g: &Global, cmd: NodeCmd) -> Result<()> {
             .map(|n| {
                 vec![
                     n.metadata.name.clone(),
-                    n.status.state.clone(),
+                    enum_str(&n.status.state),
                     n.spec.allow_scheduling.to_string(),
                     n.spec.evict.to_string(),
                     n.status.address.clone(),
