@@ -3,6 +3,7 @@
 //! clock for retention.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use zebu_backupstore::backup::manifest_key;
 use zebu_backupstore::{BackupStore, FsStore};

@@ -1,0 +1,579 @@
+//! The level-triggered reconcile loop: node liveness, the replica set of every volume (through
+//! the planner), scheduling, engine placement (attach, restore, offline rebuild, revert,
+//! salvage) and each volume's status.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::ApiError;
+use crate::controller::{Manager, now};
+use crate::model::*;
+use crate::planner::{complete_copy_node, good_copy, plan_replicas, robustness};
+use crate::store::{self, StoreError};
+
+impl Manager {
+    /// Runs the reconcile loop until the process ends: on every store change and every 500 ms.
+    pub async fn run(self: Arc<Self>) {
+        let mut events = self.store.watch();
+        loop {
+            self.reconciles.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.reconcile() {
+                self.reconcile_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e.message, "reconcile failed");
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(500), events.recv()).await;
+            // Coalesce bursts.
+            while events.try_recv().is_ok() {}
+        }
+    }
+
+    /// One pass over every object.
+    pub fn reconcile(&self) -> Result<(), ApiError> {
+        let t = self.now_s();
+        let s = &*self.store;
+        let down_after = self.setting_u64("node-down-timeout");
+        for n in store::list::<Node>(s)? {
+            // Heartbeats missed while this manager was not running do not count against a node.
+            let heard = n
+                .status
+                .last_heartbeat
+                .max(self.started.load(Ordering::Relaxed));
+            if n.status.state == NodeState::Up && t.saturating_sub(heard) > down_after {
+                tracing::warn!(node = %n.metadata.name, "node missed its heartbeats; marking it down");
+                store::modify::<Node>(s, &n.metadata.name, |n| {
+                    let c = n.status.state != NodeState::Down;
+                    n.status.state = NodeState::Down;
+                    c
+                })?;
+            }
+        }
+        let nodes: HashMap<String, Node> = store::list::<Node>(s)?
+            .into_iter()
+            .map(|n| (n.metadata.name.clone(), n))
+            .collect();
+        let replicas = store::list::<Replica>(s)?;
+        let engines: HashMap<String, Engine> = store::list::<Engine>(s)?
+            .into_iter()
+            .map(|e| (e.spec.volume.clone(), e))
+            .collect();
+        let volumes = store::list::<Volume>(s)?;
+        let wait = self.setting_u64("replica-replenishment-wait-interval");
+        let soft = self.setting("replica-soft-anti-affinity") == "true";
+        for v in &volumes {
+            let name = v.metadata.name.clone();
+            let vreps: Vec<&Replica> = replicas.iter().filter(|r| r.spec.volume == name).collect();
+            // Replicas on nodes that are down count as failed.
+            for r in &vreps {
+                let up = nodes
+                    .get(&r.spec.node)
+                    .is_some_and(|n| n.status.state == NodeState::Up);
+                if !up && r.metadata.deletion_requested.is_none() {
+                    store::modify::<Replica>(s, &r.metadata.name, |r| {
+                        let before = r.status.clone();
+                        r.status.state = ReplicaState::Stopped;
+                        if r.status.failed_at.is_none() {
+                            r.status.failed_at = Some(t);
+                        }
+                        if r.status.mode == Some(ReplicaMode::RW) {
+                            r.status.mode = Some(ReplicaMode::ERR);
+                        }
+                        r.status != before
+                    })?;
+                }
+            }
+            let vreps: Vec<Replica> = store::list::<Replica>(s)?
+                .into_iter()
+                .filter(|r| r.spec.volume == name)
+                .collect();
+            if v.metadata.deletion_requested.is_some() {
+                if let Some(e) = engines.get(&name) {
+                    self.stop_engine(e, &nodes)?;
+                    continue;
+                }
+                for r in &vreps {
+                    if r.metadata.deletion_requested.is_none() {
+                        store::modify::<Replica>(s, &r.metadata.name, |r| {
+                            r.metadata.deletion_requested = Some(t);
+                            true
+                        })?;
+                    }
+                }
+                if vreps.is_empty() {
+                    for sn in store::list::<Snapshot>(s)?
+                        .iter()
+                        .filter(|x| x.spec.volume == name)
+                    {
+                        let _ = store::delete(s, sn);
+                    }
+                    tracing::info!(volume = %name, "volume deleted");
+                    match store::delete(s, v) {
+                        Ok(())
+                        | Err(StoreError::NotFound { .. })
+                        | Err(StoreError::Conflict { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                continue;
+            }
+            let live: Vec<Replica> = vreps
+                .iter()
+                .filter(|r| r.metadata.deletion_requested.is_none())
+                .cloned()
+                .collect();
+            let plan = plan_replicas(v, &live, &nodes, t, wait);
+            for (r, why) in &plan.delete {
+                tracing::warn!(volume = %name, replica = %r, reason = why, "deleting replica");
+                store::modify::<Replica>(s, r, |r| {
+                    let fresh = r.metadata.deletion_requested.is_none();
+                    r.metadata.deletion_requested.get_or_insert(t);
+                    fresh
+                })?;
+            }
+            let live: Vec<Replica> = live
+                .into_iter()
+                .filter(|r| !plan.delete.iter().any(|(d, _)| d == &r.metadata.name))
+                .collect();
+            if plan.schedule {
+                self.schedule_replica(v, &live, &nodes, soft)?;
+            }
+            // Expansion of a detached volume reaches its replicas.
+            for r in &live {
+                if r.spec.size < v.spec.size {
+                    store::modify::<Replica>(s, &r.metadata.name, |r| {
+                        r.spec.size = v.spec.size;
+                        true
+                    })?;
+                }
+            }
+            self.reconcile_engine(v, &live, engines.get(&name), &nodes)?;
+            self.update_volume_status(v, &live)?;
+            self.reconcile_activation(v)?;
+        }
+        for e in engines.values() {
+            if !volumes.iter().any(|v| v.metadata.name == e.spec.volume) {
+                self.stop_engine(e, &nodes)?;
+            }
+        }
+        self.reconcile_backups()?;
+        Ok(())
+    }
+
+    /// Asks the engine's node to stop it; the object goes when the node confirms, or at once when
+    /// the node is down (a newer generation fences it anyway).
+    pub(crate) fn stop_engine(
+        &self,
+        e: &Engine,
+        nodes: &HashMap<String, Node>,
+    ) -> Result<(), ApiError> {
+        let s = &*self.store;
+        let up = nodes
+            .get(&e.spec.node)
+            .is_some_and(|n| n.status.state == NodeState::Up);
+        if !up {
+            match store::delete(s, e) {
+                Ok(()) | Err(StoreError::NotFound { .. }) | Err(StoreError::Conflict { .. }) => {}
+                Err(err) => return Err(err.into()),
+            }
+            return Ok(());
+        }
+        if e.metadata.deletion_requested.is_none() {
+            tracing::info!(volume = %e.spec.volume, node = %e.spec.node, "stopping engine");
+            store::modify::<Engine>(s, &e.metadata.name, |e| {
+                e.metadata.deletion_requested = Some(now());
+                true
+            })?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn schedule_replica(
+        &self,
+        v: &Volume,
+        live: &[Replica],
+        nodes: &HashMap<String, Node>,
+        soft: bool,
+    ) -> Result<(), ApiError> {
+        let s = &*self.store;
+        let all = store::list::<Replica>(s)?;
+        // Bytes already promised per disk.
+        let mut scheduled: HashMap<(String, String), u64> = HashMap::new();
+        for r in &all {
+            *scheduled
+                .entry((r.spec.node.clone(), r.spec.disk.clone()))
+                .or_default() += r.spec.size;
+        }
+        let mut best: Option<(bool, u64, String, String)> = None;
+        for n in nodes.values() {
+            if n.status.state != NodeState::Up || !n.spec.allow_scheduling {
+                continue;
+            }
+            let has = live.iter().any(|r| r.spec.node == n.metadata.name);
+            if has && !soft {
+                continue;
+            }
+            for d in &n.status.disks {
+                let used = scheduled
+                    .get(&(n.metadata.name.clone(), d.path.clone()))
+                    .copied()
+                    .unwrap_or(0);
+                // Thin provisioning: allow scheduling up to twice the disk's capacity.
+                if used + v.spec.size > d.capacity.saturating_mul(2) {
+                    continue;
+                }
+                let free = d.capacity.saturating_mul(2) - used - v.spec.size;
+                let cand = (!has, free, n.metadata.name.clone(), d.path.clone());
+                if best.as_ref().is_none_or(|b| (cand.0, cand.1) > (b.0, b.1)) {
+                    best = Some(cand);
+                }
+            }
+        }
+        let Some((_, _, node, disk)) = best else {
+            store::modify::<Volume>(s, &v.metadata.name, |v| {
+                let msg = "no node with room for another replica".to_string();
+                let c = v.status.message != msg;
+                v.status.message = msg;
+                c
+            })?;
+            return Ok(());
+        };
+        let r = Replica {
+            metadata: Meta {
+                name: format!("{}-r-{:08x}", v.metadata.name, rand::random::<u32>()),
+                ..Default::default()
+            },
+            spec: ReplicaSpec {
+                volume: v.metadata.name.clone(),
+                node: node.clone(),
+                disk,
+                size: v.spec.size,
+            },
+            status: ReplicaStatus {
+                state: ReplicaState::Pending,
+                ..Default::default()
+            },
+        };
+        tracing::info!(volume = %v.metadata.name, replica = %r.metadata.name, %node, "scheduled replica");
+        store::create(s, &r)?;
+        Ok(())
+    }
+
+    pub(crate) fn engine_replicas(
+        &self,
+        live: &[Replica],
+        nodes: &HashMap<String, Node>,
+    ) -> Vec<EngineReplica> {
+        let mut out: Vec<EngineReplica> = live
+            .iter()
+            .filter_map(|r| {
+                r.status.address.as_ref().map(|a| EngineReplica {
+                    name: r.metadata.name.clone(),
+                    address: a.clone(),
+                    candidate: good_copy(r, live),
+                })
+            })
+            .collect();
+        if !out.is_empty() && !out.iter().any(|e| e.candidate) {
+            // Salvage: every replica failed. Start from the freshest one whose node is up.
+            let fresh = live
+                .iter()
+                .filter(|r| r.status.address.is_some())
+                // A replica that never joined an engine holds nothing to salvage.
+                .filter(|r| r.status.mode.is_some() && r.status.state != ReplicaState::Broken)
+                .filter(|r| {
+                    nodes
+                        .get(&r.spec.node)
+                        .is_some_and(|n| n.status.state == NodeState::Up)
+                })
+                .max_by_key(|r| r.status.flush_seq);
+            if let Some(f) = fresh {
+                tracing::warn!(volume = %f.spec.volume, replica = %f.metadata.name, "salvaging from the freshest replica");
+                for e in out.iter_mut() {
+                    e.candidate = e.name == f.metadata.name;
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Where the volume's engine should run: the node it is attached to, or while it is being
+    /// restored, the all-in-one node or a node holding one of its replicas.
+    pub(crate) fn engine_node(
+        &self,
+        v: &Volume,
+        restore: Option<&RestoreOrder>,
+        live: &[Replica],
+        nodes: &HashMap<String, Node>,
+    ) -> Option<String> {
+        if v.spec.node.is_some() {
+            return v.spec.node.clone();
+        }
+        let up = |n: &str| {
+            nodes
+                .get(n)
+                .is_some_and(|n| n.status.state == NodeState::Up)
+        };
+        let Some(order) = restore else {
+            if v.spec.revert.is_some() {
+                return complete_copy_node(live, &up);
+            }
+            return self.offline_rebuild_node(v, live, &up);
+        };
+        // A restore that failed is not retried until there is another backup to restore.
+        let failed =
+            v.status.restore.as_ref().is_some_and(|r| {
+                r.state == RestoreState::Error && r.requested_backup == order.backup
+            });
+        if failed {
+            return None;
+        }
+        if let Some(l) = &self.local_node
+            && up(l)
+        {
+            return Some(l.clone());
+        }
+        live.iter()
+            .filter(|r| r.status.address.is_some() && up(&r.spec.node))
+            .map(|r| r.spec.node.clone())
+            .min()
+    }
+
+    /// Where a detached volume's replicas are rebuilt without an attach (the
+    /// `offline-replica-rebuilding` setting): the node of a complete copy, while a replica that
+    /// is not one runs on an up node.
+    pub(crate) fn offline_rebuild_node(
+        &self,
+        v: &Volume,
+        live: &[Replica],
+        up: &dyn Fn(&str) -> bool,
+    ) -> Option<String> {
+        if v.spec.standby
+            || v.metadata.deletion_requested.is_some()
+            || !crate::backups::restore_done(v)
+            || self.setting("offline-replica-rebuilding") != "true"
+        {
+            return None;
+        }
+        let running = |r: &&Replica| r.status.address.is_some() && up(&r.spec.node);
+        let needs = live
+            .iter()
+            .filter(running)
+            .any(|r| !good_copy(r, live) && r.status.state != ReplicaState::Broken);
+        if !needs {
+            return None;
+        }
+        complete_copy_node(live, up)
+    }
+
+    pub(crate) fn reconcile_engine(
+        &self,
+        v: &Volume,
+        live: &[Replica],
+        engine: Option<&Engine>,
+        nodes: &HashMap<String, Node>,
+    ) -> Result<(), ApiError> {
+        let s = &*self.store;
+        let restore = self.restore_order(v);
+        let want = self.engine_node(v, restore.as_ref(), live, nodes);
+        // Served over NBD only when attached (not while restoring or rebuilding offline).
+        let frontend = restore.is_none() && v.spec.node.is_some();
+        match (&want, engine) {
+            (Some(node), None) => {
+                let reps = self.engine_replicas(live, nodes);
+                if !reps.iter().any(|r| r.candidate) {
+                    return Ok(()); // no replica running yet
+                }
+                let generation = s.next("engine-generation")?;
+                let e = Engine {
+                    metadata: Meta {
+                        name: v.metadata.name.clone(),
+                        ..Default::default()
+                    },
+                    spec: EngineSpec {
+                        volume: v.metadata.name.clone(),
+                        node: node.clone(),
+                        size: v.spec.size,
+                        generation,
+                        replicas: reps,
+                        frontend,
+                        restore,
+                        replica_timeout: self.setting_u64("engine-replica-timeout"),
+                        revert: v.spec.revert.clone(),
+                    },
+                    status: EngineStatus {
+                        state: EngineState::Starting,
+                        ..Default::default()
+                    },
+                };
+                tracing::info!(volume = %v.metadata.name, %node, generation, "starting engine");
+                match store::create(s, &e) {
+                    Ok(_) | Err(StoreError::Exists { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            (_, Some(e)) if e.metadata.deletion_requested.is_some() => {
+                self.stop_engine(e, nodes)?;
+            }
+            (Some(node), Some(e)) if &e.spec.node != node => {
+                self.stop_engine(e, nodes)?;
+            }
+            (Some(_), Some(e))
+                if e.status.state == EngineState::Running
+                    && e.status.rw_replicas == Some(0)
+                    && !live.is_empty()
+                    && !live.iter().any(|r| good_copy(r, live))
+                    && self
+                        .engine_replicas(live, nodes)
+                        .iter()
+                        .any(|r| r.candidate) =>
+            {
+                // Every replica left the running engine's set; it cannot rebuild one from
+                // nothing. A new session starts from the freshest reachable replica (salvage).
+                tracing::warn!(volume = %v.metadata.name, "engine has no healthy replica; restarting it to salvage");
+                self.stop_engine(e, nodes)?;
+            }
+            (Some(_), Some(e)) => {
+                let grown = e.spec.size < v.spec.size;
+                if e.spec.restore != restore
+                    || e.spec.frontend != frontend
+                    || grown
+                    || e.spec.revert != v.spec.revert
+                {
+                    store::modify::<Engine>(s, &e.metadata.name, |e| {
+                        e.spec.frontend = frontend;
+                        e.spec.restore = restore.clone();
+                        e.spec.size = e.spec.size.max(v.spec.size);
+                        e.spec.revert = v.spec.revert.clone();
+                        true
+                    })?;
+                }
+                let reps = self.engine_replicas(live, nodes);
+                // The set only grows by rebuilds the engine runs itself; names leaving the spec
+                // are removed from the engine.
+                if reps.iter().map(|r| (&r.name, &r.address)).ne(e
+                    .spec
+                    .replicas
+                    .iter()
+                    .map(|r| (&r.name, &r.address)))
+                {
+                    store::modify::<Engine>(s, &e.metadata.name, |e| {
+                        // Keep the candidate flags the engine started with; they matter only at start.
+                        let old: HashMap<String, bool> = e
+                            .spec
+                            .replicas
+                            .iter()
+                            .map(|r| (r.name.clone(), r.candidate))
+                            .collect();
+                        e.spec.replicas = reps
+                            .iter()
+                            .map(|r| EngineReplica {
+                                candidate: old.get(&r.name).copied().unwrap_or(false),
+                                ..r.clone()
+                            })
+                            .collect();
+                        true
+                    })?;
+                }
+            }
+            (None, Some(e)) => {
+                self.stop_engine(e, nodes)?;
+            }
+            (None, None) => {}
+        }
+        Ok(())
+    }
+
+    pub(crate) fn update_volume_status(
+        &self,
+        v: &Volume,
+        live: &[Replica],
+    ) -> Result<(), ApiError> {
+        let s = &*self.store;
+        let engine = store::get::<Engine>(s, &v.metadata.name)?;
+        let node_up = |n: &str| {
+            store::get::<Node>(s, n)
+                .ok()
+                .flatten()
+                .is_some_and(|n| n.status.state == NodeState::Up)
+        };
+        let running = engine.as_ref().is_some_and(|e| {
+            e.status.state == EngineState::Running
+                && e.metadata.deletion_requested.is_none()
+                && node_up(&e.spec.node)
+        });
+        let restoring = !crate::backups::restore_done(v);
+        let state = match (&v.spec.node, &engine) {
+            _ if restoring => VolumeState::Creating,
+            (None, Some(_)) if v.spec.standby => VolumeState::Detached,
+            // An engine rebuilding a detached volume's replicas serves no one.
+            (None, Some(e)) if !e.spec.frontend => VolumeState::Detached,
+            (Some(_), Some(_)) if running => VolumeState::Attached,
+            (Some(_), _) => VolumeState::Attaching,
+            (None, Some(_)) => VolumeState::Detaching,
+            (None, None) => {
+                let all_running = live.len() as u32 >= v.spec.replicas
+                    && live.iter().all(|r| r.status.address.is_some());
+                if all_running || v.status.state != VolumeState::Creating {
+                    VolumeState::Detached
+                } else {
+                    VolumeState::Creating
+                }
+            }
+        };
+        let robustness = robustness(v, state, engine.is_some(), live);
+        let nbd_uri = if state == VolumeState::Attached {
+            engine.as_ref().and_then(|e| e.status.nbd_uri.clone())
+        } else {
+            None
+        };
+        let node = if state == VolumeState::Attached {
+            v.spec.node.clone()
+        } else {
+            None
+        };
+        // A standby volume's last backup is its source's newest.
+        let followed = if v.spec.standby {
+            &v.spec.backup_volume
+        } else {
+            &v.metadata.name
+        };
+        let bv = store::get::<BackupVolume>(
+            s,
+            &format!("{}.{followed}", crate::backups::volume_target(v)),
+        )?;
+        let (last_backup, last_backup_at) = bv
+            .map(|b| (b.status.last_backup, b.status.last_backup_at))
+            .unwrap_or_default();
+        // Why a volume waits: its engine cannot start on its node.
+        let waiting_for = engine
+            .as_ref()
+            .filter(|e| e.status.state != EngineState::Running && !e.status.message.is_empty())
+            .map(|e| {
+                format!(
+                    "engine on node {:?} cannot start: {}",
+                    e.spec.node, e.status.message
+                )
+            });
+        store::modify::<Volume>(s, &v.metadata.name, |v| {
+            let before = v.status.clone();
+            v.status.state = state;
+            v.status.last_backup = last_backup.clone();
+            v.status.last_backup_at = last_backup_at;
+            v.status.robustness = robustness;
+            v.status.nbd_uri = nbd_uri.clone();
+            v.status.node = node.clone();
+            if live.len() as u32 >= v.spec.replicas {
+                v.status.message.clear();
+            }
+            if let Some(m) = &waiting_for {
+                v.status.message = m.clone();
+            } else if v.status.message.starts_with("engine on node ") {
+                v.status.message.clear();
+            }
+            v.status != before
+        })?;
+        Ok(())
+    }
+}
