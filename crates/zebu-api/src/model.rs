@@ -1,6 +1,8 @@
 //! The control plane's object model: Kubernetes-shaped objects (metadata, spec, status) for nodes,
 //! volumes, engines, replicas, settings, backup targets, backup volumes and backups. Field names
 //! are camelCase on the wire.
+//!
+//! Over 800 lines on purpose: the whole wire contract (objects and node messages) reads in one file.
 
 use std::collections::BTreeMap;
 

@@ -5,6 +5,8 @@
 //! out leaves the active set through [`EngineHook::replica_failed`], which must persist the fact
 //! before it returns; no I/O is acknowledged while such a change is being persisted. Reads go to
 //! RW replicas. With no RW replica left, I/O fails.
+//!
+//! Over 800 lines on purpose: I/O ordering, failure recording and rebuild share the submit lock and the membership state; splitting them would expose both.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -6,6 +6,8 @@
 //! data files, then appends the allocation changes to the journals. Snapshot create seals the head
 //! and starts a new one (O(1)); snapshot delete merges the layer into the one above it in small
 //! steps ([`ReplicaStore::merge_step`]).
+//!
+//! Over 800 lines on purpose: views, writes and metadata changes share the chain and its crash-safe ordering.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -2,6 +2,8 @@
 //! the volumes, a directory target and an S3 target (moto_server behind a cuttable proxy), the
 //! CLI with `-o json` counts, restores compared by whole-volume checksums, verify, corruption,
 //! deletion, two targets with re-sync, and a server SIGKILLed mid-backup.
+//!
+//! Over 800 lines on purpose: one test binary for the backup and DR scenarios, which share their helpers.
 
 mod common;
 

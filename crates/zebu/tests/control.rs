@@ -1,5 +1,7 @@
 //! Control-plane tests with real processes: the quickstart lifecycle through the CLI, bad input
 //! through the API, and node failures across three node agents and a manager.
+//!
+//! Over 800 lines on purpose: one test binary for the control-plane scenarios, which share their chaos helpers.
 
 mod common;
 

@@ -2,6 +2,8 @@
 //! that records every acknowledged block and its latency, replicas deleted back to back (the
 //! last complete copy is refused), a stalled replica node dropped after the replica timeout, a
 //! manager SIGKILLed with a replica node killed while it is down, robustness under I/O.
+//!
+//! Over 800 lines on purpose: every failure scenario shares one cluster harness and one writer.
 
 mod common;
 
