@@ -1,34 +1,21 @@
-//! Unit tests of replica and node policy without processes: a manager on a redb store in a
-//! temporary directory, nodes simulated by their heartbeats, and an injected clock.
+//! Unit tests of replica and node policy without processes or files: a manager on the in-memory
+//! store, nodes simulated by their heartbeats, and an injected clock.
 
 use super::*;
-use crate::store::RedbStore;
+use crate::store::MemStore;
 
 struct Sim {
     m: Arc<Manager>,
-    dir: std::path::PathBuf,
     t: u64,
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 impl Sim {
     fn new(nodes: &[&str]) -> Sim {
-        let dir = std::env::temp_dir().join(format!(
-            "zebu-controller-unit-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        let store = Arc::new(RedbStore::open(&dir.join("store.redb")).expect("store"));
+        let store = Arc::new(MemStore::default());
         let m = Manager::new(store, "t".into(), None).expect("manager");
         let t = now();
         m.set_clock(t);
-        let sim = Sim { m, dir, t };
+        let sim = Sim { m, t };
         for n in nodes {
             sim.beat(n, &[]);
         }

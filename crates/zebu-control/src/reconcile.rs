@@ -53,7 +53,11 @@ impl Manager {
             .into_iter()
             .map(|n| (n.metadata.name.clone(), n))
             .collect();
-        let replicas = store::list::<Replica>(s)?;
+        // Every replica read once per pass, indexed by volume.
+        let mut by_volume: HashMap<String, Vec<Replica>> = HashMap::new();
+        for r in store::list::<Replica>(s)? {
+            by_volume.entry(r.spec.volume.clone()).or_default().push(r);
+        }
         let engines: HashMap<String, Engine> = store::list::<Engine>(s)?
             .into_iter()
             .map(|e| (e.spec.volume.clone(), e))
@@ -63,14 +67,14 @@ impl Manager {
         let soft = self.setting("replica-soft-anti-affinity") == "true";
         for v in &volumes {
             let name = v.metadata.name.clone();
-            let vreps: Vec<&Replica> = replicas.iter().filter(|r| r.spec.volume == name).collect();
+            let mut vreps: Vec<Replica> = by_volume.remove(&name).unwrap_or_default();
             // Replicas on nodes that are down count as failed.
-            for r in &vreps {
+            for r in vreps.iter_mut() {
                 let up = nodes
                     .get(&r.spec.node)
                     .is_some_and(|n| n.status.state == NodeState::Up);
                 if !up && r.metadata.deletion_requested.is_none() {
-                    store::modify::<Replica>(s, &r.metadata.name, |r| {
+                    let changed = store::modify::<Replica>(s, &r.metadata.name, |r| {
                         let before = r.status.clone();
                         r.status.state = ReplicaState::Stopped;
                         if r.status.failed_at.is_none() {
@@ -81,12 +85,11 @@ impl Manager {
                         }
                         r.status != before
                     })?;
+                    if let Some(now_r) = changed {
+                        *r = now_r;
+                    }
                 }
             }
-            let vreps: Vec<Replica> = store::list::<Replica>(s)?
-                .into_iter()
-                .filter(|r| r.spec.volume == name)
-                .collect();
             if v.metadata.deletion_requested.is_some() {
                 if let Some(e) = engines.get(&name) {
                     self.stop_engine(e, &nodes)?;
@@ -151,8 +154,10 @@ impl Manager {
             self.update_volume_status(v, &live)?;
             self.reconcile_activation(v)?;
         }
+        let names: std::collections::HashSet<&str> =
+            volumes.iter().map(|v| v.metadata.name.as_str()).collect();
         for e in engines.values() {
-            if !volumes.iter().any(|v| v.metadata.name == e.spec.volume) {
+            if !names.contains(e.spec.volume.as_str()) {
                 self.stop_engine(e, &nodes)?;
             }
         }

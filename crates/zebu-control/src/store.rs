@@ -94,6 +94,175 @@ fn set_meta(obj: &mut Value, field: &str, v: Value) {
     }
 }
 
+/// The metadata the store owns on a new object.
+fn stamp_new(obj: &mut Value, rv: u64) {
+    set_meta(obj, "resourceVersion", rv.into());
+    set_meta(
+        obj,
+        "uid",
+        format!("{:032x}", rand::random::<u128>()).into(),
+    );
+    set_meta(obj, "created", now().into());
+    set_meta(obj, "generation", 1.into());
+}
+
+/// The metadata the store owns on an update: identity kept, generation bumped on a spec change.
+fn stamp_update(old: &Value, obj: &mut Value, rv: u64) {
+    for f in ["uid", "created"] {
+        if let Some(v) = old.pointer(&format!("/metadata/{f}")) {
+            set_meta(obj, f, v.clone());
+        }
+    }
+    let gen_old = old
+        .pointer("/metadata/generation")
+        .and_then(Value::as_u64)
+        .unwrap_or(1);
+    let spec_changed = old.get("spec") != obj.get("spec");
+    set_meta(
+        obj,
+        "generation",
+        (gen_old + u64::from(spec_changed)).into(),
+    );
+    set_meta(obj, "resourceVersion", rv.into());
+}
+
+/// The store in memory, for tests of policy without files: the same contract as [`RedbStore`].
+pub struct MemStore {
+    objects: std::sync::Mutex<std::collections::BTreeMap<String, Value>>,
+    counters: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    events: broadcast::Sender<Event>,
+}
+
+impl Default for MemStore {
+    fn default() -> Self {
+        MemStore {
+            objects: Default::default(),
+            counters: Default::default(),
+            events: broadcast::channel(4096).0,
+        }
+    }
+}
+
+impl MemStore {
+    fn bump(&self, counter: &str) -> Result<u64> {
+        let mut c = self.counters.lock().map_err(be)?;
+        let v = c.entry(counter.to_string()).or_insert(0);
+        *v += 1;
+        Ok(*v)
+    }
+
+    fn emit(&self, kind: &str, name: &str, rv: u64, deleted: bool) {
+        let _ = self.events.send(Event {
+            kind: kind.to_string(),
+            name: name.to_string(),
+            resource_version: rv,
+            deleted,
+        });
+    }
+}
+
+impl Store for MemStore {
+    fn get(&self, kind: &str, name: &str) -> Result<Option<Value>> {
+        Ok(self
+            .objects
+            .lock()
+            .map_err(be)?
+            .get(&key(kind, name))
+            .cloned())
+    }
+
+    fn list(&self, kind: &str) -> Result<Vec<Value>> {
+        let lo = format!("{kind}/");
+        let hi = format!("{kind}0");
+        Ok(self
+            .objects
+            .lock()
+            .map_err(be)?
+            .range(lo..hi)
+            .map(|(_, v)| v.clone())
+            .collect())
+    }
+
+    fn create(&self, kind: &str, mut obj: Value) -> Result<Value> {
+        let name = name_of(&obj)?;
+        let mut objects = self.objects.lock().map_err(be)?;
+        let k = key(kind, &name);
+        if objects.contains_key(&k) {
+            return Err(StoreError::Exists {
+                kind: kind.into(),
+                name,
+            });
+        }
+        let rv = self.bump(REVISION)?;
+        stamp_new(&mut obj, rv);
+        objects.insert(k, obj.clone());
+        drop(objects);
+        self.emit(kind, &name, rv, false);
+        Ok(obj)
+    }
+
+    fn update(&self, kind: &str, mut obj: Value) -> Result<Value> {
+        let name = name_of(&obj)?;
+        let mut objects = self.objects.lock().map_err(be)?;
+        let k = key(kind, &name);
+        let Some(old) = objects.get(&k) else {
+            return Err(StoreError::NotFound {
+                kind: kind.into(),
+                name,
+            });
+        };
+        let (expected, found) = (rv_of(&obj), rv_of(old));
+        if expected != found {
+            return Err(StoreError::Conflict {
+                kind: kind.into(),
+                name,
+                expected,
+                found,
+            });
+        }
+        let rv = self.bump(REVISION)?;
+        stamp_update(old, &mut obj, rv);
+        objects.insert(k, obj.clone());
+        drop(objects);
+        self.emit(kind, &name, rv, false);
+        Ok(obj)
+    }
+
+    fn delete(&self, kind: &str, name: &str, resource_version: Option<u64>) -> Result<()> {
+        let mut objects = self.objects.lock().map_err(be)?;
+        let k = key(kind, name);
+        let Some(old) = objects.get(&k) else {
+            return Err(StoreError::NotFound {
+                kind: kind.into(),
+                name: name.into(),
+            });
+        };
+        if let Some(exp) = resource_version
+            && rv_of(old) != exp
+        {
+            return Err(StoreError::Conflict {
+                kind: kind.into(),
+                name: name.into(),
+                expected: exp,
+                found: rv_of(old),
+            });
+        }
+        objects.remove(&k);
+        drop(objects);
+        let rv = self.bump(REVISION)?;
+        self.emit(kind, name, rv, true);
+        Ok(())
+    }
+
+    fn next(&self, counter: &str) -> Result<u64> {
+        self.bump(counter)
+    }
+
+    fn watch(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+}
+
 /// The embedded store: one redb file.
 pub struct RedbStore {
     db: Database,
@@ -169,14 +338,7 @@ impl Store for RedbStore {
             }
             let mut c = tx.open_table(COUNTERS).map_err(be)?;
             rv = Self::bump(&mut c, REVISION)?;
-            set_meta(&mut obj, "resourceVersion", rv.into());
-            set_meta(
-                &mut obj,
-                "uid",
-                format!("{:032x}", rand::random::<u128>()).into(),
-            );
-            set_meta(&mut obj, "created", now().into());
-            set_meta(&mut obj, "generation", 1.into());
+            stamp_new(&mut obj, rv);
             let bytes = serde_json::to_vec(&obj).map_err(be)?;
             t.insert(k.as_str(), bytes.as_slice()).map_err(be)?;
         }
@@ -213,23 +375,7 @@ impl Store for RedbStore {
             }
             let mut c = tx.open_table(COUNTERS).map_err(be)?;
             rv = Self::bump(&mut c, REVISION)?;
-            // Identity fields are the store's.
-            for f in ["uid", "created"] {
-                if let Some(v) = old.pointer(&format!("/metadata/{f}")) {
-                    set_meta(&mut obj, f, v.clone());
-                }
-            }
-            let gen_old = old
-                .pointer("/metadata/generation")
-                .and_then(Value::as_u64)
-                .unwrap_or(1);
-            let spec_changed = old.get("spec") != obj.get("spec");
-            set_meta(
-                &mut obj,
-                "generation",
-                (gen_old + u64::from(spec_changed)).into(),
-            );
-            set_meta(&mut obj, "resourceVersion", rv.into());
+            stamp_update(&old, &mut obj, rv);
             let bytes = serde_json::to_vec(&obj).map_err(be)?;
             t.insert(k.as_str(), bytes.as_slice()).map_err(be)?;
         }

@@ -103,10 +103,8 @@ async fn openapi_document_matches_the_routes() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[test]
-fn store_compare_and_swap_and_watch() {
-    let dir = tempdir();
-    let s = RedbStore::open(&dir.join("s.redb")).expect("store");
+/// The contract every `Store` keeps: identity, compare-and-swap, watch, counters, deletes.
+fn store_contract(s: &dyn Store) {
     let mut w = s.watch();
     let a = Setting {
         metadata: Meta {
@@ -115,26 +113,26 @@ fn store_compare_and_swap_and_watch() {
         },
         value: "1".into(),
     };
-    let created = store::create(&s, &a).expect("create");
+    let created = store::create(s, &a).expect("create");
     assert!(created.metadata.resource_version > 0);
     assert!(!created.metadata.uid.is_empty());
     assert!(matches!(
-        store::create(&s, &a),
+        store::create(s, &a),
         Err(StoreError::Exists { .. })
     ));
     let mut b = created.clone();
     b.value = "2".into();
-    let updated = store::update(&s, &b).expect("update");
+    let updated = store::update(s, &b).expect("update");
     assert!(updated.metadata.resource_version > created.metadata.resource_version);
     // A writer holding the old version loses.
     let mut stale = created.clone();
     stale.value = "3".into();
     assert!(matches!(
-        store::update(&s, &stale),
+        store::update(s, &stale),
         Err(StoreError::Conflict { .. })
     ));
     assert_eq!(
-        store::get::<Setting>(&s, "a")
+        store::get::<Setting>(s, "a")
             .expect("get")
             .expect("some")
             .value,
@@ -146,6 +144,31 @@ fn store_compare_and_swap_and_watch() {
         w.try_recv().expect("event").resource_version,
         updated.metadata.resource_version
     );
+    assert!(matches!(
+        s.delete("setting", "a", Some(created.metadata.resource_version)),
+        Err(StoreError::Conflict { .. })
+    ));
+    assert_eq!(store::list::<Setting>(s).expect("list").len(), 1);
+}
+
+#[test]
+fn the_in_memory_store_keeps_the_same_contract() {
+    let s = zebu_control::store::MemStore::default();
+    store_contract(&s);
+    assert_eq!(s.next("g").expect("next"), 1);
+    assert_eq!(s.next("g").expect("next"), 2);
+    s.delete("setting", "a", None).expect("delete");
+    assert!(matches!(
+        s.delete("setting", "a", None),
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
+#[test]
+fn store_compare_and_swap_and_watch() {
+    let dir = tempdir();
+    let s = RedbStore::open(&dir.join("s.redb")).expect("store");
+    store_contract(&s);
     // Counters are durable across reopen.
     assert_eq!(s.next("g").expect("next"), 1);
     assert_eq!(s.next("g").expect("next"), 2);
