@@ -491,7 +491,12 @@ async fn list_engines(State(m): State<Arc<Manager>>, h: HeaderMap) -> ApiResult<
 
 async fn list_nodes(State(m): State<Arc<Manager>>, h: HeaderMap) -> ApiResult<Vec<Node>> {
     authorize(&m, &h)?;
-    Ok(Json(store::list::<Node>(&*m.store)?))
+    Ok(Json(
+        store::list::<Node>(&*m.store)?
+            .into_iter()
+            .map(|n| m.node_view(n))
+            .collect(),
+    ))
 }
 
 async fn get_node(
@@ -499,7 +504,8 @@ async fn get_node(
     h: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult<Node> {
-    get_named(&m, &h, &name)
+    let Json(n) = get_named::<Node>(&m, &h, &name)?;
+    Ok(Json(m.node_view(n)))
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]

@@ -80,6 +80,9 @@ pub struct Manager {
     pub(crate) clock: AtomicU64,
     /// Targets whose availability probe is running.
     pub(crate) probing: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    /// When each node last reported (Unix seconds), kept in memory: liveness is not written to
+    /// the store on every heartbeat; only changes of state, address or disks are.
+    pub(crate) last_seen: std::sync::Mutex<HashMap<String, u64>>,
     /// Per node: set when something the node must act on changed (its long-poll returns).
     pub(crate) wakes: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
 }
@@ -171,6 +174,7 @@ impl Manager {
             clock: AtomicU64::new(0),
             probing: Arc::new(std::sync::Mutex::new(Default::default())),
             wakes: std::sync::Mutex::new(HashMap::new()),
+            last_seen: std::sync::Mutex::new(HashMap::new()),
         });
         m.ensure_default_target()?;
         // What engines report is only known again after their nodes' next heartbeats.
@@ -237,6 +241,19 @@ impl Manager {
             0 => now(),
             t => t,
         }
+    }
+
+    /// When a node last reported to this process, if it has.
+    pub(crate) fn seen(&self, node: &str) -> Option<u64> {
+        self.last_seen.lock().ok()?.get(node).copied()
+    }
+
+    /// A node as the API shows it: `lastHeartbeat` from memory when this process heard it.
+    pub fn node_view(&self, mut n: Node) -> Node {
+        if let Some(t) = self.seen(&n.metadata.name) {
+            n.status.last_heartbeat = n.status.last_heartbeat.max(t);
+        }
+        n
     }
 
     /// Fixes the clock at `t` Unix seconds (tests; 0 goes back to the real clock). The first

@@ -101,19 +101,23 @@ impl Manager {
     /// Records a node's report and answers with what it should run.
     pub fn heartbeat(&self, node: &str, hb: Heartbeat) -> Result<Assignments, ApiError> {
         let t = self.now_s();
+        if let Ok(mut seen) = self.last_seen.lock() {
+            seen.insert(node.to_string(), t);
+        }
+        // Only a change is written; liveness itself stays in memory.
         let status = |s: &mut NodeStatus| {
             let changed = s.state != NodeState::Up
                 || s.address != hb.address
                 || s.nbd_address != hb.nbd_address
                 || s.disks != hb.disks;
-            s.state = NodeState::Up;
-            s.address = hb.address.clone();
-            s.nbd_address = hb.nbd_address.clone();
-            s.disks = hb.disks.clone();
-            // Liveness is recorded at most once a second per node.
-            let stale = t > s.last_heartbeat;
-            s.last_heartbeat = t;
-            changed || stale
+            if changed {
+                s.state = NodeState::Up;
+                s.address = hb.address.clone();
+                s.nbd_address = hb.nbd_address.clone();
+                s.disks = hb.disks.clone();
+                s.last_heartbeat = t;
+            }
+            changed
         };
         match store::modify::<Node>(&*self.store, node, |n| status(&mut n.status))? {
             Some(_) => {}
@@ -135,22 +139,34 @@ impl Manager {
         }
         let reported: HashMap<&str, &ReplicaReport> =
             hb.replicas.iter().map(|r| (r.name.as_str(), r)).collect();
+        // Every replica read once: the report is compared in memory and only changes written.
+        let all_replicas = store::list::<Replica>(&*self.store)?;
+        let stored: HashMap<&str, &Replica> = all_replicas
+            .iter()
+            .map(|r| (r.metadata.name.as_str(), r))
+            .collect();
+        let apply = |r: &mut Replica, rr: &ReplicaReport| {
+            if r.spec.node != node {
+                return false;
+            }
+            let addr = Some(rr.address.clone());
+            let changed = r.status.address != addr
+                || r.status.state != ReplicaState::Running
+                || r.status.flush_seq != rr.flush_seq
+                || !r.status.message.is_empty();
+            r.status.address = addr;
+            r.status.state = ReplicaState::Running;
+            r.status.flush_seq = rr.flush_seq;
+            r.status.message.clear();
+            changed
+        };
         for rr in &hb.replicas {
-            store::modify::<Replica>(&*self.store, &rr.name, |r| {
-                if r.spec.node != node {
-                    return false;
-                }
-                let addr = Some(rr.address.clone());
-                let changed = r.status.address != addr
-                    || r.status.state != ReplicaState::Running
-                    || r.status.flush_seq != rr.flush_seq;
-                r.status.address = addr;
-                r.status.state = ReplicaState::Running;
-                r.status.flush_seq = rr.flush_seq;
-                let changed = changed || !r.status.message.is_empty();
-                r.status.message.clear();
-                changed
-            })?;
+            let current = stored
+                .get(rr.name.as_str())
+                .is_some_and(|r| !apply(&mut (*r).clone(), rr));
+            if !current {
+                store::modify::<Replica>(&*self.store, &rr.name, |r| apply(r, rr))?;
+            }
         }
         for ee in &hb.engine_errors {
             store::modify::<Engine>(&*self.store, &ee.volume, |e| {
@@ -289,7 +305,8 @@ impl Manager {
                 });
             }
         }
-        for r in store::list::<Replica>(&*self.store)? {
+        // The list read above: this heartbeat changed only statuses, not what is assigned.
+        for r in &all_replicas {
             if r.spec.node != node {
                 continue;
             }
@@ -300,7 +317,7 @@ impl Manager {
                     a.delete_replicas.push(r.metadata.name.clone());
                 } else {
                     // The node no longer has it: the deletion is complete.
-                    match store::delete(&*self.store, &r) {
+                    match store::delete(&*self.store, r) {
                         Ok(())
                         | Err(StoreError::NotFound { .. })
                         | Err(StoreError::Conflict { .. }) => {}

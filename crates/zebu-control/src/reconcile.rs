@@ -13,6 +13,12 @@ use crate::model::*;
 use crate::planner::{complete_copy_node, good_copy, plan_replicas, robustness};
 use crate::store::{self, StoreError};
 
+/// What a reconcile pass reads once for every volume.
+pub(crate) struct PassView {
+    pub(crate) nodes: HashMap<String, Node>,
+    pub(crate) backup_volumes: HashMap<String, BackupVolume>,
+}
+
 impl Manager {
     /// Runs the reconcile loop until the process ends: on every store change and every 500 ms.
     pub async fn run(self: Arc<Self>) {
@@ -36,9 +42,9 @@ impl Manager {
         let down_after = self.setting_u64("node-down-timeout");
         for n in store::list::<Node>(s)? {
             // Heartbeats missed while this manager was not running do not count against a node.
-            let heard = n
-                .status
-                .last_heartbeat
+            let heard = self
+                .seen(&n.metadata.name)
+                .unwrap_or(n.status.last_heartbeat)
                 .max(self.started.load(Ordering::Relaxed));
             if n.status.state == NodeState::Up && t.saturating_sub(heard) > down_after {
                 tracing::warn!(node = %n.metadata.name, "node missed its heartbeats; marking it down");
@@ -63,6 +69,13 @@ impl Manager {
             .map(|e| (e.spec.volume.clone(), e))
             .collect();
         let volumes = store::list::<Volume>(s)?;
+        let pass = PassView {
+            nodes: nodes.clone(),
+            backup_volumes: store::list::<BackupVolume>(s)?
+                .into_iter()
+                .map(|b| (b.metadata.name.clone(), b))
+                .collect(),
+        };
         let wait = self.setting_u64("replica-replenishment-wait-interval");
         let soft = self.setting("replica-soft-anti-affinity") == "true";
         for v in &volumes {
@@ -151,7 +164,7 @@ impl Manager {
                 }
             }
             self.reconcile_engine(v, &live, engines.get(&name), &nodes)?;
-            self.update_volume_status(v, &live)?;
+            self.update_volume_status(v, &live, &pass)?;
             self.reconcile_activation(v)?;
         }
         let names: std::collections::HashSet<&str> =
@@ -357,7 +370,6 @@ impl Manager {
         if v.spec.standby
             || v.metadata.deletion_requested.is_some()
             || !crate::backups::restore_done(v)
-            || self.setting("offline-replica-rebuilding") != "true"
         {
             return None;
         }
@@ -366,7 +378,9 @@ impl Manager {
             .iter()
             .filter(running)
             .any(|r| !good_copy(r, live) && r.status.state != ReplicaState::Broken);
-        if !needs {
+        // The setting is read only for volumes that need a rebuild (a store read per volume
+        // per pass otherwise).
+        if !needs || self.setting("offline-replica-rebuilding") != "true" {
             return None;
         }
         complete_copy_node(live, up)
@@ -490,17 +504,20 @@ impl Manager {
         Ok(())
     }
 
+    /// Derives a volume's status; writes it only when it changed. `pass` holds what the
+    /// reconcile pass read once for every volume.
     pub(crate) fn update_volume_status(
         &self,
         v: &Volume,
         live: &[Replica],
+        pass: &PassView,
     ) -> Result<(), ApiError> {
         let s = &*self.store;
+        // Re-read: the engine may have been created or stopped earlier in this pass.
         let engine = store::get::<Engine>(s, &v.metadata.name)?;
         let node_up = |n: &str| {
-            store::get::<Node>(s, n)
-                .ok()
-                .flatten()
+            pass.nodes
+                .get(n)
                 .is_some_and(|n| n.status.state == NodeState::Up)
         };
         let running = engine.as_ref().is_some_and(|e| {
@@ -544,12 +561,10 @@ impl Manager {
         } else {
             &v.metadata.name
         };
-        let bv = store::get::<BackupVolume>(
-            s,
-            &format!("{}.{followed}", crate::backups::volume_target(v)),
-        )?;
-        let (last_backup, last_backup_at) = bv
-            .map(|b| (b.status.last_backup, b.status.last_backup_at))
+        let (last_backup, last_backup_at) = pass
+            .backup_volumes
+            .get(&format!("{}.{followed}", crate::backups::volume_target(v)))
+            .map(|b| (b.status.last_backup.clone(), b.status.last_backup_at))
             .unwrap_or_default();
         // Why a volume waits: its engine cannot start on its node.
         let waiting_for = engine
@@ -561,7 +576,7 @@ impl Manager {
                     e.spec.node, e.status.message
                 )
             });
-        store::modify::<Volume>(s, &v.metadata.name, |v| {
+        let derive = |v: &mut Volume| {
             let before = v.status.clone();
             v.status.state = state;
             v.status.last_backup = last_backup.clone();
@@ -578,7 +593,11 @@ impl Manager {
                 v.status.message.clear();
             }
             v.status != before
-        })?;
+        };
+        // Nothing to write when the status read at the start of the pass is already current.
+        if derive(&mut v.clone()) {
+            store::modify::<Volume>(s, &v.metadata.name, derive)?;
+        }
         Ok(())
     }
 }
