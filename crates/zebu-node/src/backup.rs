@@ -335,6 +335,13 @@ impl RestoreTask {
     pub fn finished(&self) -> bool {
         self.outcome.lock().map(|o| o.is_some()).unwrap_or(true)
     }
+
+    pub fn succeeded(&self) -> bool {
+        self.outcome
+            .lock()
+            .map(|o| matches!(*o, Some(Ok(_))))
+            .unwrap_or(false)
+    }
 }
 
 impl Drop for RestoreTask {

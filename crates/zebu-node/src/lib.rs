@@ -666,9 +666,14 @@ impl NodeAgent {
                 }
                 if let Some(r) = &w.restore {
                     // A new order replaces a finished task; a running one completes first.
+                    // A restore that completed is not run again for the same backup (the order's
+                    // `from` moving to it is no reason); a failed one is, once `from` moves.
                     let start = match &e.restore {
                         None => true,
-                        Some(t) => (t.backup != r.backup || t.from != r.from) && t.finished(),
+                        Some(t) => {
+                            t.finished()
+                                && (t.backup != r.backup || (t.from != r.from && !t.succeeded()))
+                        }
                     };
                     if start {
                         e.restore = Some(backup::start_restore(
