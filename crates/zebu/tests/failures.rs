@@ -564,6 +564,7 @@ fn an_attached_volume_grows_online_under_fio_with_its_data_checked() {
             "--verify=crc32c",
             "--verify_backlog=16",
             "--verify_fatal=1",
+            "--verify_state_save=0",
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
