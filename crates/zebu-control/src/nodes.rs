@@ -145,28 +145,31 @@ impl Manager {
             .iter()
             .map(|r| (r.metadata.name.as_str(), r))
             .collect();
-        let apply = |r: &mut Replica, rr: &ReplicaReport| {
-            if r.spec.node != node {
-                return false;
-            }
-            let addr = Some(rr.address.clone());
-            let changed = r.status.address != addr
-                || r.status.state != ReplicaState::Running
-                || r.status.flush_seq != rr.flush_seq
-                || !r.status.message.is_empty();
-            r.status.address = addr;
-            r.status.state = ReplicaState::Running;
-            r.status.flush_seq = rr.flush_seq;
-            r.status.message.clear();
-            changed
+        // What a running replica's report changes in its status (nothing: no write).
+        let differs = |r: &Replica, rr: &ReplicaReport| {
+            r.spec.node == node
+                && (r.status.address.as_deref() != Some(rr.address.as_str())
+                    || r.status.state != ReplicaState::Running
+                    || r.status.flush_seq != rr.flush_seq
+                    || !r.status.message.is_empty())
         };
         for rr in &hb.replicas {
-            let current = stored
+            if stored
                 .get(rr.name.as_str())
-                .is_some_and(|r| !apply(&mut (*r).clone(), rr));
-            if !current {
-                store::modify::<Replica>(&*self.store, &rr.name, |r| apply(r, rr))?;
+                .is_some_and(|r| !differs(r, rr))
+            {
+                continue;
             }
+            store::modify::<Replica>(&*self.store, &rr.name, |r| {
+                if !differs(r, rr) {
+                    return false;
+                }
+                r.status.address = Some(rr.address.clone());
+                r.status.state = ReplicaState::Running;
+                r.status.flush_seq = rr.flush_seq;
+                r.status.message.clear();
+                true
+            })?;
         }
         for ee in &hb.engine_errors {
             store::modify::<Engine>(&*self.store, &ee.volume, |e| {

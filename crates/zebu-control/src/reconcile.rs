@@ -14,8 +14,8 @@ use crate::planner::{complete_copy_node, good_copy, plan_replicas, robustness};
 use crate::store::{self, StoreError};
 
 /// What a reconcile pass reads once for every volume.
-pub(crate) struct PassView {
-    pub(crate) nodes: HashMap<String, Node>,
+pub(crate) struct PassView<'a> {
+    pub(crate) nodes: &'a HashMap<String, Node>,
     pub(crate) backup_volumes: HashMap<String, BackupVolume>,
 }
 
@@ -70,7 +70,7 @@ impl Manager {
             .collect();
         let volumes = store::list::<Volume>(s)?;
         let pass = PassView {
-            nodes: nodes.clone(),
+            nodes: &nodes,
             backup_volumes: store::list::<BackupVolume>(s)?
                 .into_iter()
                 .map(|b| (b.metadata.name.clone(), b))
@@ -510,7 +510,7 @@ impl Manager {
         &self,
         v: &Volume,
         live: &[Replica],
-        pass: &PassView,
+        pass: &PassView<'_>,
     ) -> Result<(), ApiError> {
         let s = &*self.store;
         // Re-read: the engine may have been created or stopped earlier in this pass.
@@ -576,27 +576,31 @@ impl Manager {
                     e.spec.node, e.status.message
                 )
             });
-        let derive = |v: &mut Volume| {
-            let before = v.status.clone();
-            v.status.state = state;
-            v.status.last_backup = last_backup.clone();
-            v.status.last_backup_at = last_backup_at;
-            v.status.robustness = robustness;
-            v.status.nbd_uri = nbd_uri.clone();
-            v.status.node = node.clone();
-            if live.len() as u32 >= v.spec.replicas {
-                v.status.message.clear();
+        let derive = |st: &mut VolumeStatus, replicas: u32| {
+            st.state = state;
+            st.last_backup = last_backup.clone();
+            st.last_backup_at = last_backup_at;
+            st.robustness = robustness;
+            st.nbd_uri = nbd_uri.clone();
+            st.node = node.clone();
+            if live.len() as u32 >= replicas {
+                st.message.clear();
             }
             if let Some(m) = &waiting_for {
-                v.status.message = m.clone();
-            } else if v.status.message.starts_with("engine on node ") {
-                v.status.message.clear();
+                st.message = m.clone();
+            } else if st.message.starts_with("engine on node ") {
+                st.message.clear();
             }
-            v.status != before
         };
         // Nothing to write when the status read at the start of the pass is already current.
-        if derive(&mut v.clone()) {
-            store::modify::<Volume>(s, &v.metadata.name, derive)?;
+        let mut wanted = v.status.clone();
+        derive(&mut wanted, v.spec.replicas);
+        if wanted != v.status {
+            store::modify::<Volume>(s, &v.metadata.name, |v| {
+                let before = v.status.clone();
+                derive(&mut v.status, v.spec.replicas);
+                v.status != before
+            })?;
         }
         Ok(())
     }

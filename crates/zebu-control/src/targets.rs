@@ -7,10 +7,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use zebu_backupstore::TargetSpec;
 use zebu_backupstore::backup::{BackupError, read_manifest};
 use zebu_backupstore::gc::{drop_lease, gc_pass};
 use zebu_backupstore::target::{SECRET_OPTIONS, Target, list_manifests, options_for};
-use zebu_backupstore::{StoreError as TargetError, TargetSpec};
 
 use crate::backups::{backup_from_manifest, manifest_url, volume_target};
 use crate::controller::{Manager, conflict, not_found, now};
@@ -24,11 +24,6 @@ use crate::{ApiError, ErrorKind};
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The reason a target cannot be used, without the context callers add.
-pub(crate) fn reason(e: &TargetError) -> String {
-    e.to_string()
-}
-
 /// Opens a target from its URL and options; `Err` is the reason it is unavailable.
 pub(crate) async fn open_url(
     url: &str,
@@ -37,7 +32,8 @@ pub(crate) async fn open_url(
 ) -> Result<Target, String> {
     let spec = TargetSpec::parse(url, options).map_err(|e| e.to_string())?;
     match tokio::time::timeout(PROBE_TIMEOUT, spec.open(init)).await {
-        Ok(r) => r.map_err(|e| reason(&e)),
+        // The reason alone (`StoreError` adds no context); callers name the target.
+        Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => Err(format!("no answer within {} s", PROBE_TIMEOUT.as_secs())),
     }
 }
@@ -587,7 +583,7 @@ impl Manager {
             Ok(r) => r,
             Err(e) => {
                 // A failed listing is never "no backups".
-                self.set_availability(name, false, &format!("listing backups: {}", reason(&e)))?;
+                self.set_availability(name, false, &format!("listing backups: {e}"))?;
                 return Ok(());
             }
         };
