@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes docs/openapi.json, the OpenAPI 3.0 description of Zebu's REST API (/v1).
 
-The API's routes are listed in crates/zebu-control/src/api.rs (ROUTES); a test fails when this
+The API's routes are listed in crates/zebu-manager/src/api.rs (ROUTES); a test fails when this
 document and that list drift apart. Run after changing the API: python3 scripts/gen-openapi.py
 """
 import json, os

@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use clap::Subcommand;
 use serde_json::json;
-use zebu_control::backups::VerifyResult;
-use zebu_control::client::ApiClient;
-use zebu_control::model::{Backup, BackupState, BackupTarget, RestoreState, Volume};
+use zebu_manager::backups::VerifyResult;
+use zebu_manager::client::ApiClient;
+use zebu_manager::model::{Backup, BackupState, BackupTarget, RestoreState, Volume};
 use zebu_types::ByteSize;
 
 use crate::cli::{Global, Output, bar, client, enum_str, mib, print_json, table};

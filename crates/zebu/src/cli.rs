@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
-use zebu_control::client::ApiClient;
-use zebu_control::model::{Node, Replica, ReplicaState, Setting, Volume, VolumeState};
+use zebu_manager::client::ApiClient;
+use zebu_manager::model::{Node, Replica, ReplicaState, Setting, Volume, VolumeState};
 use zebu_types::ByteSize;
 
 #[derive(Args, Clone)]
@@ -482,7 +482,7 @@ async fn wait_healthy(g: &Global, api: &ApiClient, name: &str, secs: u64) -> Res
         let reps: Vec<Replica> = api.get(&format!("/v1/replicas?volume={name}")).await?;
         let settled = match v.status.state {
             VolumeState::Attached => {
-                v.status.robustness == zebu_control::model::Robustness::Healthy
+                v.status.robustness == zebu_manager::model::Robustness::Healthy
             }
             VolumeState::Detached => reps.iter().all(|r| r.status.state == ReplicaState::Running),
             _ => false,
@@ -503,7 +503,7 @@ async fn wait_healthy(g: &Global, api: &ApiClient, name: &str, secs: u64) -> Res
         // One line per replica that is not RW yet.
         let lines: Vec<String> = reps
             .iter()
-            .filter(|r| r.status.mode != Some(zebu_control::model::ReplicaMode::RW))
+            .filter(|r| r.status.mode != Some(zebu_manager::model::ReplicaMode::RW))
             .map(|r| {
                 let done = r.status.rebuild_copied + r.status.rebuild_skipped;
                 format!(
@@ -585,7 +585,7 @@ pub async fn replica(g: &Global, cmd: ReplicaCmd) -> Result<()> {
 }
 
 pub async fn snapshot(g: &Global, cmd: SnapshotCmd) -> Result<()> {
-    use zebu_control::model::{Snapshot, SnapshotInfo};
+    use zebu_manager::model::{Snapshot, SnapshotInfo};
     let api = client(g)?;
     match cmd {
         SnapshotCmd::Create { volume, name } => {
@@ -644,7 +644,7 @@ pub async fn snapshot(g: &Global, cmd: SnapshotCmd) -> Result<()> {
             name,
             timeout,
         } => {
-            use zebu_control::model::RevertState;
+            use zebu_manager::model::RevertState;
             let _: Volume = api
                 .post(
                     &format!("/v1/volumes/{volume}/snapshots/{name}/revert"),

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use zebu_control::client::ApiClient;
-use zebu_control::controller::{Manager, load_or_create_token};
-use zebu_control::store::RedbStore;
+use zebu_manager::client::ApiClient;
+use zebu_manager::controller::{Manager, load_or_create_token};
+use zebu_manager::store::RedbStore;
 use zebu_node::{NodeAgent, NodeConfig};
 
 use crate::bind_listener;
@@ -72,7 +72,7 @@ async fn start_manager(
     tokio::spawn(m.clone().run_wakeups());
     let l = bind_listener("--api-listen", api_listen).await?;
     let addr = l.local_addr()?.to_string();
-    let app = zebu_control::api::router(m.clone());
+    let app = zebu_manager::api::router(m.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(l, app).await {
             tracing::error!(error = %e, "API server failed");
@@ -127,7 +127,7 @@ async fn serve_node_metrics(
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.strip_prefix("Bearer "))
                     .is_some_and(|t| {
-                        zebu_control::controller::constant_time_eq(t.as_bytes(), token.as_bytes())
+                        zebu_manager::controller::constant_time_eq(t.as_bytes(), token.as_bytes())
                     });
                 if !ok {
                     let body =

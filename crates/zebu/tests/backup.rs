@@ -867,7 +867,7 @@ fn standby_restore_across_nodes_survives_killing_either_node() {
     placed.sort();
     assert_eq!(placed, vec!["n1", "n2"], "one DR replica per node");
     let engine_node = || -> String {
-        let api = zebu_control::client::ApiClient::new(&format!("http://{}", mgr.addr), &token)
+        let api = zebu_manager::client::ApiClient::new(&format!("http://{}", mgr.addr), &token)
             .expect("client");
         let rt = tokio::runtime::Runtime::new().expect("rt");
         let es: Vec<Value> = rt.block_on(api.get("/v1/engines")).expect("engines");

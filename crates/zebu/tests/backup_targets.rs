@@ -456,7 +456,7 @@ fn secrets_stay_hidden_availability_follows_a_paused_s3_server_and_schemes_switc
     let engines = api_get(&srv, "/v1/engines");
     assert!(engines.contains("\"restore\""), "{engines}");
     let mut seen = String::new();
-    for (method, path) in zebu_control::api::ROUTES {
+    for (method, path) in zebu_manager::api::ROUTES {
         if *method == "get" && !path.contains('{') && *path != "/v1/openapi.json" {
             seen.push_str(&api_get(&srv, path));
         }

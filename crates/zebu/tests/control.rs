@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use proptest::prelude::*;
 use serde_json::{Value, json};
-use zebu_control::client::ApiClient;
+use zebu_manager::client::ApiClient;
 
 #[test]
 fn quickstart_volume_lifecycle() {
@@ -291,7 +291,7 @@ fn bad_input_is_refused_and_changes_nothing() {
             .block_on(api.post::<_, Value>("/v1/volumes", body))
             .expect_err("must be refused");
         match &e {
-            zebu_control::client::ClientError::Api {
+            zebu_manager::client::ClientError::Api {
                 status,
                 code: c,
                 message,
@@ -334,7 +334,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         assert!(
             matches!(
                 e,
-                zebu_control::client::ClientError::Api { status: 404, .. }
+                zebu_manager::client::ClientError::Api { status: 404, .. }
             ),
             "{path}: {e}"
         );

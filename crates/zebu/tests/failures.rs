@@ -146,7 +146,7 @@ impl Cluster {
     fn engine_generation(&self, volume: &str) -> u64 {
         let rt = tokio::runtime::Runtime::new().expect("rt");
         let api =
-            zebu_control::client::ApiClient::new(&format!("http://{}", self.listen), &self.token)
+            zebu_manager::client::ApiClient::new(&format!("http://{}", self.listen), &self.token)
                 .expect("client");
         let engines: Vec<Value> = rt.block_on(api.get("/v1/engines")).expect("engines");
         engines

@@ -4,14 +4,14 @@
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use zebu_control::api::{ROUTES, router};
-use zebu_control::controller::Manager;
-use zebu_control::model::{Meta, Setting};
-use zebu_control::store::{self, RedbStore, Store, StoreError};
+use zebu_manager::api::{ROUTES, router};
+use zebu_manager::controller::Manager;
+use zebu_manager::model::{Meta, Setting};
+use zebu_manager::store::{self, RedbStore, Store, StoreError};
 
 fn tempdir() -> std::path::PathBuf {
     let p = std::env::temp_dir().join(format!(
-        "zebu-control-test-{}-{}",
+        "zebu-manager-test-{}-{}",
         std::process::id(),
         rand::random::<u32>()
     ));
@@ -153,7 +153,7 @@ fn store_contract(s: &dyn Store) {
 
 #[test]
 fn the_in_memory_store_keeps_the_same_contract() {
-    let s = zebu_control::store::MemStore::default();
+    let s = zebu_manager::store::MemStore::default();
     store_contract(&s);
     assert_eq!(s.next("g").expect("next"), 1);
     assert_eq!(s.next("g").expect("next"), 2);
