@@ -186,6 +186,23 @@ pub fn router(m: Arc<Manager>) -> Router {
         .with_state(m)
 }
 
+/// Runs a store-writing operation on the blocking pool: a write waits for the disk (fsync),
+/// which must not hold up the async workers serving other requests.
+async fn blocking<T: Send + 'static>(
+    m: &Arc<Manager>,
+    f: impl FnOnce(&Manager) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, HttpError> {
+    let m = m.clone();
+    match tokio::task::spawn_blocking(move || f(&m)).await {
+        Ok(r) => r.map_err(HttpError),
+        Err(e) => Err(HttpError(ApiError::new(
+            ErrorKind::Internal,
+            "Internal",
+            format!("operation did not finish: {e}"),
+        ))),
+    }
+}
+
 async fn not_found() -> HttpError {
     HttpError(ApiError::new(
         ErrorKind::NotFound,
@@ -251,14 +268,17 @@ async fn create_volume(
 ) -> Result<(StatusCode, Json<Volume>), HttpError> {
     authorize(&m, &h)?;
     let req: CreateVolume = body(&raw)?;
-    let v = m.create_volume_with(
-        &req.name,
-        req.size,
-        req.replicas,
-        req.from_backup.as_deref(),
-        req.backup_target.as_deref(),
-        req.standby,
-    )?;
+    let v = blocking(&m, move |m| {
+        m.create_volume_with(
+            &req.name,
+            req.size,
+            req.replicas,
+            req.from_backup.as_deref(),
+            req.backup_target.as_deref(),
+            req.standby,
+        )
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(v)))
 }
 
@@ -296,7 +316,10 @@ async fn delete_volume(
 ) -> Result<(StatusCode, Json<Volume>), HttpError> {
     authorize(&m, &h)?;
     check_name(&name)?;
-    Ok((StatusCode::ACCEPTED, Json(m.delete_volume(&name)?)))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(blocking(&m, move |m| m.delete_volume(&name)).await?),
+    ))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -319,7 +342,9 @@ async fn attach_volume(
     } else {
         body(&raw)?
     };
-    Ok(Json(m.attach_volume(&name, req.node.as_deref())?))
+    Ok(Json(
+        blocking(&m, move |m| m.attach_volume(&name, req.node.as_deref())).await?,
+    ))
 }
 
 async fn detach_volume(
@@ -329,7 +354,7 @@ async fn detach_volume(
 ) -> ApiResult<Volume> {
     authorize(&m, &h)?;
     check_name(&name)?;
-    Ok(Json(m.detach_volume(&name)?))
+    Ok(Json(blocking(&m, move |m| m.detach_volume(&name)).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -347,7 +372,9 @@ async fn expand_volume(
     authorize(&m, &h)?;
     check_name(&name)?;
     let req: ExpandReq = body(&raw)?;
-    Ok(Json(m.expand_volume(&name, req.size)?))
+    Ok(Json(
+        blocking(&m, move |m| m.expand_volume(&name, req.size)).await?,
+    ))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -406,7 +433,7 @@ async fn create_snapshot(
     };
     Ok((
         StatusCode::CREATED,
-        Json(m.create_snapshot(&name, req.name.as_deref())?),
+        Json(blocking(&m, move |m| m.create_snapshot(&name, req.name.as_deref())).await?),
     ))
 }
 
@@ -420,7 +447,7 @@ async fn revert_snapshot(
     check_name(&snapshot)?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(m.revert_volume(&name, &snapshot)?),
+        Json(blocking(&m, move |m| m.revert_volume(&name, &snapshot)).await?),
     ))
 }
 
@@ -434,7 +461,7 @@ async fn delete_snapshot(
     check_name(&snapshot)?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(m.delete_snapshot(&name, &snapshot)?),
+        Json(blocking(&m, move |m| m.delete_snapshot(&name, &snapshot)).await?),
     ))
 }
 
@@ -480,7 +507,12 @@ async fn delete_replica(
     check_name(&name)?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(m.delete_replica(&name, q.force.unwrap_or(false))?),
+        Json(
+            blocking(&m, move |m| {
+                m.delete_replica(&name, q.force.unwrap_or(false))
+            })
+            .await?,
+        ),
     ))
 }
 
@@ -526,11 +558,12 @@ async fn update_node(
     authorize(&m, &h)?;
     check_name(&name)?;
     let req: NodeUpdate = body(&raw)?;
-    Ok(Json(m.update_node(
-        &name,
-        req.allow_scheduling,
-        req.evict,
-    )?))
+    Ok(Json(
+        blocking(&m, move |m| {
+            m.update_node(&name, req.allow_scheduling, req.evict)
+        })
+        .await?,
+    ))
 }
 
 async fn evict_node(
@@ -540,7 +573,9 @@ async fn evict_node(
 ) -> ApiResult<Node> {
     authorize(&m, &h)?;
     check_name(&name)?;
-    Ok(Json(m.update_node(&name, None, Some(true))?))
+    Ok(Json(
+        blocking(&m, move |m| m.update_node(&name, None, Some(true))).await?,
+    ))
 }
 
 async fn delete_node(
@@ -550,7 +585,7 @@ async fn delete_node(
 ) -> ApiResult<Node> {
     authorize(&m, &h)?;
     check_name(&name)?;
-    Ok(Json(m.delete_node(&name)?))
+    Ok(Json(blocking(&m, move |m| m.delete_node(&name)).await?))
 }
 
 async fn heartbeat(
@@ -562,7 +597,7 @@ async fn heartbeat(
     authorize(&m, &h)?;
     check_name(&name)?;
     let hb: Heartbeat = body(&raw)?;
-    Ok(Json(m.heartbeat(&name, hb)?))
+    Ok(Json(blocking(&m, move |m| m.heartbeat(&name, hb)).await?))
 }
 
 async fn replica_event(
@@ -572,7 +607,7 @@ async fn replica_event(
 ) -> ApiResult<Replica> {
     authorize(&m, &h)?;
     let ev: ReplicaEvent = body(&raw)?;
-    Ok(Json(m.replica_event(&ev)?))
+    Ok(Json(blocking(&m, move |m| m.replica_event(&ev)).await?))
 }
 
 async fn list_settings(State(m): State<Arc<Manager>>, h: HeaderMap) -> ApiResult<Vec<Setting>> {
@@ -594,7 +629,9 @@ async fn put_setting(
 ) -> ApiResult<Setting> {
     authorize(&m, &h)?;
     let req: SettingReq = body(&raw)?;
-    Ok(Json(m.put_setting(&name, &req.value)?))
+    Ok(Json(
+        blocking(&m, move |m| m.put_setting(&name, &req.value)).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -863,7 +900,9 @@ async fn salvage_volume(
     check_name(&name)?;
     let req: SalvageReq = body(&raw)?;
     check_name(&req.replica)?;
-    Ok(Json(m.salvage_volume(&name, &req.replica)?))
+    Ok(Json(
+        blocking(&m, move |m| m.salvage_volume(&name, &req.replica)).await?,
+    ))
 }
 
 async fn activate_volume(

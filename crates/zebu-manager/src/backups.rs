@@ -246,7 +246,7 @@ impl Manager {
             Ok(()) | Err(StoreError::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        self.refresh_backup_volume(&b.spec.target, &b.spec.volume)?;
+        self.refresh_backup_volume(&*self.store, &b.spec.target, &b.spec.volume)?;
         Ok(b)
     }
 
@@ -303,13 +303,14 @@ impl Manager {
     /// Records what a node reports about the backups it runs.
     pub(crate) fn backup_reports(
         &self,
+        s: &dyn crate::store::Store,
         node: &str,
         reports: &[BackupReport],
     ) -> Result<(), ApiError> {
         for r in reports {
             let mut completed = None;
             let mut failed = None;
-            store::modify::<Backup>(&*self.store, &r.name, |b| {
+            store::modify::<Backup>(s, &r.name, |b| {
                 if b.status.state.finished() {
                     return false;
                 }
@@ -347,56 +348,54 @@ impl Manager {
             }
             if let Some((t, v)) = completed {
                 tracing::info!(backup = %r.name, volume = %v, target = %t, "backup completed");
-                self.refresh_backup_volume(&t, &v)?;
+                self.refresh_backup_volume(s, &t, &v)?;
             }
         }
         Ok(())
     }
 
     /// The unfinished backups of volumes whose engine runs on `node`.
-    pub(crate) fn backup_orders(&self, node: &str) -> Result<Vec<BackupOrder>, ApiError> {
-        let s = &*self.store;
-        let all = store::list::<Backup>(s)?;
+    pub(crate) fn backup_orders(
+        &self,
+        s: &dyn crate::store::Store,
+        node: &str,
+    ) -> Result<Vec<BackupOrder>, ApiError> {
         let mut out = Vec::new();
-        let block_size = self.setting_u64("backup-block-size") as u32;
-        let codec = self.setting("backup-compression");
-        let concurrency = self.setting_u64("backup-concurrency") as u32;
-        let bandwidth = self.setting_u64("backup-bandwidth-limit");
-        for b in all.iter().filter(|b| !b.status.state.finished()) {
-            let here = store::get::<Engine>(s, &b.spec.volume)?
-                .is_some_and(|e| e.spec.node == node && e.metadata.deletion_requested.is_none());
-            if !here {
-                continue;
-            }
-            let Ok(target) = self.target_ref(&b.spec.target) else {
-                continue;
-            };
-            let mut parents: Vec<&Backup> = all
-                .iter()
-                .filter(|p| {
-                    p.spec.volume == b.spec.volume
-                        && p.spec.target == b.spec.target
-                        && p.status.state == BackupState::Completed
-                })
-                .collect();
-            parents.sort_by_key(|p| std::cmp::Reverse(p.status.created_ms));
-            out.push(BackupOrder {
-                name: b.metadata.name.clone(),
-                volume: b.spec.volume.clone(),
-                snapshot: b.spec.snapshot.clone(),
-                state: b.status.state,
-                target,
-                parents: parents
+        let engines = store::list_by::<Engine>(s, store::Field::Node, node)?;
+        for e in engines
+            .iter()
+            .filter(|e| e.metadata.deletion_requested.is_none())
+        {
+            let all = store::list_by::<Backup>(s, store::Field::Volume, &e.spec.volume)?;
+            for b in all.iter().filter(|b| !b.status.state.finished()) {
+                let Ok(target) = self.target_ref(&b.spec.target) else {
+                    continue;
+                };
+                let mut parents: Vec<&Backup> = all
                     .iter()
-                    .map(|p| (p.metadata.name.clone(), p.status.snapshot.clone()))
-                    .collect(),
-                block_size,
-                codec: codec.clone(),
-                concurrency,
-                bandwidth,
-                full: b.spec.full,
-                labels: b.metadata.labels.clone(),
-            });
+                    .filter(|p| {
+                        p.spec.target == b.spec.target && p.status.state == BackupState::Completed
+                    })
+                    .collect();
+                parents.sort_by_key(|p| std::cmp::Reverse(p.status.created_ms));
+                out.push(BackupOrder {
+                    name: b.metadata.name.clone(),
+                    volume: b.spec.volume.clone(),
+                    snapshot: b.spec.snapshot.clone(),
+                    state: b.status.state,
+                    target,
+                    parents: parents
+                        .iter()
+                        .map(|p| (p.metadata.name.clone(), p.status.snapshot.clone()))
+                        .collect(),
+                    block_size: self.setting_u64("backup-block-size") as u32,
+                    codec: self.setting("backup-compression"),
+                    concurrency: self.setting_u64("backup-concurrency") as u32,
+                    bandwidth: self.setting_u64("backup-bandwidth-limit"),
+                    full: b.spec.full,
+                    labels: b.metadata.labels.clone(),
+                });
+            }
         }
         Ok(out)
     }

@@ -60,6 +60,11 @@ pub fn load_or_create_token(data_dir: &Path) -> std::io::Result<String> {
 
 pub struct Manager {
     pub store: Arc<dyn Store>,
+    /// The same store, for what only the in-memory view knows (its change count).
+    pub(crate) cache: Arc<crate::cache::Cached>,
+    /// Per node: its last heartbeat, the store's change count before it was applied, and the
+    /// answer. An identical heartbeat with no change since gets the same answer without work.
+    pub(crate) beats: std::sync::Mutex<HashMap<String, (Heartbeat, u64, Assignments)>>,
     pub token: String,
     /// The node of an all-in-one server: where `attach` goes when no node is named.
     pub local_node: Option<String>,
@@ -160,8 +165,13 @@ impl Manager {
         token: String,
         local_node: Option<String>,
     ) -> Result<Arc<Manager>, StoreError> {
+        // Every read is served from memory after the first; writes go through to the backend.
+        let cache = Arc::new(crate::cache::Cached::new(store));
+        let store: Arc<dyn Store> = cache.clone();
         let m = Arc::new(Manager {
             store,
+            cache,
+            beats: Default::default(),
             token,
             local_node,
             reconciles: AtomicU64::new(0),

@@ -2,6 +2,7 @@
 //! store, nodes simulated by their heartbeats, and an injected clock.
 
 use super::*;
+use crate::planner::settled;
 use crate::store::MemStore;
 
 struct Sim {
@@ -403,7 +404,7 @@ fn robustness_follows_engine_modes_while_attached_and_replicas_otherwise() {
     // Every copy failed while detached: faulted, not unknown.
     for n in &names {
         sim.m
-            .record_mode(n, "v", ReplicaMode::ERR, None)
+            .record_mode(&*sim.m.store, n, "v", ReplicaMode::ERR, None)
             .expect("record");
     }
     sim.m.reconcile().expect("reconcile");
@@ -783,4 +784,113 @@ fn a_volume_whose_engine_cannot_start_says_why() {
     let v = sim.volume("v");
     assert_eq!(v.status.state, VolumeState::Attached);
     assert!(v.status.message.is_empty(), "{}", v.status.message);
+}
+
+#[test]
+fn one_pass_places_every_replica_of_a_new_volume_on_distinct_nodes() {
+    let sim = Sim::new(&["n1", "n2", "n3"]);
+    sim.m.create_volume("v", 1 << 30, 3).expect("create");
+    let only: std::collections::BTreeSet<String> = ["v".to_string()].into();
+    let unsettled = sim.m.reconcile_pass(Some(&only), false).expect("pass");
+    let reps = sim.replicas("v");
+    assert_eq!(reps.len(), 3, "all three placed in one pass");
+    let nodes: std::collections::BTreeSet<&str> =
+        reps.iter().map(|r| r.spec.node.as_str()).collect();
+    assert_eq!(nodes.len(), 3, "anti-affinity: one per node");
+    assert!(unsettled.contains("v"), "not running yet: looked at again");
+}
+
+#[test]
+fn a_settled_volume_leaves_the_pass_until_something_about_it_changes() {
+    let mut sim = Sim::new(&["n1", "n2", "n3", "n4"]);
+    sim.m.create_volume("d", 1 << 30, 3).expect("create");
+    sim.settle("d");
+    let only: std::collections::BTreeSet<String> = ["d".to_string()].into();
+    let unsettled = sim.m.reconcile_pass(Some(&only), false).expect("pass");
+    assert!(unsettled.is_empty(), "detached with 3 running replicas");
+    let names = sim.attached("v");
+    let only: std::collections::BTreeSet<String> = ["v".to_string()].into();
+    let unsettled = sim.m.reconcile_pass(Some(&only), false).expect("pass");
+    assert!(unsettled.is_empty(), "attached and healthy");
+    // A failed replica waits for the replenishment interval: the volume is watched again.
+    let rw: Vec<(&str, ReplicaMode)> = names[1..]
+        .iter()
+        .map(|n| (n.as_str(), ReplicaMode::RW))
+        .collect();
+    sim.beat("n1", &[("v", &rw)]);
+    let unsettled = sim.m.reconcile_pass(Some(&only), false).expect("pass");
+    assert!(unsettled.contains("v"));
+    // Past the wait a replacement is placed by a pass over the unsettled volume alone.
+    sim.tick(sim.m.setting_u64("replica-replenishment-wait-interval") + 1);
+    sim.beat("n1", &[("v", &rw)]);
+    sim.all_beat(&[]);
+    sim.m.reconcile_pass(Some(&unsettled), false).expect("pass");
+    let fresh = sim
+        .replicas("v")
+        .into_iter()
+        .filter(|x| !names.contains(&x.metadata.name))
+        .count();
+    assert_eq!(fresh, 1, "a replacement for the failed replica");
+}
+
+#[test]
+fn settled_needs_every_replica_running_and_the_engine_where_the_volume_is_attached() {
+    let mut v = vol3();
+    v.status.state = VolumeState::Detached;
+    let running = |name: &str, node: &str| rep(name, node, None, None, 1);
+    let reps = vec![running("a", "n1"), running("b", "n2"), running("c", "n3")];
+    assert!(settled(&v, &reps, None));
+    assert!(!settled(&v, &reps[..2], None), "one replica short");
+    let mut failed = reps.clone();
+    failed[0].status.failed_at = Some(1);
+    assert!(
+        !settled(&v, &failed, None),
+        "a failed replica waits on time"
+    );
+    let mut standby = v.clone();
+    standby.spec.standby = true;
+    assert!(!settled(&standby, &reps, None), "a standby follows backups");
+    let mut attaching = v.clone();
+    attaching.spec.node = Some("n1".into());
+    attaching.status.state = VolumeState::Attaching;
+    assert!(!settled(&attaching, &reps, None), "no engine yet");
+    let mut e = Engine::default();
+    e.spec.node = "n1".into();
+    e.status.state = EngineState::Running;
+    attaching.status.state = VolumeState::Attached;
+    attaching.status.robustness = Robustness::Healthy;
+    assert!(settled(&attaching, &reps, Some(&e)));
+    e.spec.node = "n2".into();
+    assert!(
+        !settled(&attaching, &reps, Some(&e)),
+        "engine on another node"
+    );
+}
+
+#[test]
+fn a_heartbeat_is_one_store_transaction() {
+    let sim = Sim::new(&["n1", "n2", "n3"]);
+    sim.m.create_volume("v", 1 << 30, 3).expect("create");
+    sim.m.reconcile().expect("reconcile");
+    let mut w = sim.m.store.watch();
+    // n1 reports its replica running: node status and replica status change together.
+    sim.beat("n1", &[]);
+    let mut revisions = std::collections::BTreeSet::new();
+    while let Ok(ev) = w.try_recv() {
+        revisions.insert(ev.resource_version);
+    }
+    assert_eq!(
+        revisions.len(),
+        1,
+        "every write of the heartbeat in one commit"
+    );
+    // A heartbeat that changes nothing writes nothing.
+    let a = sim.beat("n1", &[]);
+    assert!(w.try_recv().is_err());
+    // The same report with nothing changed gets the same answer; any change is seen at once.
+    assert_eq!(sim.beat("n1", &[]), a);
+    sim.m.create_volume("w", 1 << 30, 3).expect("create");
+    sim.m.reconcile().expect("reconcile");
+    let b = sim.beat("n1", &[]);
+    assert_eq!(b.replicas.len(), a.replicas.len() + 1, "the new volume's replica");
 }

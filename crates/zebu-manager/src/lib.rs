@@ -1,9 +1,11 @@
-//! Zebu's control plane: the object model, the store, the controllers and the REST API.
+//! Zebu's manager: the store (redb, in-memory, cached and transactional views), the services,
+//! the reconcile loop and the REST API.
 
 pub mod api;
 // The object model and the client live in zebu-api (shared with node agents and the CLI).
 pub use zebu_api::{Error as ApiError, ErrorKind, client, model};
 pub mod backups;
+pub mod cache;
 pub mod controller;
 pub mod metrics;
 pub mod nodes;
@@ -14,4 +16,5 @@ pub mod restores;
 pub mod revert;
 pub mod store;
 pub mod targets;
+pub mod txn;
 pub mod volumes;

@@ -9,7 +9,8 @@ use std::time::Duration;
 use crate::ApiError;
 use crate::controller::{Manager, conflict, not_found, now};
 use crate::model::*;
-use crate::store::{self, StoreError};
+use crate::store::{self, Field, Store, StoreError};
+use crate::txn::Txn;
 
 impl Manager {
     /// Changes whether new replicas may go to a node, and whether it is being evicted (evicting
@@ -98,53 +99,90 @@ impl Manager {
         Ok(n)
     }
 
-    /// Records a node's report and answers with what it should run.
+    /// Records a node's report and answers with what it should run. The report is applied in
+    /// one store transaction (retried whole when another writer got in between); liveness stays
+    /// in memory.
     pub fn heartbeat(&self, node: &str, hb: Heartbeat) -> Result<Assignments, ApiError> {
         let t = self.now_s();
         if let Ok(mut seen) = self.last_seen.lock() {
             seen.insert(node.to_string(), t);
         }
-        // Only a change is written; liveness itself stays in memory.
-        let status = |s: &mut NodeStatus| {
-            let changed = s.state != NodeState::Up
-                || s.address != hb.address
-                || s.nbd_address != hb.nbd_address
-                || s.disks != hb.disks;
+        let before = self.cache.changes();
+        if let Ok(beats) = self.beats.lock()
+            && let Some((last, changes, a)) = beats.get(node)
+            && *changes == before
+            && *last == hb
+        {
+            // Same report, nothing changed since: the same answer.
+            return Ok(a.clone());
+        }
+        let mut attempt = 0;
+        loop {
+            let txn = Txn::new(&*self.store);
+            let a = self.apply_heartbeat(&txn, node, &hb, t)?;
+            match txn.finish() {
+                Ok(applied) => {
+                    if let Ok(mut beats) = self.beats.lock() {
+                        if applied.is_empty() {
+                            beats.insert(node.to_string(), (hb, before, a.clone()));
+                        } else {
+                            beats.remove(node);
+                        }
+                    }
+                    return Ok(a);
+                }
+                Err(
+                    StoreError::Conflict { .. }
+                    | StoreError::Exists { .. }
+                    | StoreError::NotFound { .. },
+                ) if attempt < 32 => attempt += 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// A heartbeat's reads and writes, all through `s` (a transaction).
+    fn apply_heartbeat(
+        &self,
+        s: &dyn Store,
+        node: &str,
+        hb: &Heartbeat,
+        t: u64,
+    ) -> Result<Assignments, ApiError> {
+        // Only a change is written.
+        let status = |st: &mut NodeStatus| {
+            let changed = st.state != NodeState::Up
+                || st.address != hb.address
+                || st.nbd_address != hb.nbd_address
+                || st.disks != hb.disks;
             if changed {
-                s.state = NodeState::Up;
-                s.address = hb.address.clone();
-                s.nbd_address = hb.nbd_address.clone();
-                s.disks = hb.disks.clone();
-                s.last_heartbeat = t;
+                st.state = NodeState::Up;
+                st.address = hb.address.clone();
+                st.nbd_address = hb.nbd_address.clone();
+                st.disks = hb.disks.clone();
+                st.last_heartbeat = t;
             }
             changed
         };
-        match store::modify::<Node>(&*self.store, node, |n| status(&mut n.status))? {
-            Some(_) => {}
-            None => {
-                let mut n = Node {
-                    metadata: Meta {
-                        name: node.to_string(),
-                        ..Default::default()
-                    },
+        if store::modify::<Node>(s, node, |n| status(&mut n.status))?.is_none() {
+            let mut n = Node {
+                metadata: Meta {
+                    name: node.to_string(),
                     ..Default::default()
-                };
-                n.spec.allow_scheduling = true;
-                status(&mut n.status);
-                match store::create(&*self.store, &n) {
-                    Ok(_) | Err(StoreError::Exists { .. }) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
+                },
+                ..Default::default()
+            };
+            n.spec.allow_scheduling = true;
+            status(&mut n.status);
+            store::create(s, &n)?;
         }
         let reported: HashMap<&str, &ReplicaReport> =
             hb.replicas.iter().map(|r| (r.name.as_str(), r)).collect();
-        // Every replica read once: the report is compared in memory and only changes written.
-        let all_replicas = store::list::<Replica>(&*self.store)?;
-        let stored: HashMap<&str, &Replica> = all_replicas
-            .iter()
-            .map(|r| (r.metadata.name.as_str(), r))
-            .collect();
+        // This node's replicas, read once: the report is compared in memory and only changes
+        // written.
+        let mine = store::list_by::<Replica>(s, Field::Node, node)?;
+        let stored: HashMap<&str, &Replica> =
+            mine.iter().map(|r| (r.metadata.name.as_str(), r)).collect();
         // What a running replica's report changes in its status (nothing: no write).
         let differs = |r: &Replica, rr: &ReplicaReport| {
             r.spec.node == node
@@ -154,13 +192,10 @@ impl Manager {
                     || !r.status.message.is_empty())
         };
         for rr in &hb.replicas {
-            if stored
-                .get(rr.name.as_str())
-                .is_some_and(|r| !differs(r, rr))
-            {
+            if stored.get(rr.name.as_str()).is_none_or(|r| !differs(r, rr)) {
                 continue;
             }
-            store::modify::<Replica>(&*self.store, &rr.name, |r| {
+            store::modify::<Replica>(s, &rr.name, |r| {
                 if !differs(r, rr) {
                     return false;
                 }
@@ -172,7 +207,7 @@ impl Manager {
             })?;
         }
         for ee in &hb.engine_errors {
-            store::modify::<Engine>(&*self.store, &ee.volume, |e| {
+            store::modify::<Engine>(s, &ee.volume, |e| {
                 if e.spec.generation != ee.generation || e.spec.node != node {
                     return false;
                 }
@@ -182,7 +217,7 @@ impl Manager {
             })?;
         }
         for b in &hb.broken_replicas {
-            store::modify::<Replica>(&*self.store, &b.name, |r| {
+            store::modify::<Replica>(s, &b.name, |r| {
                 if r.spec.node != node {
                     return false;
                 }
@@ -199,7 +234,7 @@ impl Manager {
             })?;
         }
         for er in &hb.engines {
-            let Some(e) = store::get::<Engine>(&*self.store, &er.volume)? else {
+            let Some(e) = store::get::<Engine>(s, &er.volume)? else {
                 continue;
             };
             if e.spec.generation != er.generation || e.spec.node != node {
@@ -210,7 +245,7 @@ impl Manager {
                 .iter()
                 .filter(|r| r.mode == ReplicaMode::RW)
                 .count() as u32;
-            store::modify::<Engine>(&*self.store, &er.volume, |e| {
+            store::modify::<Engine>(s, &er.volume, |e| {
                 let uri = Some(er.nbd_uri.clone());
                 let changed = e.status.state != EngineState::Running
                     || e.status.nbd_uri != uri
@@ -224,6 +259,7 @@ impl Manager {
             })?;
             for rm in &er.replicas {
                 self.record_mode(
+                    s,
                     &rm.name,
                     &er.volume,
                     rm.mode,
@@ -236,40 +272,39 @@ impl Manager {
                 if er.replicas.iter().any(|r| r.name == want.name) {
                     continue;
                 }
-                let rw = store::get::<Replica>(&*self.store, &want.name)?
+                let rw = store::get::<Replica>(s, &want.name)?
                     .is_some_and(|r| r.status.mode == Some(ReplicaMode::RW));
                 if rw {
-                    self.record_mode(&want.name, &er.volume, ReplicaMode::ERR, None)?;
+                    self.record_mode(s, &want.name, &er.volume, ReplicaMode::ERR, None)?;
                 }
             }
         }
         for er in &hb.engines {
             if let Some(r) = &er.restore {
-                self.restore_report(&er.volume, r, &er.snapshots)?;
+                self.restore_report(s, &er.volume, r, &er.snapshots)?;
             }
-            let current = store::get::<Engine>(&*self.store, &er.volume)?
+            let current = store::get::<Engine>(s, &er.volume)?
                 .is_some_and(|e| e.spec.generation == er.generation && e.spec.node == node);
             if let Some(r) = &er.revert
                 && current
             {
-                self.revert_report(er, r)?;
+                self.revert_report(s, er, r)?;
             }
         }
-        self.backup_reports(node, &hb.backups)?;
+        self.backup_reports(s, node, &hb.backups)?;
         // Snapshots as the engines report them.
-        let snaps = store::list::<Snapshot>(&*self.store)?;
         for er in &hb.engines {
-            for sn in snaps.iter().filter(|x| x.spec.volume == er.volume) {
+            for sn in store::list_by::<Snapshot>(s, Field::Volume, &er.volume)? {
                 let found = er.snapshots.iter().find(|i| i.name == sn.spec.name);
                 match (found, sn.metadata.deletion_requested) {
-                    (None, Some(_)) => match store::delete(&*self.store, sn) {
+                    (None, Some(_)) => match store::delete(s, &sn) {
                         Ok(())
                         | Err(StoreError::NotFound { .. })
                         | Err(StoreError::Conflict { .. }) => {}
                         Err(e) => return Err(e.into()),
                     },
                     (Some(i), _) => {
-                        store::modify::<Snapshot>(&*self.store, &sn.metadata.name, |x| {
+                        store::modify::<Snapshot>(s, &sn.metadata.name, |x| {
                             let st = SnapshotStatus {
                                 ready: true,
                                 created: i.created,
@@ -287,32 +322,10 @@ impl Manager {
             }
         }
         let mut a = Assignments {
-            backups: self.backup_orders(node)?,
+            backups: self.backup_orders(s, node)?,
             ..Default::default()
         };
-        for sn in &snaps {
-            // Only engines serving an attached volume take or delete user snapshots: an engine
-            // that reverts or rebuilds a detached volume must not re-create what a revert
-            // discarded.
-            let here = store::get::<Engine>(&*self.store, &sn.spec.volume)?.is_some_and(|e| {
-                e.spec.node == node
-                    && e.spec.frontend
-                    && e.spec.revert.is_none()
-                    && e.metadata.deletion_requested.is_none()
-            });
-            if here {
-                a.snapshots.push(SnapshotOp {
-                    volume: sn.spec.volume.clone(),
-                    name: sn.spec.name.clone(),
-                    delete: sn.metadata.deletion_requested.is_some(),
-                });
-            }
-        }
-        // The list read above: this heartbeat changed only statuses, not what is assigned.
-        for r in &all_replicas {
-            if r.spec.node != node {
-                continue;
-            }
+        for r in &mine {
             if r.metadata.deletion_requested.is_some() {
                 let on_disk = reported.contains_key(r.metadata.name.as_str())
                     || hb.broken_replicas.iter().any(|b| b.name == r.metadata.name);
@@ -320,7 +333,7 @@ impl Manager {
                     a.delete_replicas.push(r.metadata.name.clone());
                 } else {
                     // The node no longer has it: the deletion is complete.
-                    match store::delete(&*self.store, r) {
+                    match store::delete(s, r) {
                         Ok(())
                         | Err(StoreError::NotFound { .. })
                         | Err(StoreError::Conflict { .. }) => {}
@@ -336,18 +349,16 @@ impl Manager {
                 size: r.spec.size,
             });
         }
-        for e in store::list::<Engine>(&*self.store)? {
-            if e.spec.node != node {
-                continue;
-            }
+        let running = |e: &Engine| {
+            hb.engines
+                .iter()
+                .any(|r| r.volume == e.spec.volume && r.generation == e.spec.generation)
+        };
+        for e in store::list_by::<Engine>(s, Field::Node, node)? {
             if e.metadata.deletion_requested.is_some() {
                 // Stopped once the node no longer reports it.
-                if !hb
-                    .engines
-                    .iter()
-                    .any(|r| r.volume == e.spec.volume && r.generation == e.spec.generation)
-                {
-                    match store::delete(&*self.store, &e) {
+                if !running(&e) {
+                    match store::delete(s, &e) {
                         Ok(())
                         | Err(StoreError::NotFound { .. })
                         | Err(StoreError::Conflict { .. }) => {}
@@ -356,13 +367,21 @@ impl Manager {
                 }
                 continue;
             }
-            if !hb
-                .engines
-                .iter()
-                .any(|r| r.volume == e.spec.volume && r.generation == e.spec.generation)
-            {
+            // Only engines serving an attached volume take or delete user snapshots: an engine
+            // that reverts or rebuilds a detached volume must not re-create what a revert
+            // discarded.
+            if e.spec.frontend && e.spec.revert.is_none() {
+                for sn in store::list_by::<Snapshot>(s, Field::Volume, &e.spec.volume)? {
+                    a.snapshots.push(SnapshotOp {
+                        volume: sn.spec.volume.clone(),
+                        name: sn.spec.name.clone(),
+                        delete: sn.metadata.deletion_requested.is_some(),
+                    });
+                }
+            }
+            if !running(&e) {
                 // Assigned but not (or no longer) running there, e.g. after the node restarted.
-                store::modify::<Engine>(&*self.store, &e.metadata.name, |e| {
+                store::modify::<Engine>(s, &e.metadata.name, |e| {
                     let changed =
                         e.status.state != EngineState::Starting || e.status.nbd_uri.is_some();
                     e.status.state = EngineState::Starting;
@@ -384,12 +403,13 @@ impl Manager {
 
     pub(crate) fn record_mode(
         &self,
+        s: &dyn crate::store::Store,
         replica: &str,
         volume: &str,
         mode: ReplicaMode,
         rebuild: Option<(u64, u64, u64)>,
     ) -> Result<Option<Replica>, ApiError> {
-        Ok(store::modify::<Replica>(&*self.store, replica, |r| {
+        Ok(store::modify::<Replica>(s, replica, |r| {
             if r.spec.volume != volume {
                 return false;
             }
@@ -432,7 +452,7 @@ impl Manager {
         // A replica already deleted has left the volume for good: nothing to record, and the
         // engine must not wait for it.
         Ok(self
-            .record_mode(&ev.replica, &ev.volume, ev.mode, None)?
+            .record_mode(&*self.store, &ev.replica, &ev.volume, ev.mode, None)?
             .unwrap_or_else(|| Replica {
                 metadata: Meta {
                     name: ev.replica.clone(),

@@ -132,3 +132,33 @@ pub fn plan_replicas(
     }
     plan
 }
+
+/// Whether a volume needs no look until one of its objects changes: nothing about it waits on
+/// time (a failed replica's replenishment wait, a restore, a revert, a standby's next backup, an
+/// engine starting or stopping). Node and setting changes make every volume looked at anyway.
+pub fn settled(v: &Volume, live: &[Replica], engine: Option<&Engine>) -> bool {
+    let replicas_ok = live.len() as u32 == v.spec.replicas
+        && live.iter().all(|r| {
+            r.status.state == ReplicaState::Running
+                && r.status.address.is_some()
+                && r.status.failed_at.is_none()
+                && r.status.mode != Some(ReplicaMode::ERR)
+                && r.spec.size >= v.spec.size
+        });
+    let quiet = v.metadata.deletion_requested.is_none()
+        && !v.spec.standby
+        && v.spec.revert.is_none()
+        && crate::backups::restore_done(v);
+    let engine_ok = match (engine, &v.spec.node) {
+        (None, None) => v.status.state == VolumeState::Detached,
+        (Some(e), Some(n)) => {
+            &e.spec.node == n
+                && e.status.state == EngineState::Running
+                && e.metadata.deletion_requested.is_none()
+                && v.status.state == VolumeState::Attached
+                && v.status.robustness == Robustness::Healthy
+        }
+        _ => false,
+    };
+    replicas_ok && quiet && engine_ok
+}

@@ -2,7 +2,7 @@
 //! the planner), scheduling, engine placement (attach, restore, offline rebuild, revert,
 //! salvage) and each volume's status.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -10,33 +10,136 @@ use std::time::Duration;
 use crate::ApiError;
 use crate::controller::{Manager, now};
 use crate::model::*;
-use crate::planner::{complete_copy_node, good_copy, plan_replicas, robustness};
-use crate::store::{self, StoreError};
+use crate::planner::{complete_copy_node, good_copy, plan_replicas, robustness, settled};
+use crate::store::{self, Event, Field, Store, StoreError};
 
-/// What a reconcile pass reads once for every volume.
+/// What a reconcile pass reads once and shares between the volumes it looks at.
 pub(crate) struct PassView<'a> {
     pub(crate) nodes: &'a HashMap<String, Node>,
-    pub(crate) backup_volumes: HashMap<String, BackupVolume>,
+    /// Every backup volume on a full pass; read one by one on a pass over a few volumes.
+    pub(crate) backup_volumes: Option<HashMap<String, BackupVolume>>,
+    /// Bytes promised per (node, disk), read the first time a replica is scheduled.
+    scheduled: std::cell::RefCell<Option<HashMap<(String, String), u64>>>,
+}
+
+impl PassView<'_> {
+    pub(crate) fn backup_volume(&self, s: &dyn Store, name: &str) -> Option<BackupVolume> {
+        match &self.backup_volumes {
+            Some(all) => all.get(name).cloned(),
+            None => store::get::<BackupVolume>(s, name).ok().flatten(),
+        }
+    }
+}
+
+/// How often every volume is looked at even when nothing about it changed.
+const FULL_PASS_EVERY: Duration = Duration::from_secs(10);
+
+/// What changes since the last pass ask the next one to look at.
+#[derive(Default)]
+struct Dirty {
+    full: bool,
+    volumes: BTreeSet<String>,
+    backups: bool,
+}
+
+impl Dirty {
+    fn note(&mut self, ev: &Event) {
+        match ev.kind.as_str() {
+            "volume" | "engine" => {
+                self.volumes.insert(ev.name.clone());
+            }
+            "replica" | "snapshot" => {
+                self.volumes.extend(ev.volume.clone());
+            }
+            "backup" => {
+                self.backups = true;
+                self.volumes.extend(ev.volume.clone());
+            }
+            // Nodes, settings, targets and backup volumes concern many volumes.
+            _ => self.full = true,
+        }
+        if ev.kind == "engine" || ev.kind == "backuptarget" {
+            self.backups = true;
+        }
+    }
 }
 
 impl Manager {
-    /// Runs the reconcile loop until the process ends: on every store change and every 500 ms.
+    /// Runs the reconcile loop until the process ends. A pass looks at the volumes that changed
+    /// since the last one and those still settling; every volume is looked at on the first pass,
+    /// after a node, setting or target change, and every [`FULL_PASS_EVERY`]. Passes run on
+    /// the blocking pool, at once after a change and at least every 500 ms.
     pub async fn run(self: Arc<Self>) {
         let mut events = self.store.watch();
+        let mut dirty = Dirty {
+            full: true,
+            ..Default::default()
+        };
+        let mut unsettled: BTreeSet<String> = BTreeSet::new();
+        let mut last_full = tokio::time::Instant::now();
         loop {
             self.reconciles.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = self.reconcile() {
-                self.reconcile_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e.message, "reconcile failed");
+            let full = dirty.full || last_full.elapsed() >= FULL_PASS_EVERY;
+            let work = std::mem::take(&mut dirty);
+            let only = (!full).then(|| {
+                let mut v = work.volumes;
+                v.extend(unsettled.iter().cloned());
+                v
+            });
+            if full {
+                last_full = tokio::time::Instant::now();
             }
-            let _ = tokio::time::timeout(Duration::from_millis(500), events.recv()).await;
+            let m = self.clone();
+            let backups = full || work.backups;
+            let r =
+                tokio::task::spawn_blocking(move || m.reconcile_pass(only.as_ref(), backups)).await;
+            match r {
+                Ok(Ok(u)) => unsettled = u,
+                Ok(Err(e)) => {
+                    self.reconcile_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e.message, "reconcile failed");
+                    dirty.full = true;
+                }
+                Err(e) => {
+                    self.reconcile_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, "reconcile pass did not finish");
+                    dirty.full = true;
+                }
+            }
+            let mut take = |r: Result<Event, tokio::sync::broadcast::error::RecvError>| match r {
+                Ok(ev) => dirty.note(&ev),
+                // Missed changes: look at everything.
+                Err(_) => dirty.full = true,
+            };
+            if let Ok(r) = tokio::time::timeout(Duration::from_millis(500), events.recv()).await {
+                take(r);
+            }
             // Coalesce bursts.
-            while events.try_recv().is_ok() {}
+            loop {
+                match events.try_recv() {
+                    Ok(ev) => take(Ok(ev)),
+                    Err(tokio::sync::broadcast::error::TryRecvError::Empty) => break,
+                    Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {
+                        take(Err(tokio::sync::broadcast::error::RecvError::Closed))
+                    }
+                    Err(tokio::sync::broadcast::error::TryRecvError::Closed) => return,
+                }
+            }
         }
     }
 
     /// One pass over every object.
     pub fn reconcile(&self) -> Result<(), ApiError> {
+        self.reconcile_pass(None, true).map(|_| ())
+    }
+
+    /// One pass over the volumes in `only` (all when `None`), and over unfinished backups when
+    /// `backups`. Returns the volumes that are not settled (they are looked at again next pass).
+    pub(crate) fn reconcile_pass(
+        &self,
+        only: Option<&BTreeSet<String>>,
+        backups: bool,
+    ) -> Result<BTreeSet<String>, ApiError> {
         let t = self.now_s();
         let s = &*self.store;
         let down_after = self.setting_u64("node-down-timeout");
@@ -59,86 +162,139 @@ impl Manager {
             .into_iter()
             .map(|n| (n.metadata.name.clone(), n))
             .collect();
-        // Every replica read once per pass, indexed by volume.
-        let mut by_volume: HashMap<String, Vec<Replica>> = HashMap::new();
-        for r in store::list::<Replica>(s)? {
-            by_volume.entry(r.spec.volume.clone()).or_default().push(r);
-        }
-        let engines: HashMap<String, Engine> = store::list::<Engine>(s)?
-            .into_iter()
-            .map(|e| (e.spec.volume.clone(), e))
-            .collect();
-        let volumes = store::list::<Volume>(s)?;
-        let pass = PassView {
+        let mut pass = PassView {
             nodes: &nodes,
-            backup_volumes: store::list::<BackupVolume>(s)?
-                .into_iter()
-                .map(|b| (b.metadata.name.clone(), b))
-                .collect(),
+            backup_volumes: None,
+            scheduled: Default::default(),
         };
-        let wait = self.setting_u64("replica-replenishment-wait-interval");
-        let soft = self.setting("replica-soft-anti-affinity") == "true";
-        for v in &volumes {
-            let name = v.metadata.name.clone();
-            let mut vreps: Vec<Replica> = by_volume.remove(&name).unwrap_or_default();
-            // Replicas on nodes that are down count as failed.
-            for r in vreps.iter_mut() {
-                let up = nodes
-                    .get(&r.spec.node)
-                    .is_some_and(|n| n.status.state == NodeState::Up);
-                if !up && r.metadata.deletion_requested.is_none() {
-                    let changed = store::modify::<Replica>(s, &r.metadata.name, |r| {
-                        let before = r.status.clone();
-                        r.status.state = ReplicaState::Stopped;
-                        if r.status.failed_at.is_none() {
-                            r.status.failed_at = Some(t);
+        let mut unsettled = BTreeSet::new();
+        match only {
+            Some(names) => {
+                for name in names {
+                    let v = store::get::<Volume>(s, name)?;
+                    let engine = store::get::<Engine>(s, name)?;
+                    let Some(v) = v else {
+                        // An engine whose volume is gone.
+                        if let Some(e) = engine {
+                            self.stop_engine(&e, &nodes)?;
                         }
-                        if r.status.mode == Some(ReplicaMode::RW) {
-                            r.status.mode = Some(ReplicaMode::ERR);
-                        }
-                        r.status != before
+                        continue;
+                    };
+                    let vreps = store::list_by::<Replica>(s, Field::Volume, name)?;
+                    if !self.reconcile_volume(&v, vreps, engine.as_ref(), &pass, t)? {
+                        unsettled.insert(name.clone());
+                    }
+                }
+            }
+            None => {
+                // Every replica read once per pass, indexed by volume.
+                let mut by_volume: HashMap<String, Vec<Replica>> = HashMap::new();
+                for r in store::list::<Replica>(s)? {
+                    by_volume.entry(r.spec.volume.clone()).or_default().push(r);
+                }
+                let engines: HashMap<String, Engine> = store::list::<Engine>(s)?
+                    .into_iter()
+                    .map(|e| (e.spec.volume.clone(), e))
+                    .collect();
+                let volumes = store::list::<Volume>(s)?;
+                pass.backup_volumes = Some(
+                    store::list::<BackupVolume>(s)?
+                        .into_iter()
+                        .map(|b| (b.metadata.name.clone(), b))
+                        .collect(),
+                );
+                for v in &volumes {
+                    let name = &v.metadata.name;
+                    let vreps = by_volume.remove(name).unwrap_or_default();
+                    if !self.reconcile_volume(v, vreps, engines.get(name), &pass, t)? {
+                        unsettled.insert(name.clone());
+                    }
+                }
+                let names: std::collections::HashSet<&str> =
+                    volumes.iter().map(|v| v.metadata.name.as_str()).collect();
+                for e in engines.values() {
+                    if !names.contains(e.spec.volume.as_str()) {
+                        self.stop_engine(e, &nodes)?;
+                    }
+                }
+            }
+        }
+        if backups {
+            self.reconcile_backups()?;
+        }
+        Ok(unsettled)
+    }
+
+    /// One volume's step: replicas on down nodes, deletion, the replica plan and scheduling,
+    /// expansion, the engine and the status. Returns whether the volume is settled.
+    fn reconcile_volume(
+        &self,
+        v: &Volume,
+        mut vreps: Vec<Replica>,
+        engine: Option<&Engine>,
+        pass: &PassView<'_>,
+        t: u64,
+    ) -> Result<bool, ApiError> {
+        let s = &*self.store;
+        let nodes = pass.nodes;
+        let name = v.metadata.name.clone();
+        // Replicas on nodes that are down count as failed.
+        for r in vreps.iter_mut() {
+            let up = nodes
+                .get(&r.spec.node)
+                .is_some_and(|n| n.status.state == NodeState::Up);
+            if !up && r.metadata.deletion_requested.is_none() {
+                let changed = store::modify::<Replica>(s, &r.metadata.name, |r| {
+                    let before = r.status.clone();
+                    r.status.state = ReplicaState::Stopped;
+                    if r.status.failed_at.is_none() {
+                        r.status.failed_at = Some(t);
+                    }
+                    if r.status.mode == Some(ReplicaMode::RW) {
+                        r.status.mode = Some(ReplicaMode::ERR);
+                    }
+                    r.status != before
+                })?;
+                if let Some(now_r) = changed {
+                    *r = now_r;
+                }
+            }
+        }
+        if v.metadata.deletion_requested.is_some() {
+            if let Some(e) = engine {
+                self.stop_engine(e, nodes)?;
+                return Ok(false);
+            }
+            for r in &vreps {
+                if r.metadata.deletion_requested.is_none() {
+                    store::modify::<Replica>(s, &r.metadata.name, |r| {
+                        r.metadata.deletion_requested = Some(t);
+                        true
                     })?;
-                    if let Some(now_r) = changed {
-                        *r = now_r;
-                    }
                 }
             }
-            if v.metadata.deletion_requested.is_some() {
-                if let Some(e) = engines.get(&name) {
-                    self.stop_engine(e, &nodes)?;
-                    continue;
+            if vreps.is_empty() {
+                for sn in store::list_by::<Snapshot>(s, Field::Volume, &name)? {
+                    let _ = store::delete(s, &sn);
                 }
-                for r in &vreps {
-                    if r.metadata.deletion_requested.is_none() {
-                        store::modify::<Replica>(s, &r.metadata.name, |r| {
-                            r.metadata.deletion_requested = Some(t);
-                            true
-                        })?;
-                    }
+                tracing::info!(volume = %name, "volume deleted");
+                match store::delete(s, v) {
+                    Ok(())
+                    | Err(StoreError::NotFound { .. })
+                    | Err(StoreError::Conflict { .. }) => {}
+                    Err(e) => return Err(e.into()),
                 }
-                if vreps.is_empty() {
-                    for sn in store::list::<Snapshot>(s)?
-                        .iter()
-                        .filter(|x| x.spec.volume == name)
-                    {
-                        let _ = store::delete(s, sn);
-                    }
-                    tracing::info!(volume = %name, "volume deleted");
-                    match store::delete(s, v) {
-                        Ok(())
-                        | Err(StoreError::NotFound { .. })
-                        | Err(StoreError::Conflict { .. }) => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                continue;
             }
-            let live: Vec<Replica> = vreps
-                .iter()
-                .filter(|r| r.metadata.deletion_requested.is_none())
-                .cloned()
-                .collect();
-            let plan = plan_replicas(v, &live, &nodes, t, wait);
+            return Ok(false);
+        }
+        let mut live: Vec<Replica> = vreps
+            .into_iter()
+            .filter(|r| r.metadata.deletion_requested.is_none())
+            .collect();
+        let wait = self.setting_u64("replica-replenishment-wait-interval");
+        let mut scheduled = 0;
+        loop {
+            let plan = plan_replicas(v, &live, nodes, t, wait);
             for (r, why) in &plan.delete {
                 tracing::warn!(volume = %name, replica = %r, reason = why, "deleting replica");
                 store::modify::<Replica>(s, r, |r| {
@@ -147,35 +303,33 @@ impl Manager {
                     fresh
                 })?;
             }
-            let live: Vec<Replica> = live
-                .into_iter()
-                .filter(|r| !plan.delete.iter().any(|(d, _)| d == &r.metadata.name))
-                .collect();
-            if plan.schedule {
-                self.schedule_replica(v, &live, &nodes, soft)?;
+            live.retain(|r| !plan.delete.iter().any(|(d, _)| d == &r.metadata.name));
+            // Every missing replica is placed in this pass (each placement sees the others).
+            if !plan.schedule || scheduled >= v.spec.replicas {
+                break;
             }
-            // Expansion of a detached volume reaches its replicas.
-            for r in &live {
-                if r.spec.size < v.spec.size {
-                    store::modify::<Replica>(s, &r.metadata.name, |r| {
-                        r.spec.size = v.spec.size;
-                        true
-                    })?;
-                }
+            let soft = self.setting("replica-soft-anti-affinity") == "true";
+            match self.schedule_replica(v, &live, pass, soft)? {
+                Some(r) => live.push(r),
+                None => break,
             }
-            self.reconcile_engine(v, &live, engines.get(&name), &nodes)?;
-            self.update_volume_status(v, &live, &pass)?;
-            self.reconcile_activation(v)?;
+            scheduled += 1;
         }
-        let names: std::collections::HashSet<&str> =
-            volumes.iter().map(|v| v.metadata.name.as_str()).collect();
-        for e in engines.values() {
-            if !names.contains(e.spec.volume.as_str()) {
-                self.stop_engine(e, &nodes)?;
+        // Expansion of a detached volume reaches its replicas.
+        for r in &live {
+            if r.spec.size < v.spec.size {
+                store::modify::<Replica>(s, &r.metadata.name, |r| {
+                    r.spec.size = v.spec.size;
+                    true
+                })?;
             }
         }
-        self.reconcile_backups()?;
-        Ok(())
+        self.reconcile_engine(v, &live, engine, nodes)?;
+        self.update_volume_status(v, &live, pass)?;
+        self.reconcile_activation(v)?;
+        let engine = store::get::<Engine>(s, &name)?;
+        let v = store::get::<Volume>(s, &name)?;
+        Ok(v.is_some_and(|v| settled(&v, &live, engine.as_ref())))
     }
 
     /// Asks the engine's node to stop it; the object goes when the node confirms, or at once when
@@ -206,22 +360,31 @@ impl Manager {
         Ok(())
     }
 
+    /// Places one more replica of `v` on the up, schedulable node (and disk) with the most room
+    /// that holds none of its replicas yet (any node when `soft`). Returns it, or `None` (and a
+    /// message on the volume) when no node has room.
     pub(crate) fn schedule_replica(
         &self,
         v: &Volume,
         live: &[Replica],
-        nodes: &HashMap<String, Node>,
+        pass: &PassView<'_>,
         soft: bool,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Option<Replica>, ApiError> {
         let s = &*self.store;
-        let all = store::list::<Replica>(s)?;
-        // Bytes already promised per disk.
-        let mut scheduled: HashMap<(String, String), u64> = HashMap::new();
-        for r in &all {
-            *scheduled
-                .entry((r.spec.node.clone(), r.spec.disk.clone()))
-                .or_default() += r.spec.size;
+        let nodes = pass.nodes;
+        let mut cell = pass.scheduled.borrow_mut();
+        if cell.is_none() {
+            // Bytes already promised per disk, read once per pass.
+            let mut m: HashMap<(String, String), u64> = HashMap::new();
+            for n in nodes.keys() {
+                for r in store::list_by::<Replica>(s, Field::Node, n)? {
+                    *m.entry((r.spec.node.clone(), r.spec.disk.clone()))
+                        .or_default() += r.spec.size;
+                }
+            }
+            *cell = Some(m);
         }
+        let scheduled = cell.get_or_insert_with(HashMap::new);
         let mut best: Option<(bool, u64, String, String)> = None;
         for n in nodes.values() {
             if n.status.state != NodeState::Up || !n.spec.allow_scheduling {
@@ -242,7 +405,10 @@ impl Manager {
                 }
                 let free = d.capacity.saturating_mul(2) - used - v.spec.size;
                 let cand = (!has, free, n.metadata.name.clone(), d.path.clone());
-                if best.as_ref().is_none_or(|b| (cand.0, cand.1) > (b.0, b.1)) {
+                if best
+                    .as_ref()
+                    .is_none_or(|b| (cand.0, cand.1, &b.2) > (b.0, b.1, &cand.2))
+                {
                     best = Some(cand);
                 }
             }
@@ -254,7 +420,7 @@ impl Manager {
                 v.status.message = msg;
                 c
             })?;
-            return Ok(());
+            return Ok(None);
         };
         let r = Replica {
             metadata: Meta {
@@ -264,7 +430,7 @@ impl Manager {
             spec: ReplicaSpec {
                 volume: v.metadata.name.clone(),
                 node: node.clone(),
-                disk,
+                disk: disk.clone(),
                 size: v.spec.size,
             },
             status: ReplicaStatus {
@@ -273,8 +439,9 @@ impl Manager {
             },
         };
         tracing::info!(volume = %v.metadata.name, replica = %r.metadata.name, %node, "scheduled replica");
-        store::create(s, &r)?;
-        Ok(())
+        let r = store::create(s, &r)?;
+        *scheduled.entry((node, disk)).or_default() += v.spec.size;
+        Ok(Some(r))
     }
 
     pub(crate) fn engine_replicas(
@@ -562,8 +729,10 @@ impl Manager {
             &v.metadata.name
         };
         let (last_backup, last_backup_at) = pass
-            .backup_volumes
-            .get(&format!("{}.{followed}", crate::backups::volume_target(v)))
+            .backup_volume(
+                s,
+                &format!("{}.{followed}", crate::backups::volume_target(v)),
+            )
             .map(|b| (b.status.last_backup.clone(), b.status.last_backup_at))
             .unwrap_or_default();
         // Why a volume waits: its engine cannot start on its node.

@@ -210,14 +210,15 @@ impl Manager {
     /// Records an engine's restore progress and its snapshot list.
     pub(crate) fn restore_report(
         &self,
+        s: &dyn crate::store::Store,
         volume: &str,
         r: &RestoreReport,
         snapshots: &[SnapshotInfo],
     ) -> Result<(), ApiError> {
-        let created_ms = store::get::<Backup>(&*self.store, &r.backup)?
+        let created_ms = store::get::<Backup>(s, &r.backup)?
             .map(|b| b.status.created_ms)
             .unwrap_or(0);
-        store::modify::<Volume>(&*self.store, volume, |v| {
+        store::modify::<Volume>(s, volume, |v| {
             if v.spec.from_backup.is_empty() || (!v.spec.standby && v.spec.from_backup != r.backup)
             {
                 return false;

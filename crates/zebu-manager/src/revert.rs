@@ -79,10 +79,10 @@ impl Manager {
     /// snapshot objects no longer in the chain are removed.
     pub(crate) fn revert_report(
         &self,
+        s: &dyn crate::store::Store,
         er: &EngineReport,
         r: &RevertReport,
     ) -> Result<(), ApiError> {
-        let s = &*self.store;
         let ok = r.error.is_empty();
         let asked = store::get::<Volume>(s, &er.volume)?
             .is_some_and(|v| v.spec.revert.as_deref() == Some(r.snapshot.as_str()));
@@ -91,7 +91,7 @@ impl Manager {
         }
         if ok {
             // Before the revert shows as done: whoever sees it done sees the rest too.
-            for rep in store::list::<Replica>(s)? {
+            for rep in store::list_by::<Replica>(s, store::Field::Volume, &er.volume)? {
                 let reverted = er
                     .replicas
                     .iter()
@@ -101,12 +101,12 @@ impl Manager {
                     && rep.metadata.deletion_requested.is_none()
                 {
                     tracing::warn!(volume = %er.volume, replica = %rep.metadata.name, "replica missed the revert; it is rebuilt before it is used");
-                    self.record_mode(&rep.metadata.name, &er.volume, ReplicaMode::ERR, None)?;
+                    self.record_mode(s, &rep.metadata.name, &er.volume, ReplicaMode::ERR, None)?;
                 }
             }
             // The reverted-to snapshot is in any real chain; an empty one is a failed read.
             let chain: BTreeSet<&str> = er.snapshots.iter().map(|x| x.name.as_str()).collect();
-            for sn in store::list::<Snapshot>(s)? {
+            for sn in store::list_by::<Snapshot>(s, store::Field::Volume, &er.volume)? {
                 if sn.spec.volume == er.volume
                     && chain.contains(r.snapshot.as_str())
                     && !chain.contains(sn.spec.name.as_str())

@@ -2,6 +2,7 @@
 //! watch, durable counters) and its embedded implementation on redb. Objects are JSON documents
 //! keyed by kind and name; the store owns `metadata.resourceVersion`, `uid` and `created`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -36,28 +37,150 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// A change to an object.
+/// A change to an object. `volume` and `node` are the object's `spec.volume` and `spec.node`
+/// (for a deleted object, its last value's), so a watcher can tell what a change concerns
+/// without reading the object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     pub kind: String,
     pub name: String,
     pub resource_version: u64,
     pub deleted: bool,
+    pub volume: Option<String>,
+    pub node: Option<String>,
+}
+
+impl Event {
+    pub(crate) fn of(a: &Applied) -> Event {
+        let field = |f: &str| {
+            a.value
+                .as_ref()
+                .or(a.old.as_ref())
+                .and_then(|v| v.pointer(f))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        Event {
+            kind: a.kind.clone(),
+            name: a.name.clone(),
+            resource_version: a.revision,
+            deleted: a.value.is_none(),
+            volume: field("/spec/volume"),
+            node: field("/spec/node"),
+        }
+    }
+}
+
+/// One write of a transaction.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Fails when an object of that kind and name exists.
+    Create { kind: String, obj: Value },
+    /// Fails unless the stored resourceVersion equals the one in `obj`.
+    Update { kind: String, obj: Value },
+    /// With a resourceVersion, only at that version.
+    Delete {
+        kind: String,
+        name: String,
+        resource_version: Option<u64>,
+    },
+}
+
+/// What a committed transaction left of one object: its stored value (`None`: deleted) and its
+/// value before.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub kind: String,
+    pub name: String,
+    pub value: Option<Value>,
+    pub old: Option<Value>,
+    /// The transaction's revision: every object it wrote carries it as resourceVersion.
+    pub revision: u64,
+}
+
+/// A field the stores index objects by: `spec.volume` or `spec.node`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Field {
+    Volume,
+    Node,
+}
+
+impl Field {
+    pub const ALL: [Field; 2] = [Field::Volume, Field::Node];
+
+    pub fn pointer(self) -> &'static str {
+        match self {
+            Field::Volume => "/spec/volume",
+            Field::Node => "/spec/node",
+        }
+    }
+
+    pub fn of(self, v: &Value) -> Option<&str> {
+        v.pointer(self.pointer()).and_then(Value::as_str)
+    }
 }
 
 /// Where control-plane objects live.
-pub trait Store: Send + Sync + 'static {
+pub trait Store: Send + Sync {
     fn get(&self, kind: &str, name: &str) -> Result<Option<Value>>;
     fn list(&self, kind: &str) -> Result<Vec<Value>>;
-    /// Creates an object; fails when one of that kind and name exists.
-    fn create(&self, kind: &str, obj: Value) -> Result<Value>;
-    /// Replaces an object if its stored resourceVersion equals the one in `obj`.
-    fn update(&self, kind: &str, obj: Value) -> Result<Value>;
-    /// Deletes an object (if `resource_version` is given, only at that version).
-    fn delete(&self, kind: &str, name: &str, resource_version: Option<u64>) -> Result<()>;
+    /// The objects of a kind whose `field` equals `value`.
+    fn list_by(&self, kind: &str, field: Field, value: &str) -> Result<Vec<Value>> {
+        let mut all = self.list(kind)?;
+        all.retain(|o| field.of(o) == Some(value));
+        Ok(all)
+    }
+    /// Applies every op or none: each op is checked against the objects as the ops before it
+    /// left them; any failed check fails the whole transaction and writes nothing. Every object
+    /// written gets the same new resourceVersion.
+    fn commit(&self, ops: Vec<Op>) -> Result<Vec<Applied>>;
     /// Increments and returns a named durable counter.
     fn next(&self, counter: &str) -> Result<u64>;
     fn watch(&self) -> broadcast::Receiver<Event>;
+
+    /// Creates an object; fails when one of that kind and name exists.
+    fn create(&self, kind: &str, obj: Value) -> Result<Value> {
+        let name = name_of(&obj)?;
+        one(
+            self.commit(vec![Op::Create {
+                kind: kind.into(),
+                obj,
+            }])?,
+            kind,
+            name,
+        )
+    }
+    /// Replaces an object if its stored resourceVersion equals the one in `obj`.
+    fn update(&self, kind: &str, obj: Value) -> Result<Value> {
+        let name = name_of(&obj)?;
+        one(
+            self.commit(vec![Op::Update {
+                kind: kind.into(),
+                obj,
+            }])?,
+            kind,
+            name,
+        )
+    }
+    /// Deletes an object (if `resource_version` is given, only at that version).
+    fn delete(&self, kind: &str, name: &str, resource_version: Option<u64>) -> Result<()> {
+        self.commit(vec![Op::Delete {
+            kind: kind.into(),
+            name: name.into(),
+            resource_version,
+        }])?;
+        Ok(())
+    }
+}
+
+fn one(applied: Vec<Applied>, kind: &str, name: String) -> Result<Value> {
+    applied
+        .into_iter()
+        .find_map(|a| a.value)
+        .ok_or_else(|| StoreError::NotFound {
+            kind: kind.into(),
+            name,
+        })
 }
 
 fn now() -> u64 {
@@ -67,22 +190,22 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn be<E: std::fmt::Display>(e: E) -> StoreError {
+pub(crate) fn be<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-fn key(kind: &str, name: &str) -> String {
+pub(crate) fn key(kind: &str, name: &str) -> String {
     format!("{kind}/{name}")
 }
 
-fn name_of(obj: &Value) -> Result<String> {
+pub(crate) fn name_of(obj: &Value) -> Result<String> {
     obj.pointer("/metadata/name")
         .and_then(Value::as_str)
         .map(str::to_string)
         .ok_or_else(|| StoreError::Backend("object has no metadata.name".into()))
 }
 
-fn rv_of(obj: &Value) -> u64 {
+pub(crate) fn rv_of(obj: &Value) -> u64 {
     obj.pointer("/metadata/resourceVersion")
         .and_then(Value::as_u64)
         .unwrap_or(0)
@@ -126,9 +249,94 @@ fn stamp_update(old: &Value, obj: &mut Value, rv: u64) {
     set_meta(obj, "resourceVersion", rv.into());
 }
 
+/// Checks a transaction's ops against the stored objects (`current` reads one by key; each op
+/// sees what the ops before it wrote) and stamps what they write with revision `rv`. Returns the
+/// final value of every object touched, in key order; nothing is written here.
+pub(crate) fn plan_commit(
+    ops: Vec<Op>,
+    rv: u64,
+    mut current: impl FnMut(&str) -> Result<Option<Value>>,
+) -> Result<Vec<(String, Applied)>> {
+    let mut touched: BTreeMap<String, Applied> = BTreeMap::new();
+    for op in ops {
+        let (kind, name) = match &op {
+            Op::Create { kind, obj } | Op::Update { kind, obj } => (kind.clone(), name_of(obj)?),
+            Op::Delete { kind, name, .. } => (kind.clone(), name.clone()),
+        };
+        let k = key(&kind, &name);
+        let now = match touched.get(&k) {
+            Some(a) => a.value.clone(),
+            None => current(&k)?,
+        };
+        let new = match op {
+            Op::Create { mut obj, .. } => {
+                if now.is_some() {
+                    return Err(StoreError::Exists { kind, name });
+                }
+                stamp_new(&mut obj, rv);
+                Some(obj)
+            }
+            Op::Update { mut obj, .. } => {
+                let Some(old) = &now else {
+                    return Err(StoreError::NotFound { kind, name });
+                };
+                let (expected, found) = (rv_of(&obj), rv_of(old));
+                if expected != found {
+                    return Err(StoreError::Conflict {
+                        kind,
+                        name,
+                        expected,
+                        found,
+                    });
+                }
+                stamp_update(old, &mut obj, rv);
+                Some(obj)
+            }
+            Op::Delete {
+                resource_version, ..
+            } => {
+                let Some(old) = &now else {
+                    return Err(StoreError::NotFound { kind, name });
+                };
+                if let Some(expected) = resource_version
+                    && expected != rv_of(old)
+                {
+                    return Err(StoreError::Conflict {
+                        kind,
+                        name,
+                        expected,
+                        found: rv_of(old),
+                    });
+                }
+                None
+            }
+        };
+        match touched.get_mut(&k) {
+            Some(a) => a.value = new,
+            None => {
+                touched.insert(
+                    k,
+                    Applied {
+                        kind,
+                        name,
+                        value: new,
+                        old: now,
+                        revision: rv,
+                    },
+                );
+            }
+        }
+    }
+    // Created and deleted in the same transaction: nothing happened.
+    Ok(touched
+        .into_iter()
+        .filter(|(_, a)| a.value.is_some() || a.old.is_some())
+        .collect())
+}
+
 /// The store in memory, for tests of policy without files: the same contract as [`RedbStore`].
 pub struct MemStore {
-    objects: std::sync::Mutex<std::collections::BTreeMap<String, Value>>,
+    objects: std::sync::Mutex<BTreeMap<String, Value>>,
     counters: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     events: broadcast::Sender<Event>,
 }
@@ -149,15 +357,6 @@ impl MemStore {
         let v = c.entry(counter.to_string()).or_insert(0);
         *v += 1;
         Ok(*v)
-    }
-
-    fn emit(&self, kind: &str, name: &str, rv: u64, deleted: bool) {
-        let _ = self.events.send(Event {
-            kind: kind.to_string(),
-            name: name.to_string(),
-            resource_version: rv,
-            deleted,
-        });
     }
 }
 
@@ -183,75 +382,34 @@ impl Store for MemStore {
             .collect())
     }
 
-    fn create(&self, kind: &str, mut obj: Value) -> Result<Value> {
-        let name = name_of(&obj)?;
+    fn commit(&self, ops: Vec<Op>) -> Result<Vec<Applied>> {
         let mut objects = self.objects.lock().map_err(be)?;
-        let k = key(kind, &name);
-        if objects.contains_key(&k) {
-            return Err(StoreError::Exists {
-                kind: kind.into(),
-                name,
-            });
+        let rv = self
+            .counters
+            .lock()
+            .map_err(be)?
+            .get(REVISION)
+            .copied()
+            .unwrap_or(0)
+            + 1;
+        let planned = plan_commit(ops, rv, |k| Ok(objects.get(k).cloned()))?;
+        if planned.is_empty() {
+            return Ok(Vec::new());
         }
-        let rv = self.bump(REVISION)?;
-        stamp_new(&mut obj, rv);
-        objects.insert(k, obj.clone());
-        drop(objects);
-        self.emit(kind, &name, rv, false);
-        Ok(obj)
-    }
-
-    fn update(&self, kind: &str, mut obj: Value) -> Result<Value> {
-        let name = name_of(&obj)?;
-        let mut objects = self.objects.lock().map_err(be)?;
-        let k = key(kind, &name);
-        let Some(old) = objects.get(&k) else {
-            return Err(StoreError::NotFound {
-                kind: kind.into(),
-                name,
-            });
-        };
-        let (expected, found) = (rv_of(&obj), rv_of(old));
-        if expected != found {
-            return Err(StoreError::Conflict {
-                kind: kind.into(),
-                name,
-                expected,
-                found,
-            });
+        self.bump(REVISION)?;
+        let mut out = Vec::with_capacity(planned.len());
+        for (k, a) in planned {
+            match &a.value {
+                Some(v) => objects.insert(k, v.clone()),
+                None => objects.remove(&k),
+            };
+            out.push(a);
         }
-        let rv = self.bump(REVISION)?;
-        stamp_update(old, &mut obj, rv);
-        objects.insert(k, obj.clone());
         drop(objects);
-        self.emit(kind, &name, rv, false);
-        Ok(obj)
-    }
-
-    fn delete(&self, kind: &str, name: &str, resource_version: Option<u64>) -> Result<()> {
-        let mut objects = self.objects.lock().map_err(be)?;
-        let k = key(kind, name);
-        let Some(old) = objects.get(&k) else {
-            return Err(StoreError::NotFound {
-                kind: kind.into(),
-                name: name.into(),
-            });
-        };
-        if let Some(exp) = resource_version
-            && rv_of(old) != exp
-        {
-            return Err(StoreError::Conflict {
-                kind: kind.into(),
-                name: name.into(),
-                expected: exp,
-                found: rv_of(old),
-            });
+        for a in &out {
+            let _ = self.events.send(Event::of(a));
         }
-        objects.remove(&k);
-        drop(objects);
-        let rv = self.bump(REVISION)?;
-        self.emit(kind, name, rv, true);
-        Ok(())
+        Ok(out)
     }
 
     fn next(&self, counter: &str) -> Result<u64> {
@@ -289,15 +447,6 @@ impl RedbStore {
         t.insert(counter, cur + 1).map_err(be)?;
         Ok(cur + 1)
     }
-
-    fn emit(&self, kind: &str, name: &str, rv: u64, deleted: bool) {
-        let _ = self.events.send(Event {
-            kind: kind.to_string(),
-            name: name.to_string(),
-            resource_version: rv,
-            deleted,
-        });
-    }
 }
 
 impl Store for RedbStore {
@@ -323,100 +472,41 @@ impl Store for RedbStore {
         Ok(out)
     }
 
-    fn create(&self, kind: &str, mut obj: Value) -> Result<Value> {
-        let name = name_of(&obj)?;
-        let k = key(kind, &name);
+    fn commit(&self, ops: Vec<Op>) -> Result<Vec<Applied>> {
         let tx = self.db.begin_write().map_err(be)?;
-        let rv;
+        let out;
         {
             let mut t = tx.open_table(OBJECTS).map_err(be)?;
-            if t.get(k.as_str()).map_err(be)?.is_some() {
-                return Err(StoreError::Exists {
-                    kind: kind.into(),
-                    name,
-                });
-            }
             let mut c = tx.open_table(COUNTERS).map_err(be)?;
-            rv = Self::bump(&mut c, REVISION)?;
-            stamp_new(&mut obj, rv);
-            let bytes = serde_json::to_vec(&obj).map_err(be)?;
-            t.insert(k.as_str(), bytes.as_slice()).map_err(be)?;
+            let next = c.get(REVISION).map_err(be)?.map(|v| v.value()).unwrap_or(0) + 1;
+            let planned = plan_commit(ops, next, |k| match t.get(k).map_err(be)? {
+                Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(be)?)),
+                None => Ok(None),
+            })?;
+            if planned.is_empty() {
+                return Ok(Vec::new());
+            }
+            Self::bump(&mut c, REVISION)?;
+            let mut applied = Vec::with_capacity(planned.len());
+            for (k, a) in planned {
+                match &a.value {
+                    Some(v) => {
+                        let bytes = serde_json::to_vec(v).map_err(be)?;
+                        t.insert(k.as_str(), bytes.as_slice()).map_err(be)?;
+                    }
+                    None => {
+                        t.remove(k.as_str()).map_err(be)?;
+                    }
+                }
+                applied.push(a);
+            }
+            out = applied;
         }
         tx.commit().map_err(be)?;
-        self.emit(kind, &name, rv, false);
-        Ok(obj)
-    }
-
-    fn update(&self, kind: &str, mut obj: Value) -> Result<Value> {
-        let name = name_of(&obj)?;
-        let k = key(kind, &name);
-        let expected = rv_of(&obj);
-        let tx = self.db.begin_write().map_err(be)?;
-        let rv;
-        {
-            let mut t = tx.open_table(OBJECTS).map_err(be)?;
-            let old: Value = match t.get(k.as_str()).map_err(be)? {
-                Some(v) => serde_json::from_slice(v.value()).map_err(be)?,
-                None => {
-                    return Err(StoreError::NotFound {
-                        kind: kind.into(),
-                        name,
-                    });
-                }
-            };
-            let found = rv_of(&old);
-            if found != expected {
-                return Err(StoreError::Conflict {
-                    kind: kind.into(),
-                    name,
-                    expected,
-                    found,
-                });
-            }
-            let mut c = tx.open_table(COUNTERS).map_err(be)?;
-            rv = Self::bump(&mut c, REVISION)?;
-            stamp_update(&old, &mut obj, rv);
-            let bytes = serde_json::to_vec(&obj).map_err(be)?;
-            t.insert(k.as_str(), bytes.as_slice()).map_err(be)?;
+        for a in &out {
+            let _ = self.events.send(Event::of(a));
         }
-        tx.commit().map_err(be)?;
-        self.emit(kind, &name, rv, false);
-        Ok(obj)
-    }
-
-    fn delete(&self, kind: &str, name: &str, resource_version: Option<u64>) -> Result<()> {
-        let k = key(kind, name);
-        let tx = self.db.begin_write().map_err(be)?;
-        let rv;
-        {
-            let mut t = tx.open_table(OBJECTS).map_err(be)?;
-            let old: Value = match t.get(k.as_str()).map_err(be)? {
-                Some(v) => serde_json::from_slice(v.value()).map_err(be)?,
-                None => {
-                    return Err(StoreError::NotFound {
-                        kind: kind.into(),
-                        name: name.into(),
-                    });
-                }
-            };
-            if let Some(exp) = resource_version {
-                let found = rv_of(&old);
-                if found != exp {
-                    return Err(StoreError::Conflict {
-                        kind: kind.into(),
-                        name: name.into(),
-                        expected: exp,
-                        found,
-                    });
-                }
-            }
-            t.remove(k.as_str()).map_err(be)?;
-            let mut c = tx.open_table(COUNTERS).map_err(be)?;
-            rv = Self::bump(&mut c, REVISION)?;
-        }
-        tx.commit().map_err(be)?;
-        self.emit(kind, name, rv, true);
-        Ok(())
+        Ok(out)
     }
 
     fn next(&self, counter: &str) -> Result<u64> {
@@ -452,6 +542,14 @@ pub fn get<T: Object>(s: &dyn Store, name: &str) -> Result<Option<T>> {
 
 pub fn list<T: Object>(s: &dyn Store) -> Result<Vec<T>> {
     s.list(T::KIND)?.into_iter().map(decode).collect()
+}
+
+/// The objects of a kind whose `spec.volume` (or `spec.node`) is `value`.
+pub fn list_by<T: Object>(s: &dyn Store, field: Field, value: &str) -> Result<Vec<T>> {
+    s.list_by(T::KIND, field, value)?
+        .into_iter()
+        .map(decode)
+        .collect()
 }
 
 pub fn create<T: Object>(s: &dyn Store, o: &T) -> Result<T> {

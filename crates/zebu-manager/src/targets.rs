@@ -387,7 +387,7 @@ impl Manager {
             }
         }
         for v in volumes {
-            self.refresh_backup_volume(target, &v)?;
+            self.refresh_backup_volume(&*self.store, target, &v)?;
         }
         Ok(())
     }
@@ -719,7 +719,7 @@ impl Manager {
             }
         }
         for vol in touched {
-            self.refresh_backup_volume(name, &vol)?;
+            self.refresh_backup_volume(&*self.store, name, &vol)?;
         }
         store::modify::<BackupTarget>(&*self.store, name, |t| {
             t.status.available = true;
@@ -731,15 +731,15 @@ impl Manager {
     }
 
     /// Re-derives a backup volume from the completed backups of `volume` on `target`.
-    pub(crate) fn refresh_backup_volume(&self, target: &str, volume: &str) -> Result<(), ApiError> {
-        let s = &*self.store;
-        let done: Vec<Backup> = store::list::<Backup>(s)?
+    pub(crate) fn refresh_backup_volume(
+        &self,
+        s: &dyn crate::store::Store,
+        target: &str,
+        volume: &str,
+    ) -> Result<(), ApiError> {
+        let done: Vec<Backup> = store::list_by::<Backup>(s, store::Field::Volume, volume)?
             .into_iter()
-            .filter(|b| {
-                b.spec.target == target
-                    && b.spec.volume == volume
-                    && b.status.state == BackupState::Completed
-            })
+            .filter(|b| b.spec.target == target && b.status.state == BackupState::Completed)
             .collect();
         let name = format!("{target}.{volume}");
         let newest = done

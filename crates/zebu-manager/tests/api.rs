@@ -149,6 +149,92 @@ fn store_contract(s: &dyn Store) {
         Err(StoreError::Conflict { .. })
     ));
     assert_eq!(store::list::<Setting>(s).expect("list").len(), 1);
+    transactions(s);
+}
+
+/// A transaction lands whole or not at all, with one revision, and the index follows it.
+fn transactions(s: &dyn Store) {
+    use zebu_manager::model::{Replica, ReplicaSpec};
+    use zebu_manager::store::{Field, Op};
+    let rep = |name: &str, node: &str| {
+        serde_json::to_value(Replica {
+            metadata: Meta {
+                name: name.into(),
+                ..Default::default()
+            },
+            spec: ReplicaSpec {
+                volume: "v".into(),
+                node: node.into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .expect("json")
+    };
+    let applied = s
+        .commit(vec![
+            Op::Create {
+                kind: "replica".into(),
+                obj: rep("r1", "n1"),
+            },
+            Op::Create {
+                kind: "replica".into(),
+                obj: rep("r2", "n2"),
+            },
+        ])
+        .expect("commit");
+    assert_eq!(applied.len(), 2);
+    assert_eq!(applied[0].revision, applied[1].revision);
+    let r1 = store::get::<Replica>(s, "r1").expect("get").expect("r1");
+    // One op fails (r2 is stale): neither write lands.
+    let mut moved = serde_json::to_value(&r1).expect("json");
+    moved["spec"]["node"] = "n3".into();
+    let mut stale = rep("r2", "n3");
+    stale["metadata"]["resourceVersion"] = 1.into();
+    assert!(matches!(
+        s.commit(vec![
+            Op::Update {
+                kind: "replica".into(),
+                obj: moved.clone(),
+            },
+            Op::Update {
+                kind: "replica".into(),
+                obj: stale,
+            },
+        ]),
+        Err(StoreError::Conflict { .. })
+    ));
+    let on = |node: &str| -> Vec<String> {
+        store::list_by::<Replica>(s, Field::Node, node)
+            .expect("list_by")
+            .into_iter()
+            .map(|r| r.metadata.name)
+            .collect()
+    };
+    assert_eq!(on("n1"), vec!["r1"]);
+    assert!(on("n3").is_empty());
+    s.commit(vec![
+        Op::Update {
+            kind: "replica".into(),
+            obj: moved,
+        },
+        Op::Delete {
+            kind: "replica".into(),
+            name: "r2".into(),
+            resource_version: None,
+        },
+    ])
+    .expect("commit");
+    assert!(on("n1").is_empty());
+    assert!(on("n2").is_empty());
+    assert_eq!(on("n3"), vec!["r1"]);
+    assert_eq!(
+        store::list_by::<Replica>(s, Field::Volume, "v")
+            .expect("by volume")
+            .len(),
+        1
+    );
+    s.delete("replica", "r1", None).expect("delete");
 }
 
 #[test]
@@ -176,5 +262,19 @@ fn store_compare_and_swap_and_watch() {
     let s = RedbStore::open(&dir.join("s.redb")).expect("reopen");
     assert_eq!(s.next("g").expect("next"), 3);
     assert_eq!(store::list::<Setting>(&s).expect("list").len(), 1);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_cached_store_keeps_the_same_contract_and_follows_writes() {
+    let dir = tempdir();
+    let backend: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.join("c.redb")).expect("store"));
+    let c = zebu_manager::cache::Cached::new(backend.clone());
+    store_contract(&c);
+    // What the cache shows is what the backend holds.
+    assert_eq!(
+        store::list::<Setting>(&c).expect("cached"),
+        store::list::<Setting>(&*backend).expect("backend")
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

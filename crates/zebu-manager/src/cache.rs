@@ -1,0 +1,193 @@
+//! The manager's view of the store in memory: every object read once from the backend, then
+//! kept current by writing through, and indexed by `spec.volume` and `spec.node` so that a
+//! heartbeat or a reconcile step reads only the objects it concerns.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde_json::Value;
+use tokio::sync::broadcast;
+
+use crate::store::{Applied, Event, Field, Op, Result, Store, be, name_of};
+
+#[derive(Default)]
+struct Kind {
+    objects: BTreeMap<String, Value>,
+    /// (field, value) → names.
+    index: HashMap<(Field, String), BTreeSet<String>>,
+}
+
+impl Kind {
+    fn insert(&mut self, name: String, v: Value) {
+        self.remove(&name);
+        for f in Field::ALL {
+            if let Some(x) = f.of(&v) {
+                self.index
+                    .entry((f, x.to_string()))
+                    .or_default()
+                    .insert(name.clone());
+            }
+        }
+        self.objects.insert(name, v);
+    }
+
+    fn remove(&mut self, name: &str) {
+        let Some(old) = self.objects.remove(name) else {
+            return;
+        };
+        for f in Field::ALL {
+            if let Some(x) = f.of(&old) {
+                let k = (f, x.to_string());
+                if let Some(set) = self.index.get_mut(&k) {
+                    set.remove(name);
+                    if set.is_empty() {
+                        self.index.remove(&k);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A [`Store`] that keeps what it has read of another in memory. It must be the only writer of
+/// the store behind it (the manager holding the redb file, or an etcd leader; a follower that
+/// writes reloads through `invalidate`).
+pub struct Cached {
+    inner: Arc<dyn Store>,
+    kinds: RwLock<HashMap<String, Kind>>,
+    /// Held across a backend write and the cache update it causes, so the cache applies writes
+    /// in the backend's order; also across loading a kind.
+    write: Mutex<()>,
+    events: broadcast::Sender<Event>,
+    /// Transactions that changed something, counted since start.
+    changes: std::sync::atomic::AtomicU64,
+}
+
+impl Cached {
+    pub fn new(inner: Arc<dyn Store>) -> Cached {
+        Cached {
+            inner,
+            kinds: RwLock::new(HashMap::new()),
+            write: Mutex::new(()),
+            events: broadcast::channel(16384).0,
+            changes: Default::default(),
+        }
+    }
+
+    /// Loads a kind from the backend the first time it is read.
+    fn ensure(&self, kind: &str) -> Result<()> {
+        if self.kinds.read().map_err(be)?.contains_key(kind) {
+            return Ok(());
+        }
+        let _w = self.write.lock().map_err(be)?;
+        if self.kinds.read().map_err(be)?.contains_key(kind) {
+            return Ok(());
+        }
+        let mut k = Kind::default();
+        for v in self.inner.list(kind)? {
+            k.insert(name_of(&v)?, v);
+        }
+        self.kinds.write().map_err(be)?.insert(kind.to_string(), k);
+        Ok(())
+    }
+
+    /// Forgets everything read; the next read loads from the backend again.
+    pub fn invalidate(&self) {
+        if let (Ok(_w), Ok(mut k)) = (self.write.lock(), self.kinds.write()) {
+            k.clear();
+        }
+    }
+
+    /// How many transactions changed something so far: equal values mean no object changed in
+    /// between.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Objects held in memory, per kind (for metrics).
+    pub fn counts(&self) -> Vec<(String, usize)> {
+        let Ok(k) = self.kinds.read() else {
+            return Vec::new();
+        };
+        let mut out: Vec<(String, usize)> = k
+            .iter()
+            .map(|(n, k)| (n.clone(), k.objects.len()))
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+impl Store for Cached {
+    fn get(&self, kind: &str, name: &str) -> Result<Option<Value>> {
+        self.ensure(kind)?;
+        Ok(self
+            .kinds
+            .read()
+            .map_err(be)?
+            .get(kind)
+            .and_then(|k| k.objects.get(name).cloned()))
+    }
+
+    fn list(&self, kind: &str) -> Result<Vec<Value>> {
+        self.ensure(kind)?;
+        Ok(self
+            .kinds
+            .read()
+            .map_err(be)?
+            .get(kind)
+            .map(|k| k.objects.values().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    fn list_by(&self, kind: &str, field: Field, value: &str) -> Result<Vec<Value>> {
+        self.ensure(kind)?;
+        let kinds = self.kinds.read().map_err(be)?;
+        let Some(k) = kinds.get(kind) else {
+            return Ok(Vec::new());
+        };
+        Ok(k.index
+            .get(&(field, value.to_string()))
+            .map(|names| {
+                names
+                    .iter()
+                    .filter_map(|n| k.objects.get(n).cloned())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    fn commit(&self, ops: Vec<Op>) -> Result<Vec<Applied>> {
+        let _w = self.write.lock().map_err(be)?;
+        let applied = self.inner.commit(ops)?;
+        {
+            let mut kinds = self.kinds.write().map_err(be)?;
+            for a in &applied {
+                // A kind not loaded yet is read from the backend, writes included, when first used.
+                let Some(k) = kinds.get_mut(&a.kind) else {
+                    continue;
+                };
+                match &a.value {
+                    Some(v) => k.insert(a.name.clone(), v.clone()),
+                    None => k.remove(&a.name),
+                }
+            }
+        }
+        if !applied.is_empty() {
+            self.changes
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        for a in &applied {
+            let _ = self.events.send(Event::of(a));
+        }
+        Ok(applied)
+    }
+
+    fn next(&self, counter: &str) -> Result<u64> {
+        self.inner.next(counter)
+    }
+
+    fn watch(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+}
