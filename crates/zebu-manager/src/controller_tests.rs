@@ -892,5 +892,9 @@ fn a_heartbeat_is_one_store_transaction() {
     sim.m.create_volume("w", 1 << 30, 3).expect("create");
     sim.m.reconcile().expect("reconcile");
     let b = sim.beat("n1", &[]);
-    assert_eq!(b.replicas.len(), a.replicas.len() + 1, "the new volume's replica");
+    assert_eq!(
+        b.replicas.len(),
+        a.replicas.len() + 1,
+        "the new volume's replica"
+    );
 }

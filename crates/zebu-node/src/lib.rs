@@ -42,9 +42,29 @@ pub enum NodeError {
     BrokenStore(String),
 }
 
+/// What the manager wants on this node for one volume; applied in order by its supervisor.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct VolumeOrders {
+    replicas: Vec<ReplicaAssignment>,
+    engine: Option<EngineSpec>,
+    snapshots: Vec<SnapshotOp>,
+    backups: Vec<BackupOrder>,
+    delete_replicas: Vec<String>,
+}
+
+impl VolumeOrders {
+    fn is_empty(&self) -> bool {
+        *self == VolumeOrders::default()
+    }
+}
+
+/// How long a heartbeat waits for an engine's snapshot list before it reports the last one.
+const SNAPSHOT_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
 struct RunningReplica {
     svc: Arc<ReplicaService>,
     addr: String,
+    volume: String,
 }
 
 struct RunningEngine {
@@ -105,9 +125,14 @@ pub struct NodeAgent {
     engines: Mutex<HashMap<String, RunningEngine>>,
     exports: Arc<Exports<Engine>>,
     nbd_addr: String,
-    backups: Mutex<HashMap<String, backup::BackupTask>>,
-    /// Backups waiting for their snapshot, since when.
-    waiting: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// Backup tasks by backup name, with their volume.
+    backups: Mutex<HashMap<String, (String, backup::BackupTask)>>,
+    /// One supervisor task per volume with work here, fed the volume's latest orders.
+    supervisors: std::sync::Mutex<HashMap<String, tokio::sync::watch::Sender<VolumeOrders>>>,
+    /// Each engine's snapshot list as last read, reported when a fresh read takes too long.
+    last_snapshots: std::sync::Mutex<HashMap<String, Vec<SnapshotInfo>>>,
+    /// Backups waiting for their snapshot: since when, and their volume.
+    waiting: Mutex<HashMap<String, (tokio::time::Instant, String)>>,
     /// Wakes the heartbeat loop (a local backup or restore finished).
     wake: Arc<tokio::sync::Notify>,
     /// Replicas whose stores cannot be opened, with the reason: reported, not retried.
@@ -247,6 +272,8 @@ impl NodeAgent {
             exports,
             nbd_addr,
             backups: Mutex::new(HashMap::new()),
+            supervisors: Default::default(),
+            last_snapshots: Default::default(),
             waiting: Mutex::new(HashMap::new()),
             wake: Arc::new(tokio::sync::Notify::new()),
             broken: Mutex::new(HashMap::new()),
@@ -394,10 +421,14 @@ impl NodeAgent {
         tracing::info!(replica = name, volume, %addr, "replica serving");
         // Report it at once rather than at the next heartbeat.
         self.wake.notify_one();
-        self.replicas
-            .lock()
-            .await
-            .insert(name.to_string(), RunningReplica { svc, addr });
+        self.replicas.lock().await.insert(
+            name.to_string(),
+            RunningReplica {
+                svc,
+                addr,
+                volume: volume.to_string(),
+            },
+        );
         Ok(())
     }
 
@@ -407,7 +438,10 @@ impl NodeAgent {
         }
         self.broken.lock().await.remove(name);
         let dir = self.replica_dir(name);
-        match std::fs::remove_dir_all(&dir) {
+        let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        match removed {
             Ok(()) => tracing::info!(replica = name, "replica deleted"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => tracing::error!(replica = name, error = %e, "cannot delete replica files"),
@@ -424,15 +458,17 @@ impl NodeAgent {
                 flush_seq,
             });
         }
+        // What the engines report is collected under the lock; their snapshot lists are read
+        // after it (a finished revert or restore with the chain read after it), each bounded in
+        // time so that a slow replica never holds up the heartbeat.
         let mut engines = Vec::new();
+        let mut reads = tokio::task::JoinSet::new();
         for (vol, e) in self.engines.lock().await.iter() {
-            // A finished revert is reported with the chain read after it.
             let revert = e.revert.as_ref().and_then(RevertTask::report);
-            let snapshots = snapshot_infos(&e.engine).await;
             engines.push(EngineReport {
                 restore: e.restore.as_ref().map(|r| r.report()),
                 revert,
-                snapshots,
+                snapshots: Vec::new(),
                 volume: vol.clone(),
                 generation: e.generation,
                 nbd_uri: format!("nbd://{}/{vol}", self.nbd_addr),
@@ -449,13 +485,41 @@ impl NodeAgent {
                     })
                     .collect(),
             });
+            let (engine, vol) = (e.engine.clone(), vol.clone());
+            reads.spawn(async move {
+                let r = tokio::time::timeout(SNAPSHOT_READ_TIMEOUT, snapshot_infos(&engine)).await;
+                (vol, r.ok())
+            });
+        }
+        let mut fresh: HashMap<String, Vec<SnapshotInfo>> = HashMap::new();
+        while let Some(r) = reads.join_next().await {
+            if let Ok((vol, Some(list))) = r {
+                fresh.insert(vol, list);
+            }
+        }
+        if let Ok(mut last) = self.last_snapshots.lock() {
+            last.retain(|v, _| engines.iter().any(|e| &e.volume == v));
+            for er in engines.iter_mut() {
+                match fresh.remove(&er.volume) {
+                    Some(list) => {
+                        last.insert(er.volume.clone(), list.clone());
+                        er.snapshots = list;
+                    }
+                    None => {
+                        // Stale list: what depends on a current chain waits for the next beat.
+                        er.snapshots = last.get(&er.volume).cloned().unwrap_or_default();
+                        er.restore = None;
+                        er.revert = None;
+                    }
+                }
+            }
         }
         let backups = self
             .backups
             .lock()
             .await
             .iter()
-            .map(|(name, t)| t.report(name))
+            .map(|(name, (_, t))| t.report(name))
             .collect();
         let broken_replicas = self
             .broken
@@ -490,7 +554,9 @@ impl NodeAgent {
         }
     }
 
-    async fn tick(&self) {
+    /// One heartbeat: the report, then the answer handed to each volume's supervisor. Nothing
+    /// here waits for an engine, a replica or a backup.
+    async fn tick(self: &Arc<Self>) {
         let hb = self.heartbeat().await;
         let a: Assignments = match self
             .api
@@ -503,7 +569,116 @@ impl NodeAgent {
                 return;
             }
         };
-        for ra in &a.replicas {
+        let mut orders: HashMap<String, VolumeOrders> = HashMap::new();
+        // Volumes with something running here get orders too (empty ones stop it).
+        for v in self.engines.lock().await.keys() {
+            orders.entry(v.clone()).or_default();
+        }
+        for (v, _) in self.backups.lock().await.values() {
+            orders.entry(v.clone()).or_default();
+        }
+        for ra in a.replicas {
+            orders
+                .entry(ra.volume.clone())
+                .or_default()
+                .replicas
+                .push(ra);
+        }
+        for e in a.engines {
+            let v = e.volume.clone();
+            orders.entry(v).or_default().engine = Some(e);
+        }
+        for op in a.snapshots {
+            orders
+                .entry(op.volume.clone())
+                .or_default()
+                .snapshots
+                .push(op);
+        }
+        for b in a.backups {
+            orders.entry(b.volume.clone()).or_default().backups.push(b);
+        }
+        let volumes: HashMap<String, String> = self
+            .replicas
+            .lock()
+            .await
+            .iter()
+            .map(|(n, r)| (n.clone(), r.volume.clone()))
+            .collect();
+        for name in a.delete_replicas {
+            match volumes.get(&name) {
+                Some(v) => orders
+                    .entry(v.clone())
+                    .or_default()
+                    .delete_replicas
+                    .push(name),
+                // Not running here (its store could not be opened): nothing to stop first.
+                None => {
+                    let agent = self.clone();
+                    tokio::spawn(async move { agent.delete_replica(&name).await });
+                }
+            }
+        }
+        for (volume, o) in orders {
+            self.dispatch(volume, o);
+        }
+    }
+
+    /// Hands a volume's orders to its supervisor, starting one if it has none.
+    fn dispatch(self: &Arc<Self>, volume: String, orders: VolumeOrders) {
+        let Ok(mut sups) = self.supervisors.lock() else {
+            return;
+        };
+        let orders = match sups.get(&volume) {
+            Some(tx) => match tx.send(orders) {
+                Ok(()) => return,
+                Err(tokio::sync::watch::error::SendError(o)) => o,
+            },
+            None => orders,
+        };
+        let (tx, rx) = tokio::sync::watch::channel(orders);
+        sups.insert(volume.clone(), tx);
+        let agent = self.clone();
+        tokio::spawn(async move { agent.supervise(volume, rx).await });
+    }
+
+    /// A volume's supervisor: applies its latest orders one after the other (replicas, engine,
+    /// snapshots, backups, replica deletions), so that a slow engine start or replica connect
+    /// holds up this volume alone. Ends once the volume has nothing here.
+    async fn supervise(
+        self: Arc<Self>,
+        volume: String,
+        mut rx: tokio::sync::watch::Receiver<VolumeOrders>,
+    ) {
+        loop {
+            let orders = rx.borrow_and_update().clone();
+            self.apply(&volume, &orders).await;
+            if orders.is_empty() && !self.holds(&volume).await {
+                // Newer orders sent meanwhile find the channel closed and start a new supervisor.
+                if let Ok(mut sups) = self.supervisors.lock()
+                    && sups
+                        .get(&volume)
+                        .is_some_and(|tx| tx.subscribe().same_channel(&rx))
+                    && !rx.has_changed().unwrap_or(false)
+                {
+                    sups.remove(&volume);
+                    return;
+                }
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Whether anything of the volume still runs here.
+    async fn holds(&self, volume: &str) -> bool {
+        self.engines.lock().await.contains_key(volume)
+            || self.backups.lock().await.values().any(|(v, _)| v == volume)
+    }
+
+    async fn apply(&self, volume: &str, o: &VolumeOrders) {
+        for ra in &o.replicas {
             if self.broken.lock().await.contains_key(&ra.name) {
                 continue;
             }
@@ -514,235 +689,259 @@ impl NodeAgent {
                     continue;
                 }
                 Err(e) => {
-                    tracing::error!(replica = %ra.name, error = %e, "cannot start replica");
+                    tracing::error!(volume, replica = %ra.name, error = %e, "cannot start replica");
                     continue;
                 }
             }
-            if let Some(r) = self.replicas.lock().await.get(&ra.name) {
-                let cur = r.svc.read_store().size();
+            let svc = self
+                .replicas
+                .lock()
+                .await
+                .get(&ra.name)
+                .map(|r| r.svc.clone());
+            if let Some(svc) = svc {
+                let cur = svc.read_store().size();
                 if ra.size > cur
-                    && let Err(e) = r.svc.write_store().expand(ra.size)
+                    && let Err(e) = svc.write_store().expand(ra.size)
                 {
-                    tracing::error!(replica = %ra.name, error = %e, "cannot expand replica");
+                    tracing::error!(volume, replica = %ra.name, error = %e, "cannot expand replica");
                 }
             }
         }
-        // Engines first: one that stops flushes to its replicas before any of them goes.
-        self.reconcile_engines(&a.engines).await;
-        self.reconcile_snapshots(&a.snapshots).await;
-        self.reconcile_backups(&a.backups).await;
-        for name in &a.delete_replicas {
+        // The engine first: one that stops flushes to its replicas before any of them goes.
+        self.reconcile_engine(volume, o.engine.as_ref()).await;
+        self.reconcile_snapshots(volume, &o.snapshots).await;
+        self.reconcile_backups(volume, &o.backups).await;
+        for name in &o.delete_replicas {
             self.delete_replica(name).await;
         }
     }
 
-    /// Takes the snapshots that should exist and deletes the ones that should not.
-    async fn reconcile_snapshots(&self, ops: &[SnapshotOp]) {
-        let engines = self.engines.lock().await;
+    /// Takes the volume's snapshots that should exist and deletes the ones that should not.
+    async fn reconcile_snapshots(&self, volume: &str, ops: &[SnapshotOp]) {
+        if ops.is_empty() {
+            return;
+        }
+        let Some(engine) = self.engine(volume).await else {
+            return;
+        };
+        let have = snapshot_infos(&engine).await;
         for op in ops {
-            let Some(e) = engines.get(&op.volume) else {
-                continue;
-            };
-            let have = snapshot_infos(&e.engine)
-                .await
-                .iter()
-                .any(|s| s.name == op.name);
-            let res = match (op.delete, have) {
-                (false, false) => e
-                    .engine
+            let exists = have.iter().any(|s| s.name == op.name);
+            let res = match (op.delete, exists) {
+                (false, false) => engine
                     .snapshot(Some(op.name.clone()), true)
                     .await
                     .map(|_| ()),
-                (true, true) => e.engine.delete_snapshot(&op.name).await,
+                (true, true) => engine.delete_snapshot(&op.name).await,
                 _ => Ok(()),
             };
             if let Err(err) = res {
-                tracing::warn!(volume = %op.volume, snapshot = %op.name, error = %err, "snapshot operation failed");
+                tracing::warn!(volume, snapshot = %op.name, error = %err, "snapshot operation failed");
             }
         }
     }
 
-    /// Starts assigned backups, settles ones a restart interrupted, and forgets finished ones
-    /// the manager has recorded.
-    async fn reconcile_backups(&self, orders: &[BackupOrder]) {
-        let engines = self.engines.lock().await;
-        let mut tasks = self.backups.lock().await;
-        let mut waiting = self.waiting.lock().await;
-        tasks.retain(|name, t| {
-            let keep = orders.iter().any(|o| &o.name == name);
-            if !keep && !t.finished() {
-                t.handle.abort();
-            }
-            keep
-        });
-        waiting.retain(|name, _| orders.iter().any(|o| &o.name == name));
-        for o in orders {
-            if tasks.contains_key(&o.name) {
-                continue;
-            }
-            let Some(e) = engines.get(&o.volume) else {
-                continue;
-            };
-            if o.state == BackupState::InProgress {
-                tasks.insert(
-                    o.name.clone(),
-                    backup::settle_interrupted(o.clone(), self.cfg.name.clone(), self.wake.clone()),
-                );
-                continue;
-            }
-            // A snapshot taken for the backup may arrive with the next assignments.
-            let have = snapshot_infos(&e.engine)
-                .await
-                .iter()
-                .any(|s| s.name == o.snapshot);
-            let since = *waiting
-                .entry(o.name.clone())
-                .or_insert_with(tokio::time::Instant::now);
-            if !have && since.elapsed() < Duration::from_secs(30) {
-                continue;
-            }
-            waiting.remove(&o.name);
-            tasks.insert(
-                o.name.clone(),
-                backup::start_backup(e.engine.clone(), o.clone(), self.wake.clone()),
-            );
-        }
+    async fn engine(&self, volume: &str) -> Option<Arc<Engine>> {
+        self.engines
+            .lock()
+            .await
+            .get(volume)
+            .map(|e| e.engine.clone())
     }
 
-    async fn reconcile_engines(&self, wanted: &[EngineSpec]) {
-        let mut engines = self.engines.lock().await;
-        // Stop engines no longer assigned (or assigned with a new generation).
-        let stale: Vec<String> = engines
-            .iter()
-            .filter(|(v, e)| {
-                !wanted
-                    .iter()
-                    .any(|w| &w.volume == *v && w.generation == e.generation)
-            })
-            .map(|(v, _)| v.clone())
-            .collect();
-        for v in stale {
-            if let Some(e) = engines.remove(&v) {
-                self.exports.remove(&v);
-                if let Err(err) = e.engine.flush().await {
-                    tracing::warn!(volume = %v, error = %err, "flush while stopping the engine failed");
+    /// Starts the volume's assigned backups, settles ones a restart interrupted, and forgets
+    /// finished ones the manager has recorded.
+    async fn reconcile_backups(&self, volume: &str, orders: &[BackupOrder]) {
+        let engine = self.engine(volume).await;
+        {
+            let mut tasks = self.backups.lock().await;
+            tasks.retain(|name, (v, t)| {
+                let keep = v != volume || orders.iter().any(|o| &o.name == name);
+                if !keep && !t.finished() {
+                    t.handle.abort();
                 }
-                e.engine.stop().await;
-                e.healer.abort();
-                tracing::info!(volume = %v, "engine stopped");
-            }
-        }
-        for w in wanted {
-            let desired: Vec<(String, String)> = w
-                .replicas
-                .iter()
-                .map(|r| (r.name.clone(), r.address.clone()))
-                .collect();
-            if let Some(e) = engines.get_mut(&w.volume) {
-                e.engine.set_desired(desired);
-                if let Some(snap) = &w.revert
-                    && e.revert.as_ref().is_none_or(|t| &t.snapshot != snap)
-                {
-                    e.revert = Some(RevertTask::start(e.engine.clone(), snap, self.wake.clone()));
-                }
-                // Online expansion: the engine grows every replica in its set.
-                if w.size > e.engine.size() {
-                    match e.engine.expand(w.size).await {
-                        Ok(()) => {
-                            tracing::info!(volume = %w.volume, size = w.size, "volume expanded")
-                        }
-                        Err(err) => {
-                            tracing::warn!(volume = %w.volume, size = w.size, error = %err, "cannot expand the volume yet")
-                        }
-                    }
-                }
-                // An engine that rebuilt a detached volume is exported once it is attached here.
-                let exported = self.exports.get(&w.volume).is_some();
-                if w.frontend && !exported {
-                    self.exports.insert(&w.volume, e.engine.clone());
-                    tracing::info!(volume = %w.volume, "volume exported");
-                } else if !w.frontend && exported {
-                    self.exports.remove(&w.volume);
-                }
-                if let Some(r) = &w.restore {
-                    // A new order replaces a finished task; a running one completes first.
-                    // A restore that completed is not run again for the same backup (the order's
-                    // `from` moving to it is no reason); a failed one is, once `from` moves.
-                    let start = match &e.restore {
-                        None => true,
-                        Some(t) => {
-                            t.finished()
-                                && (t.backup != r.backup || (t.from != r.from && !t.succeeded()))
-                        }
-                    };
-                    if start {
-                        e.restore = Some(backup::start_restore(
-                            e.engine.clone(),
-                            r.clone(),
-                            8,
-                            self.wake.clone(),
-                        ));
-                    }
-                }
-                continue;
-            }
-            let candidates: Vec<(String, String)> = w
-                .replicas
-                .iter()
-                .filter(|r| r.candidate)
-                .map(|r| (r.name.clone(), r.address.clone()))
-                .collect();
-            let cfg = EngineConfig {
-                volume: w.volume.clone(),
-                generation: Generation(w.generation),
-                size: w.size,
-                io_timeout: if w.replica_timeout > 0 {
-                    Duration::from_secs(w.replica_timeout)
-                } else {
-                    self.cfg.io_timeout
-                },
-            };
-            let hook = Arc::new(ApiHook {
-                api: self.api.clone(),
+                keep
             });
-            match Engine::open(cfg, &candidates, hook).await {
-                Ok(engine) => {
-                    let healer = engine.spawn_healer(desired, Duration::from_millis(500));
-                    if w.frontend {
-                        self.exports.insert(&w.volume, engine.clone());
-                    }
-                    let restore = w.restore.as_ref().map(|r| {
-                        backup::start_restore(engine.clone(), r.clone(), 8, self.wake.clone())
-                    });
-                    let revert = w
-                        .revert
-                        .as_ref()
-                        .map(|snap| RevertTask::start(engine.clone(), snap, self.wake.clone()));
-                    self.engine_errors.lock().await.remove(&w.volume);
-                    tracing::info!(volume = %w.volume, generation = w.generation, "engine started");
-                    self.wake.notify_one();
-                    engines.insert(
-                        w.volume.clone(),
-                        RunningEngine {
-                            engine,
-                            generation: w.generation,
-                            healer,
-                            restore,
-                            revert,
-                        },
-                    );
+            self.waiting
+                .lock()
+                .await
+                .retain(|name, v| v.1 != volume || orders.iter().any(|o| &o.name == name));
+        }
+        for o in orders {
+            if self.backups.lock().await.contains_key(&o.name) {
+                continue;
+            }
+            let Some(engine) = &engine else {
+                continue;
+            };
+            let task = if o.state == BackupState::InProgress {
+                backup::settle_interrupted(o.clone(), self.cfg.name.clone(), self.wake.clone())
+            } else {
+                // A snapshot taken for the backup may arrive with the next assignments.
+                let have = snapshot_infos(engine)
+                    .await
+                    .iter()
+                    .any(|s| s.name == o.snapshot);
+                let since = self
+                    .waiting
+                    .lock()
+                    .await
+                    .entry(o.name.clone())
+                    .or_insert_with(|| (tokio::time::Instant::now(), volume.to_string()))
+                    .0;
+                if !have && since.elapsed() < Duration::from_secs(30) {
+                    continue;
                 }
-                Err(e) => {
-                    let msg = e.to_string();
-                    let fresh = self
-                        .engine_errors
-                        .lock()
-                        .await
-                        .insert(w.volume.clone(), (w.generation, msg.clone()))
-                        .is_none_or(|(_, m)| m != msg);
-                    if fresh {
-                        tracing::warn!(volume = %w.volume, error = %msg, "engine cannot start yet");
+                self.waiting.lock().await.remove(&o.name);
+                backup::start_backup(engine.clone(), o.clone(), self.wake.clone())
+            };
+            self.backups
+                .lock()
+                .await
+                .insert(o.name.clone(), (volume.to_string(), task));
+        }
+    }
+
+    /// Brings the volume's engine here to `want`: stops one that is not wanted (or has another
+    /// generation), updates a running one, or opens it. The engine map is locked only briefly:
+    /// opening, expanding and stopping run without it.
+    async fn reconcile_engine(&self, volume: &str, want: Option<&EngineSpec>) {
+        let stale = {
+            let mut engines = self.engines.lock().await;
+            match engines.get(volume) {
+                Some(e) if want.is_none_or(|w| w.generation != e.generation) => {
+                    engines.remove(volume)
+                }
+                _ => None,
+            }
+        };
+        if let Some(e) = stale {
+            self.exports.remove(volume);
+            if let Err(err) = e.engine.flush().await {
+                tracing::warn!(volume, error = %err, "flush while stopping the engine failed");
+            }
+            e.engine.stop().await;
+            e.healer.abort();
+            tracing::info!(volume, "engine stopped");
+        }
+        let Some(w) = want else {
+            return;
+        };
+        let desired: Vec<(String, String)> = w
+            .replicas
+            .iter()
+            .map(|r| (r.name.clone(), r.address.clone()))
+            .collect();
+        if let Some(engine) = self.engine(volume).await {
+            engine.set_desired(desired);
+            {
+                let mut engines = self.engines.lock().await;
+                if let Some(e) = engines.get_mut(volume) {
+                    if let Some(snap) = &w.revert
+                        && e.revert.as_ref().is_none_or(|t| &t.snapshot != snap)
+                    {
+                        e.revert = Some(RevertTask::start(engine.clone(), snap, self.wake.clone()));
                     }
+                    if let Some(r) = &w.restore {
+                        // A new order replaces a finished task; a running one completes first.
+                        // A restore that completed is not run again for the same backup (the
+                        // order's `from` moving to it is no reason); a failed one is, once
+                        // `from` moves.
+                        let start = match &e.restore {
+                            None => true,
+                            Some(t) => {
+                                t.finished()
+                                    && (t.backup != r.backup
+                                        || (t.from != r.from && !t.succeeded()))
+                            }
+                        };
+                        if start {
+                            e.restore = Some(backup::start_restore(
+                                engine.clone(),
+                                r.clone(),
+                                8,
+                                self.wake.clone(),
+                            ));
+                        }
+                    }
+                }
+            }
+            // Online expansion: the engine grows every replica in its set.
+            if w.size > engine.size() {
+                match engine.expand(w.size).await {
+                    Ok(()) => tracing::info!(volume, size = w.size, "volume expanded"),
+                    Err(err) => {
+                        tracing::warn!(volume, size = w.size, error = %err, "cannot expand the volume yet")
+                    }
+                }
+            }
+            // An engine that rebuilt a detached volume is exported once it is attached here.
+            let exported = self.exports.get(volume).is_some();
+            if w.frontend && !exported {
+                self.exports.insert(volume, engine.clone());
+                tracing::info!(volume, "volume exported");
+            } else if !w.frontend && exported {
+                self.exports.remove(volume);
+            }
+            return;
+        }
+        let candidates: Vec<(String, String)> = w
+            .replicas
+            .iter()
+            .filter(|r| r.candidate)
+            .map(|r| (r.name.clone(), r.address.clone()))
+            .collect();
+        let cfg = EngineConfig {
+            volume: w.volume.clone(),
+            generation: Generation(w.generation),
+            size: w.size,
+            io_timeout: if w.replica_timeout > 0 {
+                Duration::from_secs(w.replica_timeout)
+            } else {
+                self.cfg.io_timeout
+            },
+        };
+        let hook = Arc::new(ApiHook {
+            api: self.api.clone(),
+        });
+        match Engine::open(cfg, &candidates, hook).await {
+            Ok(engine) => {
+                let healer = engine.spawn_healer(desired, Duration::from_millis(500));
+                if w.frontend {
+                    self.exports.insert(volume, engine.clone());
+                }
+                let restore = w.restore.as_ref().map(|r| {
+                    backup::start_restore(engine.clone(), r.clone(), 8, self.wake.clone())
+                });
+                let revert = w
+                    .revert
+                    .as_ref()
+                    .map(|snap| RevertTask::start(engine.clone(), snap, self.wake.clone()));
+                self.engine_errors.lock().await.remove(volume);
+                tracing::info!(volume, generation = w.generation, "engine started");
+                self.engines.lock().await.insert(
+                    volume.to_string(),
+                    RunningEngine {
+                        engine,
+                        generation: w.generation,
+                        healer,
+                        restore,
+                        revert,
+                    },
+                );
+                self.wake.notify_one();
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let fresh = self
+                    .engine_errors
+                    .lock()
+                    .await
+                    .insert(volume.to_string(), (w.generation, msg.clone()))
+                    .is_none_or(|(_, m)| m != msg);
+                if fresh {
+                    tracing::warn!(volume, error = %msg, "engine cannot start yet");
                 }
             }
         }
