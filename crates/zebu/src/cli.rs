@@ -704,6 +704,7 @@ pub async fn snapshot(g: &Global, cmd: SnapshotCmd) -> Result<()> {
 
 pub async fn node(g: &Global, cmd: NodeCmd) -> Result<()> {
     let api = client(g)?;
+    let list = matches!(cmd, NodeCmd::List);
     let nodes: Vec<Node> = match cmd {
         NodeCmd::List => api.get("/v1/nodes").await?,
         NodeCmd::Get { name } => vec![api.get(&format!("/v1/nodes/{name}")).await?],
@@ -738,7 +739,11 @@ pub async fn node(g: &Global, cmd: NodeCmd) -> Result<()> {
         }
     };
     if g.output == Output::Json {
-        return print_json(&nodes);
+        // One node is printed as the object the API returns; a list as an array.
+        return match (list, nodes.first()) {
+            (false, Some(n)) => print_json(n),
+            _ => print_json(&nodes),
+        };
     }
     table(
         &["NAME", "STATE", "SCHEDULING", "EVICT", "ADDRESS", "NBD"],
@@ -761,6 +766,7 @@ pub async fn node(g: &Global, cmd: NodeCmd) -> Result<()> {
 
 pub async fn setting(g: &Global, cmd: SettingCmd) -> Result<()> {
     let api = client(g)?;
+    let one = matches!(cmd, SettingCmd::Set { .. });
     let list: Vec<Setting> = match cmd {
         SettingCmd::List => api.get("/v1/settings").await?,
         SettingCmd::Set { name, value } => vec![
@@ -769,7 +775,10 @@ pub async fn setting(g: &Global, cmd: SettingCmd) -> Result<()> {
         ],
     };
     if g.output == Output::Json {
-        return print_json(&list);
+        return match (one, list.first()) {
+            (true, Some(s)) => print_json(s),
+            _ => print_json(&list),
+        };
     }
     table(
         &["NAME", "VALUE"],

@@ -502,7 +502,7 @@ fn node_failure_delta_rebuild_and_replacement() {
     wait_for("n4 up", 30, || {
         // Not found until its first heartbeat.
         let (ok, out, _) = zebu_cli(&mgr.addr, &token, &["node", "get", "n4", "-o", "json"]);
-        (ok && json_of(&out)[0]["status"]["state"] == "up").then_some(())
+        (ok && json_of(&out)["status"]["state"] == "up").then_some(())
     });
     cli(&["setting", "set", "replica-replenishment-wait-interval", "2"]);
     nodes[2].kill();
@@ -894,7 +894,7 @@ fn sigkill_manager_and_nodes_during_volume_operations() {
         // Not found until its first heartbeat; the manager may be restarting.
         let (ok, out, _) = zebu_cli(&api_port, &token, &["node", "get", name, "-o", "json"]);
         let n = if ok { json_of(&out) } else { return None };
-        (n[0]["status"]["state"] == "up" && n[0]["status"]["nbdAddress"] == nbd).then_some(())
+        (n["status"]["state"] == "up" && n["status"]["nbdAddress"] == nbd).then_some(())
     };
     let rt = tokio::runtime::Runtime::new().expect("rt");
     let mut rng: u64 = 0x2545_f491_4f6c_dd1d;

@@ -495,8 +495,8 @@ fn evicting_a_node_moves_its_replica_one_complete_copy_at_a_time_and_detached_vo
     let watcher = watch_rw(&c.listen, &c.token, "vol", stop.clone());
     std::thread::sleep(Duration::from_millis(300));
     let n = json_of(&c.cli(&["node", "evict", "n3", "-o", "json"]));
-    assert_eq!(n[0]["spec"]["evict"], true, "{n}");
-    assert_eq!(n[0]["spec"]["allowScheduling"], false, "{n}");
+    assert_eq!(n["spec"]["evict"], true, "{n}");
+    assert_eq!(n["spec"]["allowScheduling"], false, "{n}");
     wait_for("the replica to move from n3 to n4", 120, || {
         (replica_nodes(&c, "vol") == ["n1", "n2", "n4"]
             && c.volume("vol")["status"]["robustness"] == "healthy")
@@ -843,4 +843,76 @@ fn bad_node_flags_end_at_start_with_one_line_and_the_node_never_registers() {
     let (ok, _, _) = zebu_cli(&c.listen, &c.token, &["node", "get", "bad"]);
     assert!(!ok, "a node that failed its flags registered");
     drop(busy);
+}
+
+/// One volume's engine start that hangs on a stalled replica node holds up neither the node's
+/// heartbeats nor another volume attached on the same node.
+#[test]
+fn an_engine_start_stuck_on_a_stalled_replica_holds_up_no_other_volume() {
+    let c = Cluster::start(2);
+    // The stalled node must stay "up" for the length of the test, and the engine's connect to
+    // it must hang for longer than the other volume needs to attach.
+    c.cli(&["setting", "set", "node-down-timeout", "120"]);
+    c.cli(&["setting", "set", "engine-replica-timeout", "60"]);
+    // "slow" keeps its one replica on n2, "fast" on n1.
+    c.cli(&["node", "update", "n1", "--scheduling", "false"]);
+    c.cli(&[
+        "volume",
+        "create",
+        "slow",
+        "--size",
+        "16MiB",
+        "--replicas",
+        "1",
+        "--wait",
+    ]);
+    c.cli(&["node", "update", "n1", "--scheduling", "true"]);
+    c.cli(&["node", "update", "n2", "--scheduling", "false"]);
+    c.cli(&[
+        "volume",
+        "create",
+        "fast",
+        "--size",
+        "16MiB",
+        "--replicas",
+        "1",
+        "--wait",
+    ]);
+    assert_eq!(replica_nodes(&c, "slow"), vec!["n2".to_string()]);
+    assert_eq!(replica_nodes(&c, "fast"), vec!["n1".to_string()]);
+    let pid = c.nodes[1].as_ref().expect("n2").child.id();
+    must("kill", &["-STOP", &pid.to_string()]);
+    let api = c.listen.clone();
+    let token = c.token.clone();
+    // Attach "slow" on n1: its engine's connect to n2 hangs.
+    let slow = std::thread::spawn(move || {
+        zebu_cli(&api, &token, &["volume", "attach", "slow", "--node", "n1"])
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let beat = |c: &Cluster| {
+        json_of(&c.cli(&["node", "get", "n1", "-o", "json"]))["status"]["lastHeartbeat"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = beat(&c);
+    let t0 = Instant::now();
+    let addr = c.attach("fast", "n1");
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(15),
+        "attaching fast waited {took:?} behind slow's engine start"
+    );
+    qemu_io(&addr, "fast", "write -P 7 0 64k");
+    wait_for("n1 heartbeats while slow's engine start hangs", 10, || {
+        (beat(&c) > before).then_some(())
+    });
+    assert_eq!(
+        c.volume("slow")["status"]["state"],
+        "attaching",
+        "slow cannot attach while its only replica is stalled"
+    );
+    must("kill", &["-CONT", &pid.to_string()]);
+    let (ok, out, err) = slow.join().expect("attach thread");
+    assert!(ok, "slow attaches once n2 answers again: {err}");
+    assert!(out.contains("nbd://"), "{out}");
 }
