@@ -12,6 +12,7 @@ use crate::controller::{Manager, now};
 use crate::model::*;
 use crate::planner::{complete_copy_node, good_copy, plan_replicas, robustness, settled};
 use crate::store::{self, Event, Field, Store, StoreError};
+use crate::txn::Txn;
 
 /// What a reconcile pass reads once and shares between the volumes it looks at.
 pub(crate) struct PassView<'a> {
@@ -33,6 +34,9 @@ impl PassView<'_> {
 
 /// How often every volume is looked at even when nothing about it changed.
 const FULL_PASS_EVERY: Duration = Duration::from_secs(10);
+
+/// Volumes whose writes go to the store in one transaction.
+const VOLUMES_PER_TXN: usize = 64;
 
 /// What changes since the last pass ask the next one to look at.
 #[derive(Default)]
@@ -167,55 +171,61 @@ impl Manager {
             backup_volumes: None,
             scheduled: Default::default(),
         };
-        let mut unsettled = BTreeSet::new();
-        match only {
-            Some(names) => {
-                for name in names {
-                    let v = store::get::<Volume>(s, name)?;
-                    let engine = store::get::<Engine>(s, name)?;
-                    let Some(v) = v else {
-                        // An engine whose volume is gone.
-                        if let Some(e) = engine {
-                            self.stop_engine(&e, &nodes)?;
-                        }
-                        continue;
-                    };
-                    let vreps = store::list_by::<Replica>(s, Field::Volume, name)?;
-                    if !self.reconcile_volume(&v, vreps, engine.as_ref(), &pass, t)? {
-                        unsettled.insert(name.clone());
+        let names: Vec<String> = match only {
+            Some(names) => names.iter().cloned().collect(),
+            None => {
+                let volumes = store::list::<Volume>(s)?;
+                let known: std::collections::HashSet<&str> =
+                    volumes.iter().map(|v| v.metadata.name.as_str()).collect();
+                // Engines whose volume is gone.
+                for e in store::list::<Engine>(s)? {
+                    if !known.contains(e.spec.volume.as_str()) {
+                        self.stop_engine(s, &e, &nodes)?;
                     }
                 }
-            }
-            None => {
-                // Every replica read once per pass, indexed by volume.
-                let mut by_volume: HashMap<String, Vec<Replica>> = HashMap::new();
-                for r in store::list::<Replica>(s)? {
-                    by_volume.entry(r.spec.volume.clone()).or_default().push(r);
-                }
-                let engines: HashMap<String, Engine> = store::list::<Engine>(s)?
-                    .into_iter()
-                    .map(|e| (e.spec.volume.clone(), e))
-                    .collect();
-                let volumes = store::list::<Volume>(s)?;
                 pass.backup_volumes = Some(
                     store::list::<BackupVolume>(s)?
                         .into_iter()
                         .map(|b| (b.metadata.name.clone(), b))
                         .collect(),
                 );
-                for v in &volumes {
-                    let name = &v.metadata.name;
-                    let vreps = by_volume.remove(name).unwrap_or_default();
-                    if !self.reconcile_volume(v, vreps, engines.get(name), &pass, t)? {
-                        unsettled.insert(name.clone());
+                volumes.into_iter().map(|v| v.metadata.name).collect()
+            }
+        };
+        let mut unsettled = BTreeSet::new();
+        // Volumes are stepped in transactions of a few dozen: one commit for their writes. A
+        // chunk that lost a race with another writer is stepped again from fresh reads, then
+        // left to the next pass.
+        for chunk in names.chunks(VOLUMES_PER_TXN) {
+            let mut attempt = 0;
+            loop {
+                let txn = Txn::new(s);
+                let mut chunk_unsettled = Vec::new();
+                let scheduled_before = pass.scheduled.borrow().clone();
+                for name in chunk {
+                    if !self.step_volume(&txn, name, &pass, t)? {
+                        chunk_unsettled.push(name.clone());
                     }
                 }
-                let names: std::collections::HashSet<&str> =
-                    volumes.iter().map(|v| v.metadata.name.as_str()).collect();
-                for e in engines.values() {
-                    if !names.contains(e.spec.volume.as_str()) {
-                        self.stop_engine(e, &nodes)?;
+                match txn.finish() {
+                    Ok(_) => {
+                        unsettled.extend(chunk_unsettled);
+                        break;
                     }
+                    Err(
+                        StoreError::Conflict { .. }
+                        | StoreError::Exists { .. }
+                        | StoreError::NotFound { .. },
+                    ) => {
+                        // Space promised by placements that did not land is free again.
+                        *pass.scheduled.borrow_mut() = scheduled_before;
+                        attempt += 1;
+                        if attempt >= 2 {
+                            unsettled.extend(chunk.iter().cloned());
+                            break;
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
@@ -225,17 +235,38 @@ impl Manager {
         Ok(unsettled)
     }
 
+    /// Reads one volume, its engine and its replicas through `s` and steps it. Returns whether
+    /// it is settled.
+    fn step_volume(
+        &self,
+        s: &dyn Store,
+        name: &str,
+        pass: &PassView<'_>,
+        t: u64,
+    ) -> Result<bool, ApiError> {
+        let engine = store::get::<Engine>(s, name)?;
+        let Some(v) = store::get::<Volume>(s, name)? else {
+            // An engine whose volume is gone.
+            if let Some(e) = engine {
+                self.stop_engine(s, &e, pass.nodes)?;
+            }
+            return Ok(true);
+        };
+        let vreps = store::list_by::<Replica>(s, Field::Volume, name)?;
+        self.reconcile_volume(s, &v, vreps, engine.as_ref(), pass, t)
+    }
+
     /// One volume's step: replicas on down nodes, deletion, the replica plan and scheduling,
     /// expansion, the engine and the status. Returns whether the volume is settled.
     fn reconcile_volume(
         &self,
+        s: &dyn Store,
         v: &Volume,
         mut vreps: Vec<Replica>,
         engine: Option<&Engine>,
         pass: &PassView<'_>,
         t: u64,
     ) -> Result<bool, ApiError> {
-        let s = &*self.store;
         let nodes = pass.nodes;
         let name = v.metadata.name.clone();
         // Replicas on nodes that are down count as failed.
@@ -262,7 +293,7 @@ impl Manager {
         }
         if v.metadata.deletion_requested.is_some() {
             if let Some(e) = engine {
-                self.stop_engine(e, nodes)?;
+                self.stop_engine(s, e, nodes)?;
                 return Ok(false);
             }
             for r in &vreps {
@@ -309,7 +340,7 @@ impl Manager {
                 break;
             }
             let soft = self.setting("replica-soft-anti-affinity") == "true";
-            match self.schedule_replica(v, &live, pass, soft)? {
+            match self.schedule_replica(s, v, &live, pass, soft)? {
                 Some(r) => live.push(r),
                 None => break,
             }
@@ -324,9 +355,9 @@ impl Manager {
                 })?;
             }
         }
-        self.reconcile_engine(v, &live, engine, nodes)?;
-        self.update_volume_status(v, &live, pass)?;
-        self.reconcile_activation(v)?;
+        self.reconcile_engine(s, v, &live, engine, nodes)?;
+        self.update_volume_status(s, v, &live, pass)?;
+        self.reconcile_activation(s, v)?;
         let engine = store::get::<Engine>(s, &name)?;
         let v = store::get::<Volume>(s, &name)?;
         Ok(v.is_some_and(|v| settled(&v, &live, engine.as_ref())))
@@ -336,10 +367,10 @@ impl Manager {
     /// the node is down (a newer generation fences it anyway).
     pub(crate) fn stop_engine(
         &self,
+        s: &dyn Store,
         e: &Engine,
         nodes: &HashMap<String, Node>,
     ) -> Result<(), ApiError> {
-        let s = &*self.store;
         let up = nodes
             .get(&e.spec.node)
             .is_some_and(|n| n.status.state == NodeState::Up);
@@ -365,12 +396,12 @@ impl Manager {
     /// message on the volume) when no node has room.
     pub(crate) fn schedule_replica(
         &self,
+        s: &dyn Store,
         v: &Volume,
         live: &[Replica],
         pass: &PassView<'_>,
         soft: bool,
     ) -> Result<Option<Replica>, ApiError> {
-        let s = &*self.store;
         let nodes = pass.nodes;
         let mut cell = pass.scheduled.borrow_mut();
         if cell.is_none() {
@@ -555,12 +586,12 @@ impl Manager {
 
     pub(crate) fn reconcile_engine(
         &self,
+        s: &dyn Store,
         v: &Volume,
         live: &[Replica],
         engine: Option<&Engine>,
         nodes: &HashMap<String, Node>,
     ) -> Result<(), ApiError> {
-        let s = &*self.store;
         let restore = self.restore_order(v);
         let want = self.engine_node(v, restore.as_ref(), live, nodes);
         // Served over NBD only when attached (not while restoring or rebuilding offline).
@@ -600,10 +631,10 @@ impl Manager {
                 }
             }
             (_, Some(e)) if e.metadata.deletion_requested.is_some() => {
-                self.stop_engine(e, nodes)?;
+                self.stop_engine(s, e, nodes)?;
             }
             (Some(node), Some(e)) if &e.spec.node != node => {
-                self.stop_engine(e, nodes)?;
+                self.stop_engine(s, e, nodes)?;
             }
             (Some(_), Some(e))
                 if e.status.state == EngineState::Running
@@ -618,7 +649,7 @@ impl Manager {
                 // Every replica left the running engine's set; it cannot rebuild one from
                 // nothing. A new session starts from the freshest reachable replica (salvage).
                 tracing::warn!(volume = %v.metadata.name, "engine has no healthy replica; restarting it to salvage");
-                self.stop_engine(e, nodes)?;
+                self.stop_engine(s, e, nodes)?;
             }
             (Some(_), Some(e)) => {
                 let grown = e.spec.size < v.spec.size;
@@ -664,7 +695,7 @@ impl Manager {
                 }
             }
             (None, Some(e)) => {
-                self.stop_engine(e, nodes)?;
+                self.stop_engine(s, e, nodes)?;
             }
             (None, None) => {}
         }
@@ -675,11 +706,11 @@ impl Manager {
     /// reconcile pass read once for every volume.
     pub(crate) fn update_volume_status(
         &self,
+        s: &dyn Store,
         v: &Volume,
         live: &[Replica],
         pass: &PassView<'_>,
     ) -> Result<(), ApiError> {
-        let s = &*self.store;
         // Re-read: the engine may have been created or stopped earlier in this pass.
         let engine = store::get::<Engine>(s, &v.metadata.name)?;
         let node_up = |n: &str| {

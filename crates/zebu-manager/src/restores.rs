@@ -165,7 +165,11 @@ impl Manager {
 
     /// Finishes or abandons a requested activation: it completes once no backup newer than the
     /// restored one exists, and fails when restoring the newer one failed.
-    pub(crate) fn reconcile_activation(&self, v: &Volume) -> Result<(), ApiError> {
+    pub(crate) fn reconcile_activation(
+        &self,
+        s: &dyn crate::store::Store,
+        v: &Volume,
+    ) -> Result<(), ApiError> {
         if !(v.spec.standby && v.spec.activate) {
             return Ok(());
         }
@@ -174,7 +178,7 @@ impl Manager {
             Some(newer) if st.state == RestoreState::Error && st.requested_backup == newer => {
                 let msg = format!("restoring backup {newer:?} failed: {}", st.error);
                 tracing::warn!(volume = %v.metadata.name, reason = %msg, "activation failed");
-                store::modify::<Volume>(&*self.store, &v.metadata.name, |v| {
+                store::modify::<Volume>(s, &v.metadata.name, |v| {
                     v.spec.activate = false;
                     if let Some(r) = v.status.restore.as_mut() {
                         r.activation_error = msg.clone();
@@ -186,7 +190,7 @@ impl Manager {
             None if st.last_restored_backup.is_empty() => {}
             None => {
                 tracing::info!(volume = %v.metadata.name, backup = %st.last_restored_backup, "standby volume activated");
-                store::modify::<Volume>(&*self.store, &v.metadata.name, |v| {
+                store::modify::<Volume>(s, &v.metadata.name, |v| {
                     v.spec.standby = false;
                     v.spec.activate = false;
                     v.spec.from_backup = st.last_restored_backup.clone();
