@@ -593,11 +593,15 @@ async fn heartbeat(
     h: HeaderMap,
     Path(name): Path<String>,
     raw: axum::body::Bytes,
-) -> ApiResult<Assignments> {
+) -> Result<Response, HttpError> {
     authorize(&m, &h)?;
     check_name(&name)?;
-    let hb: Heartbeat = body(&raw)?;
-    Ok(Json(blocking(&m, move |m| m.heartbeat(&name, hb)).await?))
+    let answer = blocking(&m, move |m| m.heartbeat_raw(&name, &raw)).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        answer,
+    )
+        .into_response())
 }
 
 async fn replica_event(

@@ -8,16 +8,50 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde_json::Value;
 use tokio::sync::broadcast;
 
-use crate::store::{Applied, Event, Field, Op, Result, Store, be, name_of};
+use crate::store::{Applied, Event, Field, Op, Result, Store, be, name_of, rv_of};
 
 #[derive(Default)]
 struct Kind {
     objects: BTreeMap<String, Value>,
     /// (field, value) → names.
     index: HashMap<(Field, String), BTreeSet<String>>,
+    /// Revisions at which recently deleted objects went, so that a write applied late (writes
+    /// reach the cache out of order) cannot bring one back.
+    tombstones: HashMap<String, u64>,
 }
 
+/// Tombstones kept per kind before the oldest are dropped.
+const TOMBSTONES: usize = 4096;
+
 impl Kind {
+    fn revision(&self, name: &str) -> u64 {
+        let live = self.objects.get(name).map(rv_of).unwrap_or(0);
+        live.max(self.tombstones.get(name).copied().unwrap_or(0))
+    }
+
+    /// Applies what a transaction left of one object, unless the cache holds a newer state.
+    fn apply(&mut self, a: &Applied) {
+        if a.revision <= self.revision(&a.name) {
+            return;
+        }
+        match &a.value {
+            Some(v) => {
+                self.tombstones.remove(&a.name);
+                self.insert(a.name.clone(), v.clone());
+            }
+            None => {
+                self.remove(&a.name);
+                self.tombstones.insert(a.name.clone(), a.revision);
+                if self.tombstones.len() > TOMBSTONES {
+                    let mut revs: Vec<u64> = self.tombstones.values().copied().collect();
+                    revs.sort_unstable();
+                    let cut = revs[revs.len() / 2];
+                    self.tombstones.retain(|_, r| *r > cut);
+                }
+            }
+        }
+    }
+
     fn insert(&mut self, name: String, v: Value) {
         self.remove(&name);
         for f in Field::ALL {
@@ -55,8 +89,8 @@ impl Kind {
 pub struct Cached {
     inner: Arc<dyn Store>,
     kinds: RwLock<HashMap<String, Kind>>,
-    /// Held across a backend write and the cache update it causes, so the cache applies writes
-    /// in the backend's order; also across loading a kind.
+    /// Held while a kind is loaded and while a committed transaction is applied (not across
+    /// the backend write, so that concurrent transactions reach the backend together).
     write: Mutex<()>,
     events: broadcast::Sender<Event>,
     /// Transactions that changed something, counted since start.
@@ -158,25 +192,24 @@ impl Store for Cached {
     }
 
     fn commit(&self, ops: Vec<Op>) -> Result<Vec<Applied>> {
-        let _w = self.write.lock().map_err(be)?;
         let applied = self.inner.commit(ops)?;
+        if applied.is_empty() {
+            return Ok(applied);
+        }
         {
+            let _w = self.write.lock().map_err(be)?;
             let mut kinds = self.kinds.write().map_err(be)?;
             for a in &applied {
-                // A kind not loaded yet is read from the backend, writes included, when first used.
-                let Some(k) = kinds.get_mut(&a.kind) else {
-                    continue;
-                };
-                match &a.value {
-                    Some(v) => k.insert(a.name.clone(), v.clone()),
-                    None => k.remove(&a.name),
+                // A kind not loaded yet is read from the backend, writes included, when first
+                // used.
+                if let Some(k) = kinds.get_mut(&a.kind) {
+                    k.apply(a);
                 }
             }
         }
-        if !applied.is_empty() {
-            self.changes
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        }
+        // Counted after the cache shows the change: equal counts mean nothing changed between.
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         for a in &applied {
             let _ = self.events.send(Event::of(a));
         }
@@ -189,5 +222,51 @@ impl Store for Cached {
 
     fn watch(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn put(name: &str, rev: u64, node: &str) -> Applied {
+        Applied {
+            kind: "replica".into(),
+            name: name.into(),
+            value: Some(json!({
+                "metadata": {"name": name, "resourceVersion": rev},
+                "spec": {"node": node}
+            })),
+            old: None,
+            revision: rev,
+        }
+    }
+
+    fn del(name: &str, rev: u64) -> Applied {
+        Applied {
+            kind: "replica".into(),
+            name: name.into(),
+            value: None,
+            old: None,
+            revision: rev,
+        }
+    }
+
+    #[test]
+    fn writes_applied_out_of_order_leave_the_newest_state() {
+        let mut k = Kind::default();
+        k.apply(&put("a", 5, "n2"));
+        k.apply(&put("a", 4, "n1"));
+        assert_eq!(k.objects["a"]["spec"]["node"], "n2");
+        assert!(!k.index.contains_key(&(Field::Node, "n1".into())));
+        // Deleted at 6; the write at 5 arriving late does not bring it back.
+        k.apply(&del("a", 6));
+        k.apply(&put("a", 5, "n3"));
+        assert!(k.objects.is_empty());
+        assert!(k.index.is_empty());
+        // Created again later: it is back.
+        k.apply(&put("a", 7, "n1"));
+        assert_eq!(k.objects["a"]["spec"]["node"], "n1");
     }
 }

@@ -58,13 +58,23 @@ pub fn load_or_create_token(data_dir: &Path) -> std::io::Result<String> {
     Ok(token)
 }
 
+/// A node's last heartbeat that changed nothing: an identical one with no store change since
+/// gets the same answer without work.
+pub(crate) struct LastBeat {
+    /// The report's bytes.
+    pub(crate) report: bytes::Bytes,
+    /// The store's change count before it was applied.
+    pub(crate) changes: u64,
+    /// The answer's JSON.
+    pub(crate) answer: bytes::Bytes,
+}
+
 pub struct Manager {
     pub store: Arc<dyn Store>,
     /// The same store, for what only the in-memory view knows (its change count).
     pub(crate) cache: Arc<crate::cache::Cached>,
-    /// Per node: its last heartbeat, the store's change count before it was applied, and the
-    /// answer. An identical heartbeat with no change since gets the same answer without work.
-    pub(crate) beats: std::sync::Mutex<HashMap<String, (Heartbeat, u64, Assignments)>>,
+    /// Per node: its last heartbeat and the answer, when applying it wrote nothing.
+    pub(crate) beats: std::sync::Mutex<HashMap<String, LastBeat>>,
     pub token: String,
     /// The node of an all-in-one server: where `attach` goes when no node is named.
     pub local_node: Option<String>,

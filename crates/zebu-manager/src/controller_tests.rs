@@ -887,14 +887,46 @@ fn a_heartbeat_is_one_store_transaction() {
     // A heartbeat that changes nothing writes nothing.
     let a = sim.beat("n1", &[]);
     assert!(w.try_recv().is_err());
-    // The same report with nothing changed gets the same answer; any change is seen at once.
-    assert_eq!(sim.beat("n1", &[]), a);
+    // Over HTTP, the same report bytes with nothing changed get the same answer without being
+    // applied; any store change is seen at once.
+    let report = serde_json::to_vec(&Heartbeat {
+        address: "n1".into(),
+        nbd_address: "n1".into(),
+        disks: vec![DiskStatus {
+            path: "/d".into(),
+            capacity: 1 << 40,
+            available: 1 << 40,
+            scheduled: 0,
+        }],
+        replicas: a
+            .replicas
+            .iter()
+            .map(|r| ReplicaReport {
+                address: format!("n1:{}", r.name),
+                name: r.name.clone(),
+                flush_seq: 1,
+            })
+            .collect(),
+        ..Default::default()
+    })
+    .expect("json");
+    let first = sim.m.heartbeat_raw("n1", &report).expect("beat");
+    let again = sim.m.heartbeat_raw("n1", &report).expect("beat");
+    assert_eq!(first, again);
+    let parsed: Assignments = serde_json::from_slice(&again).expect("answer");
+    assert_eq!(parsed, a);
     sim.m.create_volume("w", 1 << 30, 3).expect("create");
     sim.m.reconcile().expect("reconcile");
-    let b = sim.beat("n1", &[]);
+    let b: Assignments =
+        serde_json::from_slice(&sim.m.heartbeat_raw("n1", &report).expect("beat")).expect("json");
     assert_eq!(
         b.replicas.len(),
         a.replicas.len() + 1,
         "the new volume's replica"
     );
+    let err = sim
+        .m
+        .heartbeat_raw("n1", b"{not json")
+        .expect_err("bad body");
+    assert_eq!(err.kind, crate::ErrorKind::BadRequest);
 }

@@ -6,11 +6,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::ApiError;
+use bytes::Bytes;
+
+use crate::controller::LastBeat;
 use crate::controller::{Manager, conflict, not_found, now};
 use crate::model::*;
 use crate::store::{self, Field, Store, StoreError};
 use crate::txn::Txn;
+use crate::{ApiError, ErrorKind};
 
 impl Manager {
     /// Changes whether new replicas may go to a node, and whether it is being evicted (evicting
@@ -99,43 +102,81 @@ impl Manager {
         Ok(n)
     }
 
+    /// A heartbeat as it arrives over HTTP: the report's bytes in, the answer's JSON out. A
+    /// report byte for byte equal to the node's last one, with no store change since that one
+    /// was applied, gets the same answer without being parsed or applied again.
+    pub fn heartbeat_raw(&self, node: &str, raw: &[u8]) -> Result<Bytes, ApiError> {
+        let before = self.cache.changes();
+        if let Ok(beats) = self.beats.lock()
+            && let Some(b) = beats.get(node)
+            && b.changes == before
+            && b.report == raw
+        {
+            self.saw(node);
+            return Ok(b.answer.clone());
+        }
+        let hb: Heartbeat = serde_json::from_slice(raw).map_err(|e| {
+            ApiError::bad("InvalidBody", format!("heartbeat of node {node:?}: {e}"))
+        })?;
+        let (a, wrote) = self.apply_heartbeat_txn(node, &hb)?;
+        let answer = Bytes::from(
+            serde_json::to_vec(&a)
+                .map_err(|e| ApiError::new(ErrorKind::Internal, "Internal", e.to_string()))?,
+        );
+        if let Ok(mut beats) = self.beats.lock() {
+            if wrote {
+                beats.remove(node);
+            } else {
+                beats.insert(
+                    node.to_string(),
+                    LastBeat {
+                        report: Bytes::copy_from_slice(raw),
+                        changes: before,
+                        answer: answer.clone(),
+                    },
+                );
+            }
+        }
+        Ok(answer)
+    }
+
     /// Records a node's report and answers with what it should run. The report is applied in
     /// one store transaction (retried whole when another writer got in between); liveness stays
     /// in memory.
     pub fn heartbeat(&self, node: &str, hb: Heartbeat) -> Result<Assignments, ApiError> {
+        Ok(self.apply_heartbeat_txn(node, &hb)?.0)
+    }
+
+    fn saw(&self, node: &str) {
         let t = self.now_s();
         if let Ok(mut seen) = self.last_seen.lock() {
             seen.insert(node.to_string(), t);
         }
-        let before = self.cache.changes();
-        if let Ok(beats) = self.beats.lock()
-            && let Some((last, changes, a)) = beats.get(node)
-            && *changes == before
-            && *last == hb
-        {
-            // Same report, nothing changed since: the same answer.
-            return Ok(a.clone());
-        }
+    }
+
+    /// Applies a report in one transaction; returns the answer and whether anything was written.
+    fn apply_heartbeat_txn(
+        &self,
+        node: &str,
+        hb: &Heartbeat,
+    ) -> Result<(Assignments, bool), ApiError> {
+        self.saw(node);
+        let t = self.now_s();
         let mut attempt = 0;
         loop {
             let txn = Txn::new(&*self.store);
-            let a = self.apply_heartbeat(&txn, node, &hb, t)?;
+            let a = self.apply_heartbeat(&txn, node, hb, t)?;
             match txn.finish() {
-                Ok(applied) => {
-                    if let Ok(mut beats) = self.beats.lock() {
-                        if applied.is_empty() {
-                            beats.insert(node.to_string(), (hb, before, a.clone()));
-                        } else {
-                            beats.remove(node);
-                        }
-                    }
-                    return Ok(a);
-                }
+                Ok(applied) => return Ok((a, !applied.is_empty())),
                 Err(
                     StoreError::Conflict { .. }
                     | StoreError::Exists { .. }
                     | StoreError::NotFound { .. },
-                ) if attempt < 32 => attempt += 1,
+                ) if attempt < 32 => {
+                    // The winner's write may still be on its way into the cache.
+                    attempt += 1;
+                    std::thread::yield_now();
+                }
                 Err(e) => return Err(e.into()),
             }
         }

@@ -180,7 +180,7 @@ impl Manager {
                 // Engines whose volume is gone.
                 for e in store::list::<Engine>(s)? {
                     if !known.contains(e.spec.volume.as_str()) {
-                        self.stop_engine(s, &e, &nodes)?;
+                        self.stop_engine(s, &e, &nodes, "its volume is gone")?;
                     }
                 }
                 pass.backup_volumes = Some(
@@ -220,6 +220,7 @@ impl Manager {
                         // Space promised by placements that did not land is free again.
                         *pass.scheduled.borrow_mut() = scheduled_before;
                         attempt += 1;
+                        std::thread::yield_now();
                         if attempt >= 2 {
                             unsettled.extend(chunk.iter().cloned());
                             break;
@@ -248,7 +249,7 @@ impl Manager {
         let Some(v) = store::get::<Volume>(s, name)? else {
             // An engine whose volume is gone.
             if let Some(e) = engine {
-                self.stop_engine(s, &e, pass.nodes)?;
+                self.stop_engine(s, &e, pass.nodes, "its volume is gone")?;
             }
             return Ok(true);
         };
@@ -293,7 +294,7 @@ impl Manager {
         }
         if v.metadata.deletion_requested.is_some() {
             if let Some(e) = engine {
-                self.stop_engine(s, e, nodes)?;
+                self.stop_engine(s, e, nodes, "the volume is being deleted")?;
                 return Ok(false);
             }
             for r in &vreps {
@@ -370,6 +371,7 @@ impl Manager {
         s: &dyn Store,
         e: &Engine,
         nodes: &HashMap<String, Node>,
+        why: &str,
     ) -> Result<(), ApiError> {
         let up = nodes
             .get(&e.spec.node)
@@ -382,7 +384,7 @@ impl Manager {
             return Ok(());
         }
         if e.metadata.deletion_requested.is_none() {
-            tracing::info!(volume = %e.spec.volume, node = %e.spec.node, "stopping engine");
+            tracing::info!(volume = %e.spec.volume, node = %e.spec.node, generation = e.spec.generation, reason = why, "stopping engine");
             store::modify::<Engine>(s, &e.metadata.name, |e| {
                 e.metadata.deletion_requested = Some(now());
                 true
@@ -631,10 +633,11 @@ impl Manager {
                 }
             }
             (_, Some(e)) if e.metadata.deletion_requested.is_some() => {
-                self.stop_engine(s, e, nodes)?;
+                self.stop_engine(s, e, nodes, "stopping")?;
             }
             (Some(node), Some(e)) if &e.spec.node != node => {
-                self.stop_engine(s, e, nodes)?;
+                let why = format!("the engine belongs on node {node}");
+                self.stop_engine(s, e, nodes, &why)?;
             }
             (Some(_), Some(e))
                 if e.status.state == EngineState::Running
@@ -649,7 +652,7 @@ impl Manager {
                 // Every replica left the running engine's set; it cannot rebuild one from
                 // nothing. A new session starts from the freshest reachable replica (salvage).
                 tracing::warn!(volume = %v.metadata.name, "engine has no healthy replica; restarting it to salvage");
-                self.stop_engine(s, e, nodes)?;
+                self.stop_engine(s, e, nodes, "salvage")?;
             }
             (Some(_), Some(e)) => {
                 let grown = e.spec.size < v.spec.size;
@@ -695,7 +698,7 @@ impl Manager {
                 }
             }
             (None, Some(e)) => {
-                self.stop_engine(s, e, nodes)?;
+                self.stop_engine(s, e, nodes, "no engine is wanted")?;
             }
             (None, None) => {}
         }

@@ -421,10 +421,23 @@ impl Store for MemStore {
     }
 }
 
-/// The embedded store: one redb file.
+/// The embedded store: one redb file. Transactions that arrive while another is being written
+/// are written together in the next redb transaction (group commit: one fsync for all of them);
+/// each is still checked on its own and fails or lands whole.
 pub struct RedbStore {
     db: Database,
     events: broadcast::Sender<Event>,
+    /// Transactions waiting to be written, each with where its outcome goes.
+    queue: std::sync::Mutex<Vec<Queued>>,
+    /// Held by the caller writing a group.
+    leader: std::sync::Mutex<()>,
+}
+
+type Outcome = Result<Vec<Applied>>;
+
+struct Queued {
+    ops: Vec<Op>,
+    reply: std::sync::mpsc::Sender<Outcome>,
 }
 
 impl RedbStore {
@@ -439,6 +452,8 @@ impl RedbStore {
         Ok(RedbStore {
             db,
             events: broadcast::channel(4096).0,
+            queue: Default::default(),
+            leader: Default::default(),
         })
     }
 
@@ -446,6 +461,54 @@ impl RedbStore {
         let cur = t.get(counter).map_err(be)?.map(|v| v.value()).unwrap_or(0);
         t.insert(counter, cur + 1).map_err(be)?;
         Ok(cur + 1)
+    }
+
+    /// Writes a group of transactions in one redb transaction. Each is planned against what the
+    /// ones before it in the group left (a failed one writes nothing) and gets its own revision.
+    /// Returns each one's outcome, or the error that failed the whole write.
+    fn write_group(&self, group: &mut [Queued]) -> Result<Vec<Outcome>> {
+        let tx = self.db.begin_write().map_err(be)?;
+        let mut outcomes = Vec::with_capacity(group.len());
+        {
+            let mut t = tx.open_table(OBJECTS).map_err(be)?;
+            let mut c = tx.open_table(COUNTERS).map_err(be)?;
+            for q in group.iter_mut() {
+                let next = c.get(REVISION).map_err(be)?.map(|v| v.value()).unwrap_or(0) + 1;
+                let ops = std::mem::take(&mut q.ops);
+                let planned = plan_commit(ops, next, |k| match t.get(k).map_err(be)? {
+                    Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(be)?)),
+                    None => Ok(None),
+                });
+                let planned = match planned {
+                    Ok(p) => p,
+                    Err(e) => {
+                        outcomes.push(Err(e));
+                        continue;
+                    }
+                };
+                if planned.is_empty() {
+                    outcomes.push(Ok(Vec::new()));
+                    continue;
+                }
+                Self::bump(&mut c, REVISION)?;
+                let mut applied = Vec::with_capacity(planned.len());
+                for (k, a) in planned {
+                    match &a.value {
+                        Some(v) => {
+                            let bytes = serde_json::to_vec(v).map_err(be)?;
+                            t.insert(k.as_str(), bytes.as_slice()).map_err(be)?;
+                        }
+                        None => {
+                            t.remove(k.as_str()).map_err(be)?;
+                        }
+                    }
+                    applied.push(a);
+                }
+                outcomes.push(Ok(applied));
+            }
+        }
+        tx.commit().map_err(be)?;
+        Ok(outcomes)
     }
 }
 
@@ -473,40 +536,35 @@ impl Store for RedbStore {
     }
 
     fn commit(&self, ops: Vec<Op>) -> Result<Vec<Applied>> {
-        let tx = self.db.begin_write().map_err(be)?;
-        let out;
-        {
-            let mut t = tx.open_table(OBJECTS).map_err(be)?;
-            let mut c = tx.open_table(COUNTERS).map_err(be)?;
-            let next = c.get(REVISION).map_err(be)?.map(|v| v.value()).unwrap_or(0) + 1;
-            let planned = plan_commit(ops, next, |k| match t.get(k).map_err(be)? {
-                Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(be)?)),
-                None => Ok(None),
-            })?;
-            if planned.is_empty() {
-                return Ok(Vec::new());
-            }
-            Self::bump(&mut c, REVISION)?;
-            let mut applied = Vec::with_capacity(planned.len());
-            for (k, a) in planned {
-                match &a.value {
-                    Some(v) => {
-                        let bytes = serde_json::to_vec(v).map_err(be)?;
-                        t.insert(k.as_str(), bytes.as_slice()).map_err(be)?;
+        let (reply, outcome) = std::sync::mpsc::channel();
+        self.queue.lock().map_err(be)?.push(Queued { ops, reply });
+        // Whoever holds the leader lock writes everything queued; a caller whose transaction a
+        // leader before it wrote finds its outcome waiting.
+        let _leader = self.leader.lock().map_err(be)?;
+        if let Ok(done) = outcome.try_recv() {
+            return done;
+        }
+        let mut group = std::mem::take(&mut *self.queue.lock().map_err(be)?);
+        match self.write_group(&mut group) {
+            Ok(outcomes) => {
+                for (q, o) in group.iter().zip(outcomes) {
+                    if let Ok(applied) = &o {
+                        for a in applied {
+                            let _ = self.events.send(Event::of(a));
+                        }
                     }
-                    None => {
-                        t.remove(k.as_str()).map_err(be)?;
-                    }
+                    let _ = q.reply.send(o);
                 }
-                applied.push(a);
             }
-            out = applied;
+            Err(e) => {
+                for q in &group {
+                    let _ = q.reply.send(Err(e.clone()));
+                }
+            }
         }
-        tx.commit().map_err(be)?;
-        for a in &out {
-            let _ = self.events.send(Event::of(a));
-        }
-        Ok(out)
+        outcome
+            .try_recv()
+            .map_err(|_| StoreError::Backend("transaction outcome lost".into()))?
     }
 
     fn next(&self, counter: &str) -> Result<u64> {

@@ -447,7 +447,7 @@ impl Manager {
                 .into_iter()
                 .map(|n| (n.metadata.name.clone(), n))
                 .collect();
-            self.stop_engine(&*self.store, &e, &nodes)?;
+            self.stop_engine(&*self.store, &e, &nodes, "salvage from the chosen replica")?;
         }
         Ok(v)
     }

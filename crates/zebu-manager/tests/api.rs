@@ -278,3 +278,53 @@ fn the_cached_store_keeps_the_same_contract_and_follows_writes() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn concurrent_transactions_are_written_together_and_each_is_checked_alone() {
+    let dir = tempdir();
+    let s = Arc::new(RedbStore::open(&dir.join("g.redb")).expect("store"));
+    let base = store::create(
+        &*s,
+        &Setting {
+            metadata: Meta {
+                name: "shared".into(),
+                ..Default::default()
+            },
+            value: "0".into(),
+        },
+    )
+    .expect("create");
+    // 16 writers: each creates its own object and tries to update "shared" from the same
+    // version; exactly one update wins, every create lands.
+    let handles: Vec<_> = (0..16)
+        .map(|i| {
+            let (s, base) = (s.clone(), base.clone());
+            std::thread::spawn(move || {
+                let own = Setting {
+                    metadata: Meta {
+                        name: format!("own-{i}"),
+                        ..Default::default()
+                    },
+                    value: i.to_string(),
+                };
+                store::create(&*s, &own).expect("own object");
+                let mut b = base.clone();
+                b.value = i.to_string();
+                store::update(&*s, &b).is_ok()
+            })
+        })
+        .collect();
+    let wins = handles
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .filter(|w| *w)
+        .count();
+    assert_eq!(wins, 1, "one compare-and-swap on the same version wins");
+    let all = store::list::<Setting>(&*s).expect("list");
+    assert_eq!(all.len(), 17);
+    let mut revs: Vec<u64> = all.iter().map(|x| x.metadata.resource_version).collect();
+    revs.sort_unstable();
+    revs.dedup();
+    assert_eq!(revs.len(), 17, "every transaction has its own revision");
+    let _ = std::fs::remove_dir_all(dir);
+}
