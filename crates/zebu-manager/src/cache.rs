@@ -191,6 +191,27 @@ impl Store for Cached {
             .unwrap_or_default())
     }
 
+    fn visit_by(
+        &self,
+        kind: &str,
+        field: Field,
+        value: &str,
+        f: &mut dyn FnMut(&Value),
+    ) -> Result<()> {
+        self.ensure(kind)?;
+        let kinds = self.kinds.read().map_err(be)?;
+        if let Some(k) = kinds.get(kind)
+            && let Some(names) = k.index.get(&(field, value.to_string()))
+        {
+            for n in names {
+                if let Some(o) = k.objects.get(n) {
+                    f(o);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn commit(&self, ops: Vec<Op>) -> Result<Vec<Applied>> {
         let applied = self.inner.commit(ops)?;
         if applied.is_empty() {

@@ -35,6 +35,9 @@ impl PassView<'_> {
 /// How often every volume is looked at even when nothing about it changed.
 const FULL_PASS_EVERY: Duration = Duration::from_secs(10);
 
+/// How often volumes that are still settling are looked at when nothing about them changed.
+const UNSETTLED_EVERY: Duration = Duration::from_secs(1);
+
 /// Volumes whose writes go to the store in one transaction.
 const VOLUMES_PER_TXN: usize = 64;
 
@@ -81,15 +84,24 @@ impl Manager {
         };
         let mut unsettled: BTreeSet<String> = BTreeSet::new();
         let mut last_full = tokio::time::Instant::now();
+        let mut last_sweep = tokio::time::Instant::now();
         loop {
             self.reconciles.fetch_add(1, Ordering::Relaxed);
             let full = dirty.full || last_full.elapsed() >= FULL_PASS_EVERY;
             let work = std::mem::take(&mut dirty);
+            // Volumes still settling wait on time, not on changes: looked at once a second.
+            let sweep = last_sweep.elapsed() >= UNSETTLED_EVERY;
             let only = (!full).then(|| {
                 let mut v = work.volumes;
-                v.extend(unsettled.iter().cloned());
+                if sweep {
+                    v.extend(unsettled.iter().cloned());
+                }
                 v
             });
+            if full || sweep {
+                last_sweep = tokio::time::Instant::now();
+            }
+            let swept = full || sweep;
             if full {
                 last_full = tokio::time::Instant::now();
             }
@@ -98,7 +110,14 @@ impl Manager {
             let r =
                 tokio::task::spawn_blocking(move || m.reconcile_pass(only.as_ref(), backups)).await;
             match r {
-                Ok(Ok(u)) => unsettled = u,
+                Ok(Ok(u)) => {
+                    // A pass over changed volumes only adds to what still settles.
+                    if swept {
+                        unsettled = u;
+                    } else {
+                        unsettled.extend(u);
+                    }
+                }
                 Ok(Err(e)) => {
                     self.reconcile_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e.message, "reconcile failed");
@@ -408,12 +427,17 @@ impl Manager {
         let mut cell = pass.scheduled.borrow_mut();
         if cell.is_none() {
             // Bytes already promised per disk, read once per pass.
+            // Read in place: only the disk and size of every replica matter here. (What this
+            // pass placed so far is added below as it is placed.)
             let mut m: HashMap<(String, String), u64> = HashMap::new();
             for n in nodes.keys() {
-                for r in store::list_by::<Replica>(s, Field::Node, n)? {
-                    *m.entry((r.spec.node.clone(), r.spec.disk.clone()))
-                        .or_default() += r.spec.size;
-                }
+                s.visit_by(Replica::KIND, Field::Node, n, &mut |r| {
+                    let disk = r.pointer("/spec/disk").and_then(|d| d.as_str());
+                    let size = r.pointer("/spec/size").and_then(|d| d.as_u64());
+                    if let (Some(disk), Some(size)) = (disk, size) {
+                        *m.entry((n.clone(), disk.to_string())).or_default() += size;
+                    }
+                })?;
             }
             *cell = Some(m);
         }

@@ -130,6 +130,20 @@ pub trait Store: Send + Sync {
         all.retain(|o| field.of(o) == Some(value));
         Ok(all)
     }
+    /// Calls `f` with every object of a kind whose `field` equals `value`, without copying them
+    /// where the store can (for sums over many objects).
+    fn visit_by(
+        &self,
+        kind: &str,
+        field: Field,
+        value: &str,
+        f: &mut dyn FnMut(&Value),
+    ) -> Result<()> {
+        for o in self.list_by(kind, field, value)? {
+            f(&o);
+        }
+        Ok(())
+    }
     /// Applies every op or none: each op is checked against the objects as the ops before it
     /// left them; any failed check fails the whole transaction and writes nothing. Every object
     /// written gets the same new resourceVersion.

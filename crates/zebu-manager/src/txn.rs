@@ -218,6 +218,35 @@ impl Store for Txn<'_> {
         })
     }
 
+    fn visit_by(
+        &self,
+        kind: &str,
+        field: Field,
+        value: &str,
+        f: &mut dyn FnMut(&Value),
+    ) -> Result<()> {
+        let w = self.writes.lock().map_err(be)?;
+        // Objects this transaction wrote are visited as it left them.
+        self.base.visit_by(kind, field, value, &mut |o| {
+            let written = name_of(o).is_ok_and(|n| w.contains_key(&key(kind, &n)));
+            if !written {
+                f(o);
+            }
+        })?;
+        let prefix = format!("{kind}/");
+        for (k, (_, _, p)) in w.range(prefix.clone()..) {
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if let Pending::Put { obj, .. } = p
+                && field.of(obj) == Some(value)
+            {
+                f(obj);
+            }
+        }
+        Ok(())
+    }
+
     /// Buffers the ops (checked one by one against this transaction's view); nothing reaches
     /// the base store before [`Txn::finish`].
     fn commit(&self, ops: Vec<Op>) -> Result<Vec<Applied>> {
