@@ -115,7 +115,9 @@ pub fn check_setting(name: &str, value: &str) -> Result<String, &'static str> {
     };
     let n = value.parse::<u64>().ok();
     let (ok, expected) = match name {
-        "replica-soft-anti-affinity" => (value == "true" || value == "false", "true or false"),
+        "replica-soft-anti-affinity" | "offline-replica-rebuilding" => {
+            (value == "true" || value == "false", "true or false")
+        }
         "backup-compression" => (
             zebu_backupstore::Codec::parse(value).is_some(),
             "zstd, lz4 or none",

@@ -930,3 +930,56 @@ fn a_heartbeat_is_one_store_transaction() {
         .expect_err("bad body");
     assert_eq!(err.kind, crate::ErrorKind::BadRequest);
 }
+
+#[test]
+fn an_engine_rebuilding_a_detached_volume_stays_on_its_node_while_it_holds_a_complete_copy() {
+    let sim = Sim::new(&["n1", "n2", "n3"]);
+    // A switch: true or false, nothing else.
+    sim.m
+        .put_setting("offline-replica-rebuilding", "false")
+        .expect("false");
+    assert!(
+        sim.m
+            .put_setting("offline-replica-rebuilding", "1")
+            .is_err()
+    );
+    sim.m
+        .put_setting("offline-replica-rebuilding", "true")
+        .expect("true");
+    let v = vol3();
+    let live = vec![
+        rep("a", "n1", Some(ReplicaMode::RW), None, 1),
+        rep("b", "n2", Some(ReplicaMode::RW), None, 1),
+        rep("c", "n3", Some(ReplicaMode::ERR), Some(1), 1),
+    ];
+    let nodes = cluster(&[]);
+    // No engine yet: the first complete copy's node.
+    assert_eq!(
+        sim.m.engine_node(&v, None, &live, &nodes, None).as_deref(),
+        Some("n1")
+    );
+    // Running on n2, which holds a complete copy: it stays there.
+    let mut e = Engine::default();
+    e.spec.node = "n2".into();
+    assert_eq!(
+        sim.m
+            .engine_node(&v, None, &live, &nodes, Some(&e))
+            .as_deref(),
+        Some("n2")
+    );
+    // Its copy there failed meanwhile: it moves to one that is complete.
+    let mut failed = live.clone();
+    failed[1].status.mode = Some(ReplicaMode::ERR);
+    failed[1].status.failed_at = Some(2);
+    assert_eq!(
+        sim.m
+            .engine_node(&v, None, &failed, &nodes, Some(&e))
+            .as_deref(),
+        Some("n1")
+    );
+    // Nothing left to rebuild: no engine, wherever it ran.
+    let mut done = live.clone();
+    done[2].status.mode = Some(ReplicaMode::RW);
+    done[2].status.failed_at = None;
+    assert_eq!(sim.m.engine_node(&v, None, &done, &nodes, Some(&e)), None);
+}

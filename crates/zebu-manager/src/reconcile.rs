@@ -542,12 +542,16 @@ impl Manager {
 
     /// Where the volume's engine should run: the node it is attached to, or while it is being
     /// restored, the all-in-one node or a node holding one of its replicas.
+    /// An engine that serves no one (a revert or an offline rebuild) stays where it runs while
+    /// that node still holds a running complete copy: placement only moves it when it must, so
+    /// that a rebuild finishing elsewhere does not start it over on another node.
     pub(crate) fn engine_node(
         &self,
         v: &Volume,
         restore: Option<&RestoreOrder>,
         live: &[Replica],
         nodes: &HashMap<String, Node>,
+        current: Option<&Engine>,
     ) -> Option<String> {
         if v.spec.node.is_some() {
             return v.spec.node.clone();
@@ -558,10 +562,23 @@ impl Manager {
                 .is_some_and(|n| n.status.state == NodeState::Up)
         };
         let Some(order) = restore else {
-            if v.spec.revert.is_some() {
-                return complete_copy_node(live, &up);
-            }
-            return self.offline_rebuild_node(v, live, &up);
+            let wanted = if v.spec.revert.is_some() {
+                complete_copy_node(live, &up)
+            } else {
+                self.offline_rebuild_node(v, live, &up)
+            };
+            let keep = current
+                .filter(|e| e.metadata.deletion_requested.is_none() && up(&e.spec.node))
+                .map(|e| e.spec.node.clone())
+                .filter(|n| {
+                    live.iter().any(|r| {
+                        &r.spec.node == n && r.status.address.is_some() && good_copy(r, live)
+                    })
+                });
+            return match (wanted, keep) {
+                (Some(_), Some(here)) => Some(here),
+                (w, _) => w,
+            };
         };
         // A restore that failed is not retried until there is another backup to restore.
         let failed =
@@ -619,7 +636,7 @@ impl Manager {
         nodes: &HashMap<String, Node>,
     ) -> Result<(), ApiError> {
         let restore = self.restore_order(v);
-        let want = self.engine_node(v, restore.as_ref(), live, nodes);
+        let want = self.engine_node(v, restore.as_ref(), live, nodes, engine);
         // Served over NBD only when attached (not while restoring or rebuilding offline).
         let frontend = restore.is_none() && v.spec.node.is_some();
         match (&want, engine) {
