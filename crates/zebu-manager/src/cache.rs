@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde_json::Value;
 use tokio::sync::broadcast;
 
-use crate::store::{Applied, Event, Field, Op, Result, Store, be, name_of, rv_of};
+use crate::store::{Applied, Event, Field, Obj, Op, Result, Store, be, name_of, rv_of};
 
 #[derive(Default)]
 struct Kind {
-    objects: BTreeMap<String, Value>,
+    objects: BTreeMap<String, Obj>,
     /// (field, value) → names.
     index: HashMap<(Field, String), BTreeSet<String>>,
     /// Revisions at which recently deleted objects went, so that a write applied late (writes
@@ -25,7 +25,7 @@ const TOMBSTONES: usize = 4096;
 
 impl Kind {
     fn revision(&self, name: &str) -> u64 {
-        let live = self.objects.get(name).map(rv_of).unwrap_or(0);
+        let live = self.objects.get(name).map(|o| rv_of(o)).unwrap_or(0);
         live.max(self.tombstones.get(name).copied().unwrap_or(0))
     }
 
@@ -52,7 +52,7 @@ impl Kind {
         }
     }
 
-    fn insert(&mut self, name: String, v: Value) {
+    fn insert(&mut self, name: String, v: Obj) {
         self.remove(&name);
         for f in Field::ALL {
             if let Some(x) = f.of(&v) {
@@ -153,7 +153,7 @@ impl Cached {
 }
 
 impl Store for Cached {
-    fn get(&self, kind: &str, name: &str) -> Result<Option<Value>> {
+    fn get(&self, kind: &str, name: &str) -> Result<Option<Obj>> {
         self.ensure(kind)?;
         Ok(self
             .kinds
@@ -163,7 +163,7 @@ impl Store for Cached {
             .and_then(|k| k.objects.get(name).cloned()))
     }
 
-    fn list(&self, kind: &str) -> Result<Vec<Value>> {
+    fn list(&self, kind: &str) -> Result<Vec<Obj>> {
         self.ensure(kind)?;
         Ok(self
             .kinds
@@ -174,7 +174,7 @@ impl Store for Cached {
             .unwrap_or_default())
     }
 
-    fn list_by(&self, kind: &str, field: Field, value: &str) -> Result<Vec<Value>> {
+    fn list_by(&self, kind: &str, field: Field, value: &str) -> Result<Vec<Obj>> {
         self.ensure(kind)?;
         let kinds = self.kinds.read().map_err(be)?;
         let Some(k) = kinds.get(kind) else {
@@ -255,10 +255,10 @@ mod tests {
         Applied {
             kind: "replica".into(),
             name: name.into(),
-            value: Some(json!({
+            value: Some(Obj::new(json!({
                 "metadata": {"name": name, "resourceVersion": rev},
                 "spec": {"node": node}
-            })),
+            }))),
             old: None,
             revision: rev,
         }

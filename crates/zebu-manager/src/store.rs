@@ -37,6 +37,9 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// An object as stored: JSON, shared (reading one from memory copies no bytes).
+pub type Obj = std::sync::Arc<Value>;
+
 /// A change to an object. `volume` and `node` are the object's `spec.volume` and `spec.node`
 /// (for a deleted object, its last value's), so a watcher can tell what a change concerns
 /// without reading the object.
@@ -92,8 +95,8 @@ pub enum Op {
 pub struct Applied {
     pub kind: String,
     pub name: String,
-    pub value: Option<Value>,
-    pub old: Option<Value>,
+    pub value: Option<Obj>,
+    pub old: Option<Obj>,
     /// The transaction's revision: every object it wrote carries it as resourceVersion.
     pub revision: u64,
 }
@@ -122,10 +125,10 @@ impl Field {
 
 /// Where control-plane objects live.
 pub trait Store: Send + Sync {
-    fn get(&self, kind: &str, name: &str) -> Result<Option<Value>>;
-    fn list(&self, kind: &str) -> Result<Vec<Value>>;
+    fn get(&self, kind: &str, name: &str) -> Result<Option<Obj>>;
+    fn list(&self, kind: &str) -> Result<Vec<Obj>>;
     /// The objects of a kind whose `field` equals `value`.
-    fn list_by(&self, kind: &str, field: Field, value: &str) -> Result<Vec<Value>> {
+    fn list_by(&self, kind: &str, field: Field, value: &str) -> Result<Vec<Obj>> {
         let mut all = self.list(kind)?;
         all.retain(|o| field.of(o) == Some(value));
         Ok(all)
@@ -191,6 +194,7 @@ fn one(applied: Vec<Applied>, kind: &str, name: String) -> Result<Value> {
     applied
         .into_iter()
         .find_map(|a| a.value)
+        .map(std::sync::Arc::unwrap_or_clone)
         .ok_or_else(|| StoreError::NotFound {
             kind: kind.into(),
             name,
@@ -269,7 +273,7 @@ fn stamp_update(old: &Value, obj: &mut Value, rv: u64) {
 pub(crate) fn plan_commit(
     ops: Vec<Op>,
     rv: u64,
-    mut current: impl FnMut(&str) -> Result<Option<Value>>,
+    mut current: impl FnMut(&str) -> Result<Option<Obj>>,
 ) -> Result<Vec<(String, Applied)>> {
     let mut touched: BTreeMap<String, Applied> = BTreeMap::new();
     for op in ops {
@@ -288,7 +292,7 @@ pub(crate) fn plan_commit(
                     return Err(StoreError::Exists { kind, name });
                 }
                 stamp_new(&mut obj, rv);
-                Some(obj)
+                Some(Obj::new(obj))
             }
             Op::Update { mut obj, .. } => {
                 let Some(old) = &now else {
@@ -304,7 +308,7 @@ pub(crate) fn plan_commit(
                     });
                 }
                 stamp_update(old, &mut obj, rv);
-                Some(obj)
+                Some(Obj::new(obj))
             }
             Op::Delete {
                 resource_version, ..
@@ -350,7 +354,7 @@ pub(crate) fn plan_commit(
 
 /// The store in memory, for tests of policy without files: the same contract as [`RedbStore`].
 pub struct MemStore {
-    objects: std::sync::Mutex<BTreeMap<String, Value>>,
+    objects: std::sync::Mutex<BTreeMap<String, Obj>>,
     counters: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     events: broadcast::Sender<Event>,
 }
@@ -375,7 +379,7 @@ impl MemStore {
 }
 
 impl Store for MemStore {
-    fn get(&self, kind: &str, name: &str) -> Result<Option<Value>> {
+    fn get(&self, kind: &str, name: &str) -> Result<Option<Obj>> {
         Ok(self
             .objects
             .lock()
@@ -384,7 +388,7 @@ impl Store for MemStore {
             .cloned())
     }
 
-    fn list(&self, kind: &str) -> Result<Vec<Value>> {
+    fn list(&self, kind: &str) -> Result<Vec<Obj>> {
         let lo = format!("{kind}/");
         let hi = format!("{kind}0");
         Ok(self
@@ -490,7 +494,9 @@ impl RedbStore {
                 let next = c.get(REVISION).map_err(be)?.map(|v| v.value()).unwrap_or(0) + 1;
                 let ops = std::mem::take(&mut q.ops);
                 let planned = plan_commit(ops, next, |k| match t.get(k).map_err(be)? {
-                    Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(be)?)),
+                    Some(v) => Ok(Some(Obj::new(
+                        serde_json::from_slice(v.value()).map_err(be)?,
+                    ))),
                     None => Ok(None),
                 });
                 let planned = match planned {
@@ -509,7 +515,7 @@ impl RedbStore {
                 for (k, a) in planned {
                     match &a.value {
                         Some(v) => {
-                            let bytes = serde_json::to_vec(v).map_err(be)?;
+                            let bytes = serde_json::to_vec(&**v).map_err(be)?;
                             t.insert(k.as_str(), bytes.as_slice()).map_err(be)?;
                         }
                         None => {
@@ -527,16 +533,18 @@ impl RedbStore {
 }
 
 impl Store for RedbStore {
-    fn get(&self, kind: &str, name: &str) -> Result<Option<Value>> {
+    fn get(&self, kind: &str, name: &str) -> Result<Option<Obj>> {
         let tx = self.db.begin_read().map_err(be)?;
         let t = tx.open_table(OBJECTS).map_err(be)?;
         match t.get(key(kind, name).as_str()).map_err(be)? {
-            Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(be)?)),
+            Some(v) => Ok(Some(Obj::new(
+                serde_json::from_slice(v.value()).map_err(be)?,
+            ))),
             None => Ok(None),
         }
     }
 
-    fn list(&self, kind: &str) -> Result<Vec<Value>> {
+    fn list(&self, kind: &str) -> Result<Vec<Obj>> {
         let tx = self.db.begin_read().map_err(be)?;
         let t = tx.open_table(OBJECTS).map_err(be)?;
         let lo = format!("{kind}/");
@@ -544,7 +552,7 @@ impl Store for RedbStore {
         let mut out = Vec::new();
         for item in t.range(lo.as_str()..hi.as_str()).map_err(be)? {
             let (_, v) = item.map_err(be)?;
-            out.push(serde_json::from_slice(v.value()).map_err(be)?);
+            out.push(Obj::new(serde_json::from_slice(v.value()).map_err(be)?));
         }
         Ok(out)
     }
@@ -600,7 +608,11 @@ impl Store for RedbStore {
 // ---------------------------------------------------------------------------------------------
 // Typed helpers.
 
-fn decode<T: Object>(v: Value) -> Result<T> {
+fn decode<T: Object>(v: Obj) -> Result<T> {
+    T::deserialize(&*v).map_err(|e| StoreError::Backend(format!("corrupt {}: {e}", T::KIND)))
+}
+
+fn decode_owned<T: Object>(v: Value) -> Result<T> {
     serde_json::from_value(v).map_err(|e| StoreError::Backend(format!("corrupt {}: {e}", T::KIND)))
 }
 
@@ -625,11 +637,11 @@ pub fn list_by<T: Object>(s: &dyn Store, field: Field, value: &str) -> Result<Ve
 }
 
 pub fn create<T: Object>(s: &dyn Store, o: &T) -> Result<T> {
-    decode(s.create(T::KIND, encode(o)?)?)
+    decode_owned(s.create(T::KIND, encode(o)?)?)
 }
 
 pub fn update<T: Object>(s: &dyn Store, o: &T) -> Result<T> {
-    decode(s.update(T::KIND, encode(o)?)?)
+    decode_owned(s.update(T::KIND, encode(o)?)?)
 }
 
 pub fn delete<T: Object>(s: &dyn Store, o: &T) -> Result<()> {

@@ -8,12 +8,14 @@ use std::sync::Mutex;
 use serde_json::Value;
 use tokio::sync::broadcast;
 
-use crate::store::{Applied, Event, Field, Op, Result, Store, StoreError, be, key, name_of, rv_of};
+use crate::store::{
+    Applied, Event, Field, Obj, Op, Result, Store, StoreError, be, key, name_of, rv_of,
+};
 
 enum Pending {
     /// `created`: the object did not exist when the transaction began.
     Put {
-        obj: Value,
+        obj: Obj,
         created: bool,
     },
     Delete {
@@ -50,11 +52,17 @@ impl<'a> Txn<'a> {
         let ops = writes
             .into_values()
             .map(|(kind, name, p)| match p {
-                Pending::Put { obj, created: true } => Op::Create { kind, obj },
+                Pending::Put { obj, created: true } => Op::Create {
+                    kind,
+                    obj: Obj::unwrap_or_clone(obj),
+                },
                 Pending::Put {
                     obj,
                     created: false,
-                } => Op::Update { kind, obj },
+                } => Op::Update {
+                    kind,
+                    obj: Obj::unwrap_or_clone(obj),
+                },
                 Pending::Delete { resource_version } => Op::Delete {
                     kind,
                     name,
@@ -66,7 +74,7 @@ impl<'a> Txn<'a> {
     }
 
     /// The buffered state of an object: `None` when untouched, `Some(None)` when deleted.
-    fn pending(&self, kind: &str, name: &str) -> Result<Option<Option<Value>>> {
+    fn pending(&self, kind: &str, name: &str) -> Result<Option<Option<Obj>>> {
         let w = self.writes.lock().map_err(be)?;
         Ok(w.get(&key(kind, name)).map(|(_, _, p)| match p {
             Pending::Put { obj, .. } => Some(obj.clone()),
@@ -78,12 +86,19 @@ impl<'a> Txn<'a> {
     fn overlay(
         &self,
         kind: &str,
-        base: Vec<Value>,
+        base: Vec<Obj>,
         keep: impl Fn(&Value) -> bool,
-    ) -> Result<Vec<Value>> {
+    ) -> Result<Vec<Obj>> {
         let w = self.writes.lock().map_err(be)?;
         let prefix = format!("{kind}/");
-        let mut out: BTreeMap<String, Value> = BTreeMap::new();
+        let touched = w
+            .range(prefix.clone()..)
+            .next()
+            .is_some_and(|(k, _)| k.starts_with(&prefix));
+        if !touched {
+            return Ok(base);
+        }
+        let mut out: BTreeMap<String, Obj> = BTreeMap::new();
         for v in base {
             out.insert(name_of(&v)?, v);
         }
@@ -103,7 +118,7 @@ impl<'a> Txn<'a> {
         Ok(out.into_values().collect())
     }
 
-    fn apply(&self, op: Op) -> Result<Value> {
+    fn apply(&self, op: Op) -> Result<Obj> {
         let (kind, name) = match &op {
             Op::Create { kind, obj } | Op::Update { kind, obj } => (kind.clone(), name_of(obj)?),
             Op::Delete { kind, name, .. } => (kind.clone(), name.clone()),
@@ -124,6 +139,7 @@ impl<'a> Txn<'a> {
                         "{kind} {name:?} deleted and created in one transaction"
                     )));
                 }
+                let obj = Obj::new(obj);
                 w.insert(
                     k,
                     (
@@ -150,6 +166,7 @@ impl<'a> Txn<'a> {
                         found,
                     });
                 }
+                let obj = Obj::new(obj);
                 w.insert(
                     k,
                     (
@@ -201,18 +218,18 @@ impl<'a> Txn<'a> {
 }
 
 impl Store for Txn<'_> {
-    fn get(&self, kind: &str, name: &str) -> Result<Option<Value>> {
+    fn get(&self, kind: &str, name: &str) -> Result<Option<Obj>> {
         match self.pending(kind, name)? {
             Some(v) => Ok(v),
             None => self.base.get(kind, name),
         }
     }
 
-    fn list(&self, kind: &str) -> Result<Vec<Value>> {
+    fn list(&self, kind: &str) -> Result<Vec<Obj>> {
         self.overlay(kind, self.base.list(kind)?, |_| true)
     }
 
-    fn list_by(&self, kind: &str, field: Field, value: &str) -> Result<Vec<Value>> {
+    fn list_by(&self, kind: &str, field: Field, value: &str) -> Result<Vec<Obj>> {
         self.overlay(kind, self.base.list_by(kind, field, value)?, |o| {
             field.of(o) == Some(value)
         })
