@@ -3,13 +3,14 @@
 # heartbeating over HTTP as node agents do (crates/zebu/examples/scale.rs), VOLUMES volumes of 3
 # replicas created through the API. Prints create -> all replicas assigned p50/p99, heartbeat
 # p50/p99 while creating and while idle, the manager's idle CPU, RSS and store size.
-# Usage: bash bench/scale.sh [VOLUMES=10000] [NODES=100] [RUNS=1]
+# Usage: bash bench/scale.sh [VOLUMES=10000] [NODES=100] [RUNS=1] [RATE=0 (creates/s; 0: unpaced)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 VOLUMES=${1:-10000}
 NODES=${2:-100}
 RUNS=${3:-1}
+RATE=${4:-0}
 cargo build --release -q -p zebu --bin zebu --example scale
 ZEBU=$PWD/target/release/zebu
 SCALE=$PWD/target/release/examples/scale
@@ -26,7 +27,7 @@ for r in $(seq "$RUNS"); do
   wait_port 19660
   echo "run $r:"
   "$SCALE" --api http://127.0.0.1:19660 --token-file "$WORK/m/api-token" \
-    --nodes "$NODES" --volumes "$VOLUMES" --pid "$PID" --idle-secs 20
+    --nodes "$NODES" --volumes "$VOLUMES" --pid "$PID" --idle-secs 20 --rate "$RATE"
   echo "manager RSS $(awk '/VmRSS/ {print $2, $3}' "/proc/$PID/status"); store $(du -h "$WORK/m/store.redb" | cut -f1)"
   kill "$PID"; wait "$PID" 2>/dev/null || true
 done

@@ -23,6 +23,8 @@ struct Args {
     concurrency: usize,
     idle_secs: u64,
     pid: Option<u32>,
+    /// Volumes created per second (0: as fast as the API takes them).
+    rate: u64,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -35,6 +37,7 @@ fn args() -> anyhow::Result<Args> {
         concurrency: 16,
         idle_secs: 20,
         pid: None,
+        rate: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -57,6 +60,7 @@ fn args() -> anyhow::Result<Args> {
             "--concurrency" => a.concurrency = num()? as usize,
             "--idle-secs" => a.idle_secs = num()?,
             "--pid" => a.pid = Some(num()? as u32),
+            "--rate" => a.rate = num()?,
             _ => bail!("unknown flag {flag}"),
         }
     }
@@ -186,18 +190,24 @@ async fn main() -> anyhow::Result<()> {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut creators = Vec::new();
     for _ in 0..a.concurrency {
-        let (api, shared, next, n, replicas) = (
+        let (api, shared, next, n, replicas, rate) = (
             api.clone(),
             shared.clone(),
             next.clone(),
             a.volumes,
             a.replicas,
+            a.rate,
         );
         creators.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= n {
                     return anyhow::Ok(());
+                }
+                // Volume i is due at i / rate seconds after the start.
+                if let Some(us) = (i as u64 * 1_000_000).checked_div(rate) {
+                    let due = t0 + Duration::from_micros(us);
+                    tokio::time::sleep_until(due.into()).await;
                 }
                 let name = format!("s{i:05}");
                 let body =
@@ -255,10 +265,15 @@ async fn main() -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     let mut creating_beats = creating_beats;
     println!(
-        "nodes {} volumes {} x {} replicas: created in {:.1} s, all replicas assigned {:.1} s after the first create",
+        "nodes {} volumes {} x {} replicas ({}): created in {:.1} s, all replicas assigned {:.1} s after the first create",
         a.nodes,
         a.volumes,
         a.replicas,
+        if a.rate > 0 {
+            format!("{} creates/s", a.rate)
+        } else {
+            "creates as fast as the API answers, 16 at a time".to_string()
+        },
         created_in.as_secs_f64(),
         all_in.as_secs_f64()
     );
