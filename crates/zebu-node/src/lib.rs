@@ -3,7 +3,7 @@
 //! heartbeat, including the backups and restores of those engines. On restart it re-opens the
 //! replicas it finds on disk; intact data is never rebuilt from scratch.
 
-pub mod backup;
+pub mod transfer;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,6 +19,8 @@ use zebu_engine::{Engine, EngineConfig, EngineHook, Mode, ReplicaService};
 use zebu_nbd::Exports;
 use zebu_replica::DEFAULT_CLUSTER_SIZE;
 use zebu_types::Generation;
+
+pub use transfer::{BackupHandle, RestoreHandle, Transfers};
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -58,6 +60,9 @@ impl VolumeOrders {
     }
 }
 
+/// A backup task on this node with its volume.
+type VolumeBackup = (String, Box<dyn BackupHandle>);
+
 /// How long a heartbeat waits for an engine's snapshot list before it reports the last one.
 const SNAPSHOT_READ_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -71,7 +76,7 @@ struct RunningEngine {
     engine: Arc<Engine>,
     generation: u64,
     healer: tokio::task::JoinHandle<()>,
-    restore: Option<backup::RestoreTask>,
+    restore: Option<Box<dyn RestoreHandle>>,
     revert: Option<RevertTask>,
 }
 
@@ -126,7 +131,9 @@ pub struct NodeAgent {
     exports: Arc<Exports<Engine>>,
     nbd_addr: String,
     /// Backup tasks by backup name, with their volume.
-    backups: Mutex<HashMap<String, (String, backup::BackupTask)>>,
+    backups: Mutex<HashMap<String, VolumeBackup>>,
+    /// Runs backups and restores (the binary plugs in `zebu-transfer`).
+    transfers: Arc<dyn Transfers>,
     /// One supervisor task per volume with work here, fed the volume's latest orders.
     supervisors: std::sync::Mutex<HashMap<String, tokio::sync::watch::Sender<VolumeOrders>>>,
     /// Each engine's snapshot list as last read, reported when a fresh read takes too long.
@@ -258,6 +265,7 @@ impl NodeAgent {
         cfg: NodeConfig,
         api: ApiClient,
         nbd: TcpListener,
+        transfers: Arc<dyn Transfers>,
     ) -> Result<Arc<NodeAgent>, NodeError> {
         zebu_types::validate_name(&cfg.name).map_err(|e| NodeError::Setup(e.to_string()))?;
         std::fs::create_dir_all(cfg.data_dir.join("replicas"))?;
@@ -272,6 +280,7 @@ impl NodeAgent {
             exports,
             nbd_addr,
             backups: Mutex::new(HashMap::new()),
+            transfers,
             supervisors: Default::default(),
             last_snapshots: Default::default(),
             waiting: Mutex::new(HashMap::new()),
@@ -759,7 +768,7 @@ impl NodeAgent {
             tasks.retain(|name, (v, t)| {
                 let keep = v != volume || orders.iter().any(|o| &o.name == name);
                 if !keep && !t.finished() {
-                    t.handle.abort();
+                    t.abort();
                 }
                 keep
             });
@@ -776,7 +785,11 @@ impl NodeAgent {
                 continue;
             };
             let task = if o.state == BackupState::InProgress {
-                backup::settle_interrupted(o.clone(), self.cfg.name.clone(), self.wake.clone())
+                self.transfers.settle_interrupted(
+                    o.clone(),
+                    self.cfg.name.clone(),
+                    self.wake.clone(),
+                )
             } else {
                 // A snapshot taken for the backup may arrive with the next assignments.
                 let have = snapshot_infos(engine)
@@ -794,7 +807,8 @@ impl NodeAgent {
                     continue;
                 }
                 self.waiting.lock().await.remove(&o.name);
-                backup::start_backup(engine.clone(), o.clone(), self.wake.clone())
+                self.transfers
+                    .start_backup(engine.clone(), o.clone(), self.wake.clone())
             };
             self.backups
                 .lock()
@@ -852,12 +866,12 @@ impl NodeAgent {
                             None => true,
                             Some(t) => {
                                 t.finished()
-                                    && (t.backup != r.backup
-                                        || (t.from != r.from && !t.succeeded()))
+                                    && (t.backup() != r.backup
+                                        || (t.from() != r.from && !t.succeeded()))
                             }
                         };
                         if start {
-                            e.restore = Some(backup::start_restore(
+                            e.restore = Some(self.transfers.start_restore(
                                 engine.clone(),
                                 r.clone(),
                                 8,
@@ -912,7 +926,8 @@ impl NodeAgent {
                     self.exports.insert(volume, engine.clone());
                 }
                 let restore = w.restore.as_ref().map(|r| {
-                    backup::start_restore(engine.clone(), r.clone(), 8, self.wake.clone())
+                    self.transfers
+                        .start_restore(engine.clone(), r.clone(), 8, self.wake.clone())
                 });
                 let revert = w
                     .revert

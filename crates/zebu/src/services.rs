@@ -99,7 +99,7 @@ pub async fn server(a: ServerArgs) -> Result<()> {
         heartbeat: Duration::from_millis(500),
         io_timeout: Duration::from_secs(10),
     };
-    let agent = NodeAgent::start(cfg, api, nbd).await?;
+    let agent = NodeAgent::start(cfg, api, nbd, Arc::new(zebu_transfer::BackupTargets)).await?;
     let weak = Arc::downgrade(&agent);
     m.add_metrics(Box::new(move || {
         weak.upgrade().map(|a| a.metrics_text()).unwrap_or_default()
@@ -211,7 +211,7 @@ pub async fn node(g: &cli::Global, a: NodeArgs) -> Result<()> {
         heartbeat: Duration::from_millis(500),
         io_timeout: Duration::from_secs(10),
     };
-    let agent = NodeAgent::start(cfg, api, nbd).await?;
+    let agent = NodeAgent::start(cfg, api, nbd, Arc::new(zebu_transfer::BackupTargets)).await?;
     println!("nbd listening on {}", agent.nbd_addr());
     let maddr = serve_node_metrics(agent, token, metrics).await?;
     println!("metrics listening on {maddr}");

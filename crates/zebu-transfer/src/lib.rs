@@ -1,6 +1,7 @@
-//! Backups and restores the node runs for the engines it hosts: a snapshot read through the
-//! engine becomes a backup (incremental to the newest earlier backup whose snapshot still
-//! exists), and a backup is written through the engine to every replica of a new volume.
+//! Backups and restores a node runs for the engines it hosts, over zebu-backupstore: a snapshot
+//! read through the engine becomes a backup (incremental to the newest earlier backup whose
+//! snapshot still exists), and a backup is written through the engine to every replica of a new
+//! volume. Plugged into the node agent as its [`Transfers`].
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -14,7 +15,77 @@ use zebu_backupstore::backup::{
 use zebu_backupstore::gc::now_ms;
 use zebu_backupstore::{Codec, Target, TargetSpec};
 use zebu_engine::Engine;
+use zebu_node::{BackupHandle, RestoreHandle, Transfers};
 use zebu_replica::DEFAULT_CLUSTER_SIZE;
+
+/// The node's [`Transfers`] on backup targets (file system, S3).
+pub struct BackupTargets;
+
+impl Transfers for BackupTargets {
+    fn start_backup(
+        &self,
+        engine: Arc<Engine>,
+        order: BackupOrder,
+        done: Arc<tokio::sync::Notify>,
+    ) -> Box<dyn BackupHandle> {
+        Box::new(start_backup(engine, order, done))
+    }
+
+    fn settle_interrupted(
+        &self,
+        order: BackupOrder,
+        node: String,
+        done: Arc<tokio::sync::Notify>,
+    ) -> Box<dyn BackupHandle> {
+        Box::new(settle_interrupted(order, node, done))
+    }
+
+    fn start_restore(
+        &self,
+        engine: Arc<Engine>,
+        order: RestoreOrder,
+        concurrency: usize,
+        done: Arc<tokio::sync::Notify>,
+    ) -> Box<dyn RestoreHandle> {
+        Box::new(start_restore(engine, order, concurrency, done))
+    }
+}
+
+impl BackupHandle for BackupTask {
+    fn report(&self, name: &str) -> BackupReport {
+        BackupTask::report(self, name)
+    }
+
+    fn finished(&self) -> bool {
+        BackupTask::finished(self)
+    }
+
+    fn abort(&self) {
+        self.handle.abort();
+    }
+}
+
+impl RestoreHandle for RestoreTask {
+    fn report(&self) -> RestoreReport {
+        RestoreTask::report(self)
+    }
+
+    fn backup(&self) -> &str {
+        &self.backup
+    }
+
+    fn from(&self) -> &str {
+        &self.from
+    }
+
+    fn finished(&self) -> bool {
+        RestoreTask::finished(self)
+    }
+
+    fn succeeded(&self) -> bool {
+        RestoreTask::succeeded(self)
+    }
+}
 
 /// A snapshot's view read through the engine.
 struct SnapSource {
