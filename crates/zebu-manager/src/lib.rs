@@ -7,6 +7,7 @@ pub use zebu_api::{Error as ApiError, ErrorKind, client, model};
 pub mod backups;
 pub mod cache;
 pub mod controller;
+pub mod engines;
 pub mod metrics;
 pub mod nodes;
 pub mod openapi;

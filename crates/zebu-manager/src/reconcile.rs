@@ -1,6 +1,6 @@
-//! The level-triggered reconcile loop: node liveness, the replica set of every volume (through
-//! the planner), scheduling, engine placement (attach, restore, offline rebuild, revert,
-//! salvage) and each volume's status.
+//! The level-triggered reconcile loop, driven by what changed: node liveness, the replica set of
+//! every volume (through the planner), scheduling, and each volume's status (engine placement is
+//! in `engines.rs`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -8,9 +8,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::ApiError;
-use crate::controller::{Manager, now};
+use crate::controller::Manager;
 use crate::model::*;
-use crate::planner::{complete_copy_node, good_copy, plan_replicas, robustness, settled};
+use crate::planner::{plan_replicas, robustness, settled};
 use crate::store::{self, Event, Field, Store, StoreError};
 use crate::txn::Txn;
 
@@ -32,8 +32,13 @@ impl PassView<'_> {
     }
 }
 
-/// How often every volume is looked at even when nothing about it changed.
-const FULL_PASS_EVERY: Duration = Duration::from_secs(10);
+/// How often one pass looks at every volume (besides the rolling slices) even when nothing
+/// about them changed: also the only time orphan engines and unfinished backups are looked at
+/// without an event.
+const FULL_PASS_EVERY: Duration = Duration::from_secs(60);
+
+/// Volumes looked at in turn by every pass that is not a full one.
+const ROLLING_SLICE: usize = 256;
 
 /// How often volumes that are still settling are looked at when nothing about them changed.
 const UNSETTLED_EVERY: Duration = Duration::from_secs(1);
@@ -73,7 +78,8 @@ impl Dirty {
 
 impl Manager {
     /// Runs the reconcile loop until the process ends. A pass looks at the volumes that changed
-    /// since the last one and those still settling; every volume is looked at on the first pass,
+    /// since the last one, those still settling (once a second) and the next
+    /// [`ROLLING_SLICE`] volumes in name order; every volume is looked at in one pass at start,
     /// after a node, setting or target change, and every [`FULL_PASS_EVERY`]. Passes run on
     /// the blocking pool, at once after a change and at least every 500 ms.
     pub async fn run(self: Arc<Self>) {
@@ -85,6 +91,7 @@ impl Manager {
         let mut unsettled: BTreeSet<String> = BTreeSet::new();
         let mut last_full = tokio::time::Instant::now();
         let mut last_sweep = tokio::time::Instant::now();
+        let mut cursor = String::new();
         loop {
             self.reconciles.fetch_add(1, Ordering::Relaxed);
             let full = dirty.full || last_full.elapsed() >= FULL_PASS_EVERY;
@@ -107,8 +114,21 @@ impl Manager {
             }
             let m = self.clone();
             let backups = full || work.backups;
-            let r =
-                tokio::task::spawn_blocking(move || m.reconcile_pass(only.as_ref(), backups)).await;
+            let mut cur = std::mem::take(&mut cursor);
+            let r = tokio::task::spawn_blocking(move || {
+                let mut only = only;
+                // A slice of every volume in turn: all are looked at within a few dozen passes
+                // without one long pass over all of them holding up the changed ones.
+                if let Some(o) = only.as_mut() {
+                    o.extend(m.volume_slice(&mut cur, ROLLING_SLICE));
+                }
+                (m.reconcile_pass(only.as_ref(), backups), cur)
+            })
+            .await
+            .map(|(r, cur)| {
+                cursor = cur;
+                r
+            });
             match r {
                 Ok(Ok(u)) => {
                     // A pass over changed volumes only adds to what still settles.
@@ -149,6 +169,29 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// The names of up to `n` volumes after `cursor` (wrapping around); moves the cursor.
+    pub(crate) fn volume_slice(&self, cursor: &mut String, n: usize) -> Vec<String> {
+        let Ok(all) = self.store.list(Volume::KIND) else {
+            return Vec::new();
+        };
+        let names: Vec<&str> = all
+            .iter()
+            .filter_map(|v| v.pointer("/metadata/name").and_then(|n| n.as_str()))
+            .collect();
+        let start = names.partition_point(|x| *x <= cursor.as_str());
+        let out: Vec<String> = names[start..]
+            .iter()
+            .take(n)
+            .map(|x| x.to_string())
+            .collect();
+        *cursor = match out.last() {
+            Some(last) if out.len() == n => last.clone(),
+            // Reached the end: start over next time.
+            _ => String::new(),
+        };
+        out
     }
 
     /// One pass over every object.
@@ -383,35 +426,6 @@ impl Manager {
         Ok(v.is_some_and(|v| settled(&v, &live, engine.as_ref())))
     }
 
-    /// Asks the engine's node to stop it; the object goes when the node confirms, or at once when
-    /// the node is down (a newer generation fences it anyway).
-    pub(crate) fn stop_engine(
-        &self,
-        s: &dyn Store,
-        e: &Engine,
-        nodes: &HashMap<String, Node>,
-        why: &str,
-    ) -> Result<(), ApiError> {
-        let up = nodes
-            .get(&e.spec.node)
-            .is_some_and(|n| n.status.state == NodeState::Up);
-        if !up {
-            match store::delete(s, e) {
-                Ok(()) | Err(StoreError::NotFound { .. }) | Err(StoreError::Conflict { .. }) => {}
-                Err(err) => return Err(err.into()),
-            }
-            return Ok(());
-        }
-        if e.metadata.deletion_requested.is_none() {
-            tracing::info!(volume = %e.spec.volume, node = %e.spec.node, generation = e.spec.generation, reason = why, "stopping engine");
-            store::modify::<Engine>(s, &e.metadata.name, |e| {
-                e.metadata.deletion_requested = Some(now());
-                true
-            })?;
-        }
-        Ok(())
-    }
-
     /// Places one more replica of `v` on the up, schedulable node (and disk) with the most room
     /// that holds none of its replicas yet (any node when `soft`). Returns it, or `None` (and a
     /// message on the volume) when no node has room.
@@ -499,251 +513,6 @@ impl Manager {
         let r = store::create(s, &r)?;
         *scheduled.entry((node, disk)).or_default() += v.spec.size;
         Ok(Some(r))
-    }
-
-    pub(crate) fn engine_replicas(
-        &self,
-        live: &[Replica],
-        nodes: &HashMap<String, Node>,
-    ) -> Vec<EngineReplica> {
-        let mut out: Vec<EngineReplica> = live
-            .iter()
-            .filter_map(|r| {
-                r.status.address.as_ref().map(|a| EngineReplica {
-                    name: r.metadata.name.clone(),
-                    address: a.clone(),
-                    candidate: good_copy(r, live),
-                })
-            })
-            .collect();
-        if !out.is_empty() && !out.iter().any(|e| e.candidate) {
-            // Salvage: every replica failed. Start from the freshest one whose node is up.
-            let fresh = live
-                .iter()
-                .filter(|r| r.status.address.is_some())
-                // A replica that never joined an engine holds nothing to salvage.
-                .filter(|r| r.status.mode.is_some() && r.status.state != ReplicaState::Broken)
-                .filter(|r| {
-                    nodes
-                        .get(&r.spec.node)
-                        .is_some_and(|n| n.status.state == NodeState::Up)
-                })
-                .max_by_key(|r| r.status.flush_seq);
-            if let Some(f) = fresh {
-                tracing::warn!(volume = %f.spec.volume, replica = %f.metadata.name, "salvaging from the freshest replica");
-                for e in out.iter_mut() {
-                    e.candidate = e.name == f.metadata.name;
-                }
-            }
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
-    }
-
-    /// Where the volume's engine should run: the node it is attached to, or while it is being
-    /// restored, the all-in-one node or a node holding one of its replicas.
-    /// An engine that serves no one (a revert or an offline rebuild) stays where it runs while
-    /// that node still holds a running complete copy: placement only moves it when it must, so
-    /// that a rebuild finishing elsewhere does not start it over on another node.
-    pub(crate) fn engine_node(
-        &self,
-        v: &Volume,
-        restore: Option<&RestoreOrder>,
-        live: &[Replica],
-        nodes: &HashMap<String, Node>,
-        current: Option<&Engine>,
-    ) -> Option<String> {
-        if v.spec.node.is_some() {
-            return v.spec.node.clone();
-        }
-        let up = |n: &str| {
-            nodes
-                .get(n)
-                .is_some_and(|n| n.status.state == NodeState::Up)
-        };
-        let Some(order) = restore else {
-            let wanted = if v.spec.revert.is_some() {
-                complete_copy_node(live, &up)
-            } else {
-                self.offline_rebuild_node(v, live, &up)
-            };
-            let keep = current
-                .filter(|e| e.metadata.deletion_requested.is_none() && up(&e.spec.node))
-                .map(|e| e.spec.node.clone())
-                .filter(|n| {
-                    live.iter().any(|r| {
-                        &r.spec.node == n && r.status.address.is_some() && good_copy(r, live)
-                    })
-                });
-            return match (wanted, keep) {
-                (Some(_), Some(here)) => Some(here),
-                (w, _) => w,
-            };
-        };
-        // A restore that failed is not retried until there is another backup to restore.
-        let failed =
-            v.status.restore.as_ref().is_some_and(|r| {
-                r.state == RestoreState::Error && r.requested_backup == order.backup
-            });
-        if failed {
-            return None;
-        }
-        if let Some(l) = &self.local_node
-            && up(l)
-        {
-            return Some(l.clone());
-        }
-        live.iter()
-            .filter(|r| r.status.address.is_some() && up(&r.spec.node))
-            .map(|r| r.spec.node.clone())
-            .min()
-    }
-
-    /// Where a detached volume's replicas are rebuilt without an attach (the
-    /// `offline-replica-rebuilding` setting): the node of a complete copy, while a replica that
-    /// is not one runs on an up node.
-    pub(crate) fn offline_rebuild_node(
-        &self,
-        v: &Volume,
-        live: &[Replica],
-        up: &dyn Fn(&str) -> bool,
-    ) -> Option<String> {
-        if v.spec.standby
-            || v.metadata.deletion_requested.is_some()
-            || !crate::backups::restore_done(v)
-        {
-            return None;
-        }
-        let running = |r: &&Replica| r.status.address.is_some() && up(&r.spec.node);
-        let needs = live
-            .iter()
-            .filter(running)
-            .any(|r| !good_copy(r, live) && r.status.state != ReplicaState::Broken);
-        // The setting is read only for volumes that need a rebuild (a store read per volume
-        // per pass otherwise).
-        if !needs || self.setting("offline-replica-rebuilding") != "true" {
-            return None;
-        }
-        complete_copy_node(live, up)
-    }
-
-    pub(crate) fn reconcile_engine(
-        &self,
-        s: &dyn Store,
-        v: &Volume,
-        live: &[Replica],
-        engine: Option<&Engine>,
-        nodes: &HashMap<String, Node>,
-    ) -> Result<(), ApiError> {
-        let restore = self.restore_order(v);
-        let want = self.engine_node(v, restore.as_ref(), live, nodes, engine);
-        // Served over NBD only when attached (not while restoring or rebuilding offline).
-        let frontend = restore.is_none() && v.spec.node.is_some();
-        match (&want, engine) {
-            (Some(node), None) => {
-                let reps = self.engine_replicas(live, nodes);
-                if !reps.iter().any(|r| r.candidate) {
-                    return Ok(()); // no replica running yet
-                }
-                let generation = s.next("engine-generation")?;
-                let e = Engine {
-                    metadata: Meta {
-                        name: v.metadata.name.clone(),
-                        ..Default::default()
-                    },
-                    spec: EngineSpec {
-                        volume: v.metadata.name.clone(),
-                        node: node.clone(),
-                        size: v.spec.size,
-                        generation,
-                        replicas: reps,
-                        frontend,
-                        restore,
-                        replica_timeout: self.setting_u64("engine-replica-timeout"),
-                        revert: v.spec.revert.clone(),
-                    },
-                    status: EngineStatus {
-                        state: EngineState::Starting,
-                        ..Default::default()
-                    },
-                };
-                tracing::info!(volume = %v.metadata.name, %node, generation, "starting engine");
-                match store::create(s, &e) {
-                    Ok(_) | Err(StoreError::Exists { .. }) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            (_, Some(e)) if e.metadata.deletion_requested.is_some() => {
-                self.stop_engine(s, e, nodes, "stopping")?;
-            }
-            (Some(node), Some(e)) if &e.spec.node != node => {
-                let why = format!("the engine belongs on node {node}");
-                self.stop_engine(s, e, nodes, &why)?;
-            }
-            (Some(_), Some(e))
-                if e.status.state == EngineState::Running
-                    && e.status.rw_replicas == Some(0)
-                    && !live.is_empty()
-                    && !live.iter().any(|r| good_copy(r, live))
-                    && self
-                        .engine_replicas(live, nodes)
-                        .iter()
-                        .any(|r| r.candidate) =>
-            {
-                // Every replica left the running engine's set; it cannot rebuild one from
-                // nothing. A new session starts from the freshest reachable replica (salvage).
-                tracing::warn!(volume = %v.metadata.name, "engine has no healthy replica; restarting it to salvage");
-                self.stop_engine(s, e, nodes, "salvage")?;
-            }
-            (Some(_), Some(e)) => {
-                let grown = e.spec.size < v.spec.size;
-                if e.spec.restore != restore
-                    || e.spec.frontend != frontend
-                    || grown
-                    || e.spec.revert != v.spec.revert
-                {
-                    store::modify::<Engine>(s, &e.metadata.name, |e| {
-                        e.spec.frontend = frontend;
-                        e.spec.restore = restore.clone();
-                        e.spec.size = e.spec.size.max(v.spec.size);
-                        e.spec.revert = v.spec.revert.clone();
-                        true
-                    })?;
-                }
-                let reps = self.engine_replicas(live, nodes);
-                // The set only grows by rebuilds the engine runs itself; names leaving the spec
-                // are removed from the engine.
-                if reps.iter().map(|r| (&r.name, &r.address)).ne(e
-                    .spec
-                    .replicas
-                    .iter()
-                    .map(|r| (&r.name, &r.address)))
-                {
-                    store::modify::<Engine>(s, &e.metadata.name, |e| {
-                        // Keep the candidate flags the engine started with; they matter only at start.
-                        let old: HashMap<String, bool> = e
-                            .spec
-                            .replicas
-                            .iter()
-                            .map(|r| (r.name.clone(), r.candidate))
-                            .collect();
-                        e.spec.replicas = reps
-                            .iter()
-                            .map(|r| EngineReplica {
-                                candidate: old.get(&r.name).copied().unwrap_or(false),
-                                ..r.clone()
-                            })
-                            .collect();
-                        true
-                    })?;
-                }
-            }
-            (None, Some(e)) => {
-                self.stop_engine(s, e, nodes, "no engine is wanted")?;
-            }
-            (None, None) => {}
-        }
-        Ok(())
     }
 
     /// Derives a volume's status; writes it only when it changed. `pass` holds what the
