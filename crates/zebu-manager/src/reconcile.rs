@@ -37,8 +37,8 @@ impl PassView<'_> {
 /// without an event.
 const FULL_PASS_EVERY: Duration = Duration::from_secs(60);
 
-/// Volumes looked at in turn by every pass that is not a full one.
-const ROLLING_SLICE: usize = 256;
+/// Volumes looked at in turn, once a second, besides the changed and the settling ones.
+const ROLLING_SLICE: usize = 512;
 
 /// How often volumes that are still settling are looked at when nothing about them changed.
 const UNSETTLED_EVERY: Duration = Duration::from_secs(1);
@@ -78,7 +78,7 @@ impl Dirty {
 
 impl Manager {
     /// Runs the reconcile loop until the process ends. A pass looks at the volumes that changed
-    /// since the last one, those still settling (once a second) and the next
+    /// since the last one, and once a second those still settling and the next
     /// [`ROLLING_SLICE`] volumes in name order; every volume is looked at in one pass at start,
     /// after a node, setting or target change, and every [`FULL_PASS_EVERY`]. Passes run on
     /// the blocking pool, at once after a change and at least every 500 ms.
@@ -117,9 +117,12 @@ impl Manager {
             let mut cur = std::mem::take(&mut cursor);
             let r = tokio::task::spawn_blocking(move || {
                 let mut only = only;
-                // A slice of every volume in turn: all are looked at within a few dozen passes
-                // without one long pass over all of them holding up the changed ones.
-                if let Some(o) = only.as_mut() {
+                // A slice of every volume in turn, once a second: all are looked at within a
+                // few dozen seconds without one long pass over all of them holding up the
+                // changed ones.
+                if let Some(o) = only.as_mut()
+                    && sweep
+                {
                     o.extend(m.volume_slice(&mut cur, ROLLING_SLICE));
                 }
                 (m.reconcile_pass(only.as_ref(), backups), cur)
