@@ -829,6 +829,7 @@ pub struct ReplicaReport {
 pub struct EngineReport {
     pub volume: String,
     pub generation: u64,
+    /// Where the volume is served, empty while the engine is not exported over NBD.
     pub nbd_uri: String,
     pub replicas: Vec<EngineReplicaReport>,
     /// The volume's snapshots, oldest first.

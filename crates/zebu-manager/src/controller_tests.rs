@@ -1007,3 +1007,61 @@ fn rolling_slices_cover_every_volume_in_turn_and_wrap_around() {
         "then it starts over"
     );
 }
+
+#[test]
+fn a_volume_is_attached_only_once_its_node_serves_it() {
+    let sim = Sim::new(&["n1", "n2", "n3"]);
+    sim.m.create_volume("v", 1 << 30, 3).expect("create");
+    sim.settle("v");
+    sim.m.attach_volume("v", Some("n1")).expect("attach");
+    sim.m.reconcile().expect("reconcile");
+    let e = sim.engine("v").expect("engine");
+    let names: Vec<String> = sim
+        .replicas("v")
+        .into_iter()
+        .map(|r| r.metadata.name)
+        .collect();
+    let report = |uri: &str| EngineReport {
+        volume: "v".into(),
+        generation: e.spec.generation,
+        nbd_uri: uri.into(),
+        replicas: names
+            .iter()
+            .map(|n| EngineReplicaReport {
+                name: n.clone(),
+                mode: ReplicaMode::RW,
+                rebuild_copied: 0,
+                rebuild_skipped: 0,
+                rebuild_total: 0,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let beat = |uri: &str| {
+        let mut hb = Heartbeat {
+            address: "n1".into(),
+            nbd_address: "n1".into(),
+            engines: vec![report(uri)],
+            ..Default::default()
+        };
+        hb.replicas = store::list_by::<Replica>(&*sim.m.store, crate::store::Field::Node, "n1")
+            .expect("list")
+            .into_iter()
+            .map(|r| ReplicaReport {
+                address: format!("n1:{}", r.metadata.name),
+                name: r.metadata.name,
+                flush_seq: 1,
+            })
+            .collect();
+        sim.m.heartbeat("n1", hb).expect("heartbeat");
+        sim.m.reconcile().expect("reconcile");
+        sim.volume("v")
+    };
+    // The engine runs but is not exported yet (the node has not applied the attach).
+    let v = beat("");
+    assert_eq!(v.status.state, VolumeState::Attaching);
+    assert!(v.status.nbd_uri.is_none());
+    let v = beat("nbd://n1/v");
+    assert_eq!(v.status.state, VolumeState::Attached);
+    assert_eq!(v.status.nbd_uri.as_deref(), Some("nbd://n1/v"));
+}

@@ -287,7 +287,7 @@ impl Manager {
                 .filter(|r| r.mode == ReplicaMode::RW)
                 .count() as u32;
             store::modify::<Engine>(s, &er.volume, |e| {
-                let uri = Some(er.nbd_uri.clone());
+                let uri = (!er.nbd_uri.is_empty()).then(|| er.nbd_uri.clone());
                 let changed = e.status.state != EngineState::Running
                     || e.status.nbd_uri != uri
                     || e.status.rw_replicas != Some(rw)

@@ -545,7 +545,9 @@ impl Manager {
             (None, Some(_)) if v.spec.standby => VolumeState::Detached,
             // An engine rebuilding a detached volume's replicas serves no one.
             (None, Some(e)) if !e.spec.frontend => VolumeState::Detached,
-            (Some(_), Some(_)) if running => VolumeState::Attached,
+            // Attached once the engine's node serves it (not merely runs the engine, which it
+            // may still do for a restore or a rebuild without a frontend).
+            (Some(_), Some(e)) if running && e.status.nbd_uri.is_some() => VolumeState::Attached,
             (Some(_), _) => VolumeState::Attaching,
             (None, Some(_)) => VolumeState::Detaching,
             (None, None) => {

@@ -484,7 +484,12 @@ impl NodeAgent {
                 snapshots: Vec::new(),
                 volume: vol.clone(),
                 generation: e.generation,
-                nbd_uri: format!("nbd://{}/{vol}", self.nbd_addr),
+                // Served only once exported: the manager shows the volume attached then.
+                nbd_uri: if self.exports.get(vol).is_some() {
+                    format!("nbd://{}/{vol}", self.nbd_addr)
+                } else {
+                    String::new()
+                },
                 replicas: e
                     .engine
                     .replicas()
