@@ -1065,3 +1065,110 @@ fn a_volume_is_attached_only_once_its_node_serves_it() {
     assert_eq!(v.status.state, VolumeState::Attached);
     assert_eq!(v.status.nbd_uri.as_deref(), Some("nbd://n1/v"));
 }
+
+/// Scheduling decisions, one case per row: nodes with their disk capacity and whether they take
+/// new replicas, a volume's size and replica count, and where its replicas go.
+#[test]
+fn scheduling_table() {
+    struct Case {
+        what: &'static str,
+        nodes: &'static [(&'static str, u64, bool)],
+        size: u64,
+        replicas: u32,
+        soft: bool,
+        want: &'static [&'static str],
+        no_room: bool,
+    }
+    const G: u64 = 1 << 30;
+    let cases = [
+        Case {
+            what: "one replica per node, most room first",
+            nodes: &[
+                ("n1", 10 * G, true),
+                ("n2", 40 * G, true),
+                ("n3", 20 * G, true),
+            ],
+            size: G,
+            replicas: 2,
+            soft: false,
+            want: &["n2", "n3"],
+            no_room: false,
+        },
+        Case {
+            what: "an unschedulable node gets none, even with the most room",
+            nodes: &[
+                ("n1", 10 * G, true),
+                ("n2", 40 * G, false),
+                ("n3", 20 * G, true),
+            ],
+            size: G,
+            replicas: 2,
+            soft: false,
+            want: &["n1", "n3"],
+            no_room: false,
+        },
+        Case {
+            what: "a disk is filled to twice its capacity at most (thin provisioning)",
+            nodes: &[("n1", 2 * G, true), ("n2", G, true), ("n3", 8 * G, true)],
+            size: 3 * G,
+            replicas: 3,
+            soft: false,
+            want: &["n1", "n3"],
+            no_room: true,
+        },
+        Case {
+            what: "soft anti-affinity doubles up when nodes run out",
+            nodes: &[("n1", 40 * G, true), ("n2", 10 * G, true)],
+            size: G,
+            replicas: 3,
+            soft: true,
+            want: &["n1", "n1", "n2"],
+            no_room: false,
+        },
+    ];
+    for c in cases {
+        let store = Arc::new(MemStore::default());
+        let m = Manager::new(store, "t".into(), None).expect("manager");
+        m.put_setting(
+            "replica-soft-anti-affinity",
+            if c.soft { "true" } else { "false" },
+        )
+        .expect("setting");
+        for (n, cap, sched) in c.nodes {
+            m.heartbeat(
+                n,
+                Heartbeat {
+                    address: n.to_string(),
+                    nbd_address: n.to_string(),
+                    disks: vec![DiskStatus {
+                        path: "/d".into(),
+                        capacity: *cap,
+                        available: *cap,
+                        scheduled: 0,
+                    }],
+                    ..Default::default()
+                },
+            )
+            .expect("beat");
+            if !sched {
+                m.update_node(n, Some(false), None).expect("unschedulable");
+            }
+        }
+        m.create_volume("v", c.size, c.replicas).expect("create");
+        m.reconcile().expect("reconcile");
+        let mut got: Vec<String> = store::list::<Replica>(&*m.store)
+            .expect("list")
+            .into_iter()
+            .map(|r| r.spec.node)
+            .collect();
+        got.sort();
+        assert_eq!(got, c.want, "{}", c.what);
+        let msg = m.get_volume("v").expect("volume").status.message;
+        assert_eq!(
+            msg.contains("no node with room"),
+            c.no_room,
+            "{}: message {msg:?}",
+            c.what
+        );
+    }
+}
