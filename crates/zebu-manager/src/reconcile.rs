@@ -96,8 +96,11 @@ impl Manager {
             self.reconciles.fetch_add(1, Ordering::Relaxed);
             let full = dirty.full || last_full.elapsed() >= FULL_PASS_EVERY;
             let work = std::mem::take(&mut dirty);
-            // Volumes still settling wait on time, not on changes: looked at once a second.
-            let sweep = last_sweep.elapsed() >= UNSETTLED_EVERY;
+            // Volumes still settling wait on time, not on changes: looked at once a second, or
+            // less often when there are thousands (every node down), one per 0.5 ms of the
+            // interval, so that a sweep never takes most of it.
+            let every = UNSETTLED_EVERY.max(Duration::from_micros(unsettled.len() as u64 * 500));
+            let sweep = last_sweep.elapsed() >= every;
             let only = (!full).then(|| {
                 let mut v = work.volumes;
                 if sweep {
