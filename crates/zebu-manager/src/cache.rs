@@ -84,8 +84,8 @@ impl Kind {
 }
 
 /// A [`Store`] that keeps what it has read of another in memory. It must be the only writer of
-/// the store behind it (the manager holding the redb file, or an etcd leader; a follower that
-/// writes reloads through `invalidate`).
+/// the store behind it (the manager holding the redb file); a backend with other writers (etcd
+/// with several managers) needs a watch feeding it.
 pub struct Cached {
     inner: Arc<dyn Store>,
     kinds: RwLock<HashMap<String, Kind>>,
@@ -125,30 +125,10 @@ impl Cached {
         Ok(())
     }
 
-    /// Forgets everything read; the next read loads from the backend again.
-    pub fn invalidate(&self) {
-        if let (Ok(_w), Ok(mut k)) = (self.write.lock(), self.kinds.write()) {
-            k.clear();
-        }
-    }
-
     /// How many transactions changed something so far: equal values mean no object changed in
     /// between.
     pub fn changes(&self) -> u64 {
         self.changes.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// Objects held in memory, per kind (for metrics).
-    pub fn counts(&self) -> Vec<(String, usize)> {
-        let Ok(k) = self.kinds.read() else {
-            return Vec::new();
-        };
-        let mut out: Vec<(String, usize)> = k
-            .iter()
-            .map(|(n, k)| (n.clone(), k.objects.len()))
-            .collect();
-        out.sort();
-        out
     }
 }
 

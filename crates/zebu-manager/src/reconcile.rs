@@ -57,7 +57,12 @@ struct Dirty {
 impl Dirty {
     fn note(&mut self, ev: &Event) {
         match ev.kind.as_str() {
-            "volume" | "engine" => {
+            "volume" => {
+                self.volumes.insert(ev.name.clone());
+            }
+            "engine" => {
+                // A backup can no longer finish once its engine stops.
+                self.backups = true;
                 self.volumes.insert(ev.name.clone());
             }
             "replica" | "snapshot" => {
@@ -67,11 +72,9 @@ impl Dirty {
                 self.backups = true;
                 self.volumes.extend(ev.volume.clone());
             }
-            // Nodes, settings, targets and backup volumes concern many volumes.
+            // Nodes, settings, targets and backup volumes concern many volumes (a full pass
+            // looks at backups too).
             _ => self.full = true,
-        }
-        if ev.kind == "engine" || ev.kind == "backuptarget" {
-            self.backups = true;
         }
     }
 }
@@ -215,7 +218,8 @@ impl Manager {
         let t = self.now_s();
         let s = &*self.store;
         let down_after = self.setting_u64("node-down-timeout");
-        for n in store::list::<Node>(s)? {
+        let mut nodes: HashMap<String, Node> = HashMap::new();
+        for mut n in store::list::<Node>(s)? {
             // Heartbeats missed while this manager was not running do not count against a node.
             let heard = self
                 .seen(&n.metadata.name)
@@ -223,17 +227,16 @@ impl Manager {
                 .max(self.started.load(Ordering::Relaxed));
             if n.status.state == NodeState::Up && t.saturating_sub(heard) > down_after {
                 tracing::warn!(node = %n.metadata.name, "node missed its heartbeats; marking it down");
-                store::modify::<Node>(s, &n.metadata.name, |n| {
+                if let Some(now_n) = store::modify::<Node>(s, &n.metadata.name, |n| {
                     let c = n.status.state != NodeState::Down;
                     n.status.state = NodeState::Down;
                     c
-                })?;
+                })? {
+                    n = now_n;
+                }
             }
+            nodes.insert(n.metadata.name.clone(), n);
         }
-        let nodes: HashMap<String, Node> = store::list::<Node>(s)?
-            .into_iter()
-            .map(|n| (n.metadata.name.clone(), n))
-            .collect();
         let mut pass = PassView {
             nodes: &nodes,
             backup_volumes: None,

@@ -55,21 +55,15 @@ pub struct Event {
 
 impl Event {
     pub(crate) fn of(a: &Applied) -> Event {
-        let field = |f: &str| {
-            a.value
-                .as_ref()
-                .or(a.old.as_ref())
-                .and_then(|v| v.pointer(f))
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        };
+        let last = a.value.as_ref().or(a.old.as_ref());
+        let field = |f: Field| last.and_then(|v| f.of(v)).map(str::to_string);
         Event {
             kind: a.kind.clone(),
             name: a.name.clone(),
             resource_version: a.revision,
             deleted: a.value.is_none(),
-            volume: field("/spec/volume"),
-            node: field("/spec/node"),
+            volume: field(Field::Volume),
+            node: field(Field::Node),
         }
     }
 }
@@ -87,6 +81,18 @@ pub enum Op {
         name: String,
         resource_version: Option<u64>,
     },
+}
+
+impl Op {
+    /// The kind and name of the object the op writes.
+    pub fn target(&self) -> Result<(String, String)> {
+        match self {
+            Op::Create { kind, obj } | Op::Update { kind, obj } => {
+                Ok((kind.clone(), name_of(obj)?))
+            }
+            Op::Delete { kind, name, .. } => Ok((kind.clone(), name.clone())),
+        }
+    }
 }
 
 /// What a committed transaction left of one object: its stored value (`None`: deleted) and its
@@ -277,10 +283,7 @@ pub(crate) fn plan_commit(
 ) -> Result<Vec<(String, Applied)>> {
     let mut touched: BTreeMap<String, Applied> = BTreeMap::new();
     for op in ops {
-        let (kind, name) = match &op {
-            Op::Create { kind, obj } | Op::Update { kind, obj } => (kind.clone(), name_of(obj)?),
-            Op::Delete { kind, name, .. } => (kind.clone(), name.clone()),
-        };
+        let (kind, name) = op.target()?;
         let k = key(&kind, &name);
         let now = match touched.get(&k) {
             Some(a) => a.value.clone(),

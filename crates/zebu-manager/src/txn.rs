@@ -119,10 +119,7 @@ impl<'a> Txn<'a> {
     }
 
     fn apply(&self, op: Op) -> Result<Obj> {
-        let (kind, name) = match &op {
-            Op::Create { kind, obj } | Op::Update { kind, obj } => (kind.clone(), name_of(obj)?),
-            Op::Delete { kind, name, .. } => (kind.clone(), name.clone()),
-        };
+        let (kind, name) = op.target()?;
         let current = self.get(&kind, &name)?;
         let mut w = self.writes.lock().map_err(be)?;
         let k = key(&kind, &name);
@@ -266,23 +263,19 @@ impl Store for Txn<'_> {
 
     /// Buffers the ops (checked one by one against this transaction's view); nothing reaches
     /// the base store before [`Txn::finish`].
+    /// What it returns is the transaction's own view: nothing is written yet, so there is no
+    /// revision and no previous value.
     fn commit(&self, ops: Vec<Op>) -> Result<Vec<Applied>> {
         let mut out = Vec::new();
         for op in ops {
-            let (kind, name) = match &op {
-                Op::Create { kind, obj } | Op::Update { kind, obj } => {
-                    (kind.clone(), name_of(obj)?)
-                }
-                Op::Delete { kind, name, .. } => (kind.clone(), name.clone()),
-            };
+            let (kind, name) = op.target()?;
             let deleting = matches!(op, Op::Delete { .. });
-            let old = self.base.get(&kind, &name)?;
             let v = self.apply(op)?;
             out.push(Applied {
                 kind,
                 name,
                 value: (!deleting).then_some(v),
-                old,
+                old: None,
                 revision: 0,
             });
         }
