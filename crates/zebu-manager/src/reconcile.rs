@@ -629,3 +629,39 @@ impl Manager {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(kind: &str, name: &str, volume: Option<&str>) -> Event {
+        Event {
+            kind: kind.into(),
+            name: name.into(),
+            resource_version: 1,
+            deleted: false,
+            volume: volume.map(str::to_string),
+            node: None,
+        }
+    }
+
+    #[test]
+    fn a_change_marks_the_volumes_it_concerns() {
+        let mut d = Dirty::default();
+        d.note(&ev("volume", "v1", None));
+        d.note(&ev("replica", "v2-r-1", Some("v2")));
+        d.note(&ev("snapshot", "v3.s", Some("v3")));
+        assert!(!d.full && !d.backups);
+        d.note(&ev("engine", "v4", Some("v4")));
+        assert!(d.backups, "a stopped engine can end a backup");
+        d.note(&ev("backup", "b", Some("v5")));
+        let got: Vec<&str> = d.volumes.iter().map(String::as_str).collect();
+        assert_eq!(got, vec!["v1", "v2", "v3", "v4", "v5"]);
+        assert!(!d.full);
+        for kind in ["node", "setting", "backuptarget", "backupvolume"] {
+            let mut d = Dirty::default();
+            d.note(&ev(kind, "x", None));
+            assert!(d.full, "{kind} concerns every volume");
+        }
+    }
+}
