@@ -154,6 +154,22 @@ impl Store for Cached {
             .unwrap_or_default())
     }
 
+    fn names_after(&self, kind: &str, after: &str, limit: usize) -> Result<(Vec<String>, usize)> {
+        use std::ops::Bound;
+        self.ensure(kind)?;
+        let kinds = self.kinds.read().map_err(be)?;
+        let Some(k) = kinds.get(kind) else {
+            return Ok((Vec::new(), 0));
+        };
+        let names = k
+            .objects
+            .range::<str, _>((Bound::Excluded(after), Bound::Unbounded))
+            .take(limit)
+            .map(|(n, _)| n.clone())
+            .collect();
+        Ok((names, k.objects.len()))
+    }
+
     fn list_by(&self, kind: &str, field: Field, value: &str) -> Result<Vec<Obj>> {
         self.ensure(kind)?;
         let kinds = self.kinds.read().map_err(be)?;

@@ -995,17 +995,21 @@ fn rolling_slices_cover_every_volume_in_turn_and_wrap_around() {
             .expect("create");
     }
     let mut cursor = String::new();
-    let a = sim.m.volume_slice(&mut cursor, 2);
-    let b = sim.m.volume_slice(&mut cursor, 2);
-    let c = sim.m.volume_slice(&mut cursor, 2);
+    let a = sim.m.volume_slice(&mut cursor, Some(2));
+    let b = sim.m.volume_slice(&mut cursor, Some(2));
+    let c = sim.m.volume_slice(&mut cursor, Some(2));
     assert_eq!(a, vec!["v0", "v1"]);
     assert_eq!(b, vec!["v2", "v3"]);
     assert_eq!(c, vec!["v4"], "the last slice is short");
     assert_eq!(
-        sim.m.volume_slice(&mut cursor, 2),
+        sim.m.volume_slice(&mut cursor, Some(2)),
         vec!["v0", "v1"],
         "then it starts over"
     );
+    // Unsized, a slice takes at least 64: all five here.
+    let mut cursor = String::new();
+    assert_eq!(sim.m.volume_slice(&mut cursor, None).len(), 5);
+    assert_eq!(cursor, "", "and wraps round");
 }
 
 #[test]

@@ -35,10 +35,14 @@ impl PassView<'_> {
 /// How often one pass looks at every volume (besides the rolling slices) even when nothing
 /// about them changed: also the only time orphan engines and unfinished backups are looked at
 /// without an event.
-const FULL_PASS_EVERY: Duration = Duration::from_secs(60);
+const FULL_PASS_EVERY: Duration = Duration::from_secs(300);
 
-/// Volumes looked at in turn, once a second, besides the changed and the settling ones.
-const ROLLING_SLICE: usize = 512;
+/// Every volume is looked at in turn within about this many seconds (a slice once a second),
+/// besides the changed and the settling ones.
+const ROLLING_ROUND_SECS: usize = 60;
+
+/// The smallest slice: small clusters go round faster.
+const ROLLING_SLICE_MIN: usize = 64;
 
 /// How often volumes that are still settling are looked at when nothing about them changed.
 const UNSETTLED_EVERY: Duration = Duration::from_secs(1);
@@ -81,8 +85,8 @@ impl Dirty {
 
 impl Manager {
     /// Runs the reconcile loop until the process ends. A pass looks at the volumes that changed
-    /// since the last one, and once a second those still settling and the next
-    /// [`ROLLING_SLICE`] volumes in name order; every volume is looked at in one pass at start,
+    /// since the last one, and once a second those still settling and the next slice of volumes
+    /// in name order (all of them every [`ROLLING_ROUND_SECS`]); every volume is looked at in one pass at start,
     /// after a node, setting or target change, and every [`FULL_PASS_EVERY`]. Passes run on
     /// the blocking pool, at once after a change and at least every 500 ms.
     pub async fn run(self: Arc<Self>) {
@@ -129,7 +133,7 @@ impl Manager {
                 if let Some(o) = only.as_mut()
                     && sweep
                 {
-                    o.extend(m.volume_slice(&mut cur, ROLLING_SLICE));
+                    o.extend(m.volume_slice(&mut cur, None));
                 }
                 (m.reconcile_pass(only.as_ref(), backups), cur)
             })
@@ -181,20 +185,20 @@ impl Manager {
     }
 
     /// The names of up to `n` volumes after `cursor` (wrapping around); moves the cursor.
-    pub(crate) fn volume_slice(&self, cursor: &mut String, n: usize) -> Vec<String> {
-        let Ok(all) = self.store.list(Volume::KIND) else {
+    /// The next volumes after `cursor` in name order: `n` of them, or (when `None`) enough
+    /// that every volume comes round within [`ROLLING_ROUND_SECS`] slices. Moves the cursor,
+    /// back to the start after the last volume.
+    pub(crate) fn volume_slice(&self, cursor: &mut String, n: Option<usize>) -> Vec<String> {
+        let n = match n {
+            Some(n) => n,
+            None => match self.store.names_after(Volume::KIND, "", 0) {
+                Ok((_, total)) => total.div_ceil(ROLLING_ROUND_SECS).max(ROLLING_SLICE_MIN),
+                Err(_) => return Vec::new(),
+            },
+        };
+        let Ok((out, _)) = self.store.names_after(Volume::KIND, cursor, n) else {
             return Vec::new();
         };
-        let names: Vec<&str> = all
-            .iter()
-            .filter_map(|v| v.pointer("/metadata/name").and_then(|n| n.as_str()))
-            .collect();
-        let start = names.partition_point(|x| *x <= cursor.as_str());
-        let out: Vec<String> = names[start..]
-            .iter()
-            .take(n)
-            .map(|x| x.to_string())
-            .collect();
         *cursor = match out.last() {
             Some(last) if out.len() == n => last.clone(),
             // Reached the end: start over next time.
@@ -455,8 +459,8 @@ impl Manager {
             let mut m: HashMap<(String, String), u64> = HashMap::new();
             for n in nodes.keys() {
                 s.visit_by(Replica::KIND, Field::Node, n, &mut |r| {
-                    let disk = r.pointer("/spec/disk").and_then(|d| d.as_str());
-                    let size = r.pointer("/spec/size").and_then(|d| d.as_u64());
+                    let disk = store::at(r, "spec", "disk").and_then(|d| d.as_str());
+                    let size = store::at(r, "spec", "size").and_then(|d| d.as_u64());
                     if let (Some(disk), Some(size)) = (disk, size) {
                         *m.entry((n.clone(), disk.to_string())).or_default() += size;
                     }

@@ -117,15 +117,16 @@ pub enum Field {
 impl Field {
     pub const ALL: [Field; 2] = [Field::Volume, Field::Node];
 
-    pub fn pointer(self) -> &'static str {
+    /// The field's name under `spec`.
+    pub fn name(self) -> &'static str {
         match self {
-            Field::Volume => "/spec/volume",
-            Field::Node => "/spec/node",
+            Field::Volume => "volume",
+            Field::Node => "node",
         }
     }
 
     pub fn of(self, v: &Value) -> Option<&str> {
-        v.pointer(self.pointer()).and_then(Value::as_str)
+        at(v, "spec", self.name()).and_then(Value::as_str)
     }
 }
 
@@ -133,6 +134,20 @@ impl Field {
 pub trait Store: Send + Sync {
     fn get(&self, kind: &str, name: &str) -> Result<Option<Obj>>;
     fn list(&self, kind: &str) -> Result<Vec<Obj>>;
+    /// Up to `limit` names of a kind that sort after `after`, in order, and how many objects of
+    /// that kind there are.
+    fn names_after(&self, kind: &str, after: &str, limit: usize) -> Result<(Vec<String>, usize)> {
+        let all = self.list(kind)?;
+        let mut names: Vec<String> = all
+            .iter()
+            .filter_map(|o| at(o, "metadata", "name").and_then(Value::as_str))
+            .filter(|n| *n > after)
+            .map(str::to_string)
+            .collect();
+        names.sort();
+        names.truncate(limit);
+        Ok((names, all.len()))
+    }
     /// The objects of a kind whose `field` equals `value`.
     fn list_by(&self, kind: &str, field: Field, value: &str) -> Result<Vec<Obj>> {
         let mut all = self.list(kind)?;
@@ -222,15 +237,20 @@ pub(crate) fn key(kind: &str, name: &str) -> String {
     format!("{kind}/{name}")
 }
 
+/// `obj[a][b]`, without the allocations of a JSON pointer.
+pub(crate) fn at<'a>(obj: &'a Value, a: &str, b: &str) -> Option<&'a Value> {
+    obj.get(a).and_then(|o| o.get(b))
+}
+
 pub(crate) fn name_of(obj: &Value) -> Result<String> {
-    obj.pointer("/metadata/name")
+    at(obj, "metadata", "name")
         .and_then(Value::as_str)
         .map(str::to_string)
         .ok_or_else(|| StoreError::Backend("object has no metadata.name".into()))
 }
 
 pub(crate) fn rv_of(obj: &Value) -> u64 {
-    obj.pointer("/metadata/resourceVersion")
+    at(obj, "metadata", "resourceVersion")
         .and_then(Value::as_u64)
         .unwrap_or(0)
 }
@@ -256,12 +276,11 @@ fn stamp_new(obj: &mut Value, rv: u64) {
 /// The metadata the store owns on an update: identity kept, generation bumped on a spec change.
 fn stamp_update(old: &Value, obj: &mut Value, rv: u64) {
     for f in ["uid", "created"] {
-        if let Some(v) = old.pointer(&format!("/metadata/{f}")) {
+        if let Some(v) = at(old, "metadata", f) {
             set_meta(obj, f, v.clone());
         }
     }
-    let gen_old = old
-        .pointer("/metadata/generation")
+    let gen_old = at(old, "metadata", "generation")
         .and_then(Value::as_u64)
         .unwrap_or(1);
     let spec_changed = old.get("spec") != obj.get("spec");

@@ -213,6 +213,12 @@ fn transactions(s: &dyn Store) {
     };
     assert_eq!(on("n1"), vec!["r1"]);
     assert!(on("n3").is_empty());
+    // Names in order after a cursor, with the count of all.
+    let names = |after: &str, limit: usize| s.names_after("replica", after, limit).expect("names");
+    assert_eq!(names("", 10), (vec!["r1".to_string(), "r2".to_string()], 2));
+    assert_eq!(names("", 1), (vec!["r1".to_string()], 2));
+    assert_eq!(names("r1", 10), (vec!["r2".to_string()], 2));
+    assert_eq!(names("r2", 10), (vec![], 2));
     s.commit(vec![
         Op::Update {
             kind: "replica".into(),
