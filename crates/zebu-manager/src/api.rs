@@ -596,7 +596,12 @@ async fn heartbeat(
 ) -> Result<Response, HttpError> {
     authorize(&m, &h)?;
     check_name(&name)?;
-    let answer = blocking(&m, move |m| m.heartbeat_raw(&name, &raw)).await?;
+    // An unchanged report is answered here; only one that must be applied goes to the
+    // blocking pool.
+    let answer = match m.heartbeat_unchanged(&name, &raw) {
+        Some(a) => a,
+        None => blocking(&m, move |m| m.heartbeat_raw(&name, &raw)).await?,
+    };
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         answer,

@@ -915,10 +915,30 @@ fn a_heartbeat_is_one_store_transaction() {
     let first = sim.m.heartbeat_raw("n1", &report).expect("beat");
     let again = sim.m.heartbeat_raw("n1", &report).expect("beat");
     assert_eq!(first, again);
+    assert_eq!(
+        sim.m.heartbeat_unchanged("n1", &report),
+        Some(again.clone()),
+        "answered without the store"
+    );
+    assert_eq!(
+        sim.m.heartbeat_unchanged("n1", b"{}"),
+        None,
+        "another report"
+    );
+    assert_eq!(
+        sim.m.heartbeat_unchanged("n2", &report),
+        None,
+        "another node"
+    );
     let parsed: Assignments = serde_json::from_slice(&again).expect("answer");
     assert_eq!(parsed, a);
     sim.m.create_volume("w", 1 << 30, 3).expect("create");
     sim.m.reconcile().expect("reconcile");
+    assert_eq!(
+        sim.m.heartbeat_unchanged("n1", &report),
+        None,
+        "the store changed"
+    );
     let b: Assignments =
         serde_json::from_slice(&sim.m.heartbeat_raw("n1", &report).expect("beat")).expect("json");
     assert_eq!(

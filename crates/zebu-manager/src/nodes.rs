@@ -107,13 +107,8 @@ impl Manager {
     /// was applied, gets the same answer without being parsed or applied again.
     pub fn heartbeat_raw(&self, node: &str, raw: &[u8]) -> Result<Bytes, ApiError> {
         let before = self.cache.changes();
-        if let Ok(beats) = self.beats.lock()
-            && let Some(b) = beats.get(node)
-            && b.changes == before
-            && b.report == raw
-        {
-            self.saw(node);
-            return Ok(b.answer.clone());
+        if let Some(answer) = self.heartbeat_unchanged(node, raw) {
+            return Ok(answer);
         }
         let hb: Heartbeat = serde_json::from_slice(raw).map_err(|e| {
             ApiError::bad("InvalidBody", format!("heartbeat of node {node:?}: {e}"))
@@ -138,6 +133,22 @@ impl Manager {
             }
         }
         Ok(answer)
+    }
+
+    /// The answer to a report byte-identical to the node's last one when nothing in the store
+    /// changed since: the last answer, at the cost of a comparison (no store access, so it may
+    /// run on an async worker).
+    pub fn heartbeat_unchanged(&self, node: &str, raw: &[u8]) -> Option<Bytes> {
+        let before = self.cache.changes();
+        let beats = self.beats.lock().ok()?;
+        let b = beats.get(node)?;
+        if b.changes != before || b.report != raw {
+            return None;
+        }
+        let answer = b.answer.clone();
+        drop(beats);
+        self.saw(node);
+        Some(answer)
     }
 
     /// Records a node's report and answers with what it should run. The report is applied in
