@@ -5,10 +5,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 
-use serde_json::Value;
 use tokio::sync::broadcast;
 
-use crate::store::{Applied, Event, Field, Obj, Op, Result, Store, be, name_of, rv_of};
+use crate::store::{
+    Applied, Event, Field, Obj, Op, Result, Store, Usage, be, name_of, placed, rv_of,
+};
 
 #[derive(Default)]
 struct Kind {
@@ -18,6 +19,8 @@ struct Kind {
     /// Revisions at which recently deleted objects went, so that a write applied late (writes
     /// reach the cache out of order) cannot bring one back.
     tombstones: HashMap<String, u64>,
+    /// (spec.node, spec.disk) → sum of spec.size, over the objects that have all three.
+    usage: HashMap<(String, String), u64>,
 }
 
 /// Tombstones kept per kind before the oldest are dropped.
@@ -62,6 +65,14 @@ impl Kind {
                     .insert(name.clone());
             }
         }
+        if let Some((node, disk, size)) = placed(&v)
+            && size > 0
+        {
+            *self
+                .usage
+                .entry((node.to_string(), disk.to_string()))
+                .or_default() += size;
+        }
         self.objects.insert(name, v);
     }
 
@@ -77,6 +88,15 @@ impl Kind {
                     if set.is_empty() {
                         self.index.remove(&k);
                     }
+                }
+            }
+        }
+        if let Some((node, disk, size)) = placed(&old) {
+            let k = (node.to_string(), disk.to_string());
+            if let Some(u) = self.usage.get_mut(&k) {
+                *u = u.saturating_sub(size);
+                if *u == 0 {
+                    self.usage.remove(&k);
                 }
             }
         }
@@ -170,6 +190,17 @@ impl Store for Cached {
         Ok((names, k.objects.len()))
     }
 
+    fn usage(&self, kind: &str) -> Result<Usage> {
+        self.ensure(kind)?;
+        Ok(self
+            .kinds
+            .read()
+            .map_err(be)?
+            .get(kind)
+            .map(|k| k.usage.clone())
+            .unwrap_or_default())
+    }
+
     fn list_by(&self, kind: &str, field: Field, value: &str) -> Result<Vec<Obj>> {
         self.ensure(kind)?;
         let kinds = self.kinds.read().map_err(be)?;
@@ -185,27 +216,6 @@ impl Store for Cached {
                     .collect()
             })
             .unwrap_or_default())
-    }
-
-    fn visit_by(
-        &self,
-        kind: &str,
-        field: Field,
-        value: &str,
-        f: &mut dyn FnMut(&Value),
-    ) -> Result<()> {
-        self.ensure(kind)?;
-        let kinds = self.kinds.read().map_err(be)?;
-        if let Some(k) = kinds.get(kind)
-            && let Some(names) = k.index.get(&(field, value.to_string()))
-        {
-            for n in names {
-                if let Some(o) = k.objects.get(n) {
-                    f(o);
-                }
-            }
-        }
-        Ok(())
     }
 
     fn commit(&self, ops: Vec<Op>) -> Result<Vec<Applied>> {

@@ -453,19 +453,9 @@ impl Manager {
         let nodes = pass.nodes;
         let mut cell = pass.scheduled.borrow_mut();
         if cell.is_none() {
-            // Bytes already promised per disk, read once per pass.
-            // Read in place: only the disk and size of every replica matter here. (What this
-            // pass placed so far is added below as it is placed.)
-            let mut m: HashMap<(String, String), u64> = HashMap::new();
-            for n in nodes.keys() {
-                s.visit_by(Replica::KIND, Field::Node, n, &mut |r| {
-                    let disk = store::at(r, "spec", "disk").and_then(|d| d.as_str());
-                    let size = store::at(r, "spec", "size").and_then(|d| d.as_u64());
-                    if let (Some(disk), Some(size)) = (disk, size) {
-                        *m.entry((n.clone(), disk.to_string())).or_default() += size;
-                    }
-                })?;
-            }
+            // Bytes already promised per disk, read once per pass (what this pass places is
+            // added below as it is placed).
+            let m = s.usage(Replica::KIND)?;
             *cell = Some(m);
         }
         let scheduled = cell.get_or_insert_with(HashMap::new);

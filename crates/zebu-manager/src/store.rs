@@ -148,25 +148,23 @@ pub trait Store: Send + Sync {
         names.truncate(limit);
         Ok((names, all.len()))
     }
+    /// Bytes placed per (node, disk): the sum of `spec.size` over the objects of a kind that
+    /// name a `spec.node` and a `spec.disk` (replicas).
+    fn usage(&self, kind: &str) -> Result<Usage> {
+        let mut m = Usage::new();
+        for o in self.list(kind)? {
+            if let Some((node, disk, size)) = placed(&o) {
+                *m.entry((node.to_string(), disk.to_string())).or_default() += size;
+            }
+        }
+        m.retain(|_, u| *u > 0);
+        Ok(m)
+    }
     /// The objects of a kind whose `field` equals `value`.
     fn list_by(&self, kind: &str, field: Field, value: &str) -> Result<Vec<Obj>> {
         let mut all = self.list(kind)?;
         all.retain(|o| field.of(o) == Some(value));
         Ok(all)
-    }
-    /// Calls `f` with every object of a kind whose `field` equals `value`, without copying them
-    /// where the store can (for sums over many objects).
-    fn visit_by(
-        &self,
-        kind: &str,
-        field: Field,
-        value: &str,
-        f: &mut dyn FnMut(&Value),
-    ) -> Result<()> {
-        for o in self.list_by(kind, field, value)? {
-            f(&o);
-        }
-        Ok(())
     }
     /// Applies every op or none: each op is checked against the objects as the ops before it
     /// left them; any failed check fails the whole transaction and writes nothing. Every object
@@ -235,6 +233,19 @@ pub(crate) fn be<E: std::fmt::Display>(e: E) -> StoreError {
 
 pub(crate) fn key(kind: &str, name: &str) -> String {
     format!("{kind}/{name}")
+}
+
+/// Bytes per (node, disk).
+pub type Usage = std::collections::HashMap<(String, String), u64>;
+
+/// An object's `spec.node`, `spec.disk` and `spec.size`, when it has all three.
+pub(crate) fn placed(obj: &Value) -> Option<(&str, &str, u64)> {
+    let spec = obj.get("spec")?;
+    Some((
+        spec.get("node")?.as_str()?,
+        spec.get("disk")?.as_str()?,
+        spec.get("size")?.as_u64()?,
+    ))
 }
 
 /// `obj[a][b]`, without the allocations of a JSON pointer.

@@ -9,7 +9,8 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 
 use crate::store::{
-    Applied, Event, Field, Obj, Op, Result, Store, StoreError, be, key, name_of, rv_of,
+    Applied, Event, Field, Obj, Op, Result, Store, StoreError, Usage, be, key, name_of, placed,
+    rv_of,
 };
 
 enum Pending {
@@ -226,39 +227,35 @@ impl Store for Txn<'_> {
         self.overlay(kind, self.base.list(kind)?, |_| true)
     }
 
+    fn usage(&self, kind: &str) -> Result<Usage> {
+        let mut m = self.base.usage(kind)?;
+        let w = self.writes.lock().map_err(be)?;
+        let prefix = format!("{kind}/");
+        for (k, (_, name, p)) in w.range(prefix.clone()..) {
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            // This transaction's state of the object replaces the base's.
+            if let Some(old) = self.base.get(kind, name)?
+                && let Some((node, disk, size)) = placed(&old)
+                && let Some(u) = m.get_mut(&(node.to_string(), disk.to_string()))
+            {
+                *u = u.saturating_sub(size);
+            }
+            if let Pending::Put { obj, .. } = p
+                && let Some((node, disk, size)) = placed(obj)
+            {
+                *m.entry((node.to_string(), disk.to_string())).or_default() += size;
+            }
+        }
+        m.retain(|_, u| *u > 0);
+        Ok(m)
+    }
+
     fn list_by(&self, kind: &str, field: Field, value: &str) -> Result<Vec<Obj>> {
         self.overlay(kind, self.base.list_by(kind, field, value)?, |o| {
             field.of(o) == Some(value)
         })
-    }
-
-    fn visit_by(
-        &self,
-        kind: &str,
-        field: Field,
-        value: &str,
-        f: &mut dyn FnMut(&Value),
-    ) -> Result<()> {
-        let w = self.writes.lock().map_err(be)?;
-        // Objects this transaction wrote are visited as it left them.
-        self.base.visit_by(kind, field, value, &mut |o| {
-            let written = name_of(o).is_ok_and(|n| w.contains_key(&key(kind, &n)));
-            if !written {
-                f(o);
-            }
-        })?;
-        let prefix = format!("{kind}/");
-        for (k, (_, _, p)) in w.range(prefix.clone()..) {
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            if let Pending::Put { obj, .. } = p
-                && field.of(obj) == Some(value)
-            {
-                f(obj);
-            }
-        }
-        Ok(())
     }
 
     /// Buffers the ops (checked one by one against this transaction's view); nothing reaches

@@ -165,7 +165,8 @@ fn transactions(s: &dyn Store) {
             spec: ReplicaSpec {
                 volume: "v".into(),
                 node: node.into(),
-                ..Default::default()
+                disk: "d".into(),
+                size: if name == "r1" { 1 << 20 } else { 2 << 20 },
             },
             ..Default::default()
         })
@@ -219,6 +220,21 @@ fn transactions(s: &dyn Store) {
     assert_eq!(names("", 1), (vec!["r1".to_string()], 2));
     assert_eq!(names("r1", 10), (vec!["r2".to_string()], 2));
     assert_eq!(names("r2", 10), (vec![], 2));
+    // Bytes placed per (node, disk), also as a transaction sees them before it commits.
+    let usage = |s: &dyn Store| {
+        let mut u: Vec<_> = s.usage("replica").expect("usage").into_iter().collect();
+        u.sort();
+        u
+    };
+    let d = |n: &str, b: u64| ((n.to_string(), "d".to_string()), b);
+    assert_eq!(usage(s), vec![d("n1", 1 << 20), d("n2", 2 << 20)]);
+    {
+        let t = zebu_manager::txn::Txn::new(s);
+        t.update("replica", moved.clone()).expect("buffered");
+        t.create("replica", rep("r3", "n2")).expect("buffered");
+        assert_eq!(usage(&t), vec![d("n2", 4 << 20), d("n3", 1 << 20)]);
+        assert_eq!(usage(s), vec![d("n1", 1 << 20), d("n2", 2 << 20)]);
+    }
     s.commit(vec![
         Op::Update {
             kind: "replica".into(),
@@ -234,6 +250,7 @@ fn transactions(s: &dyn Store) {
     assert!(on("n1").is_empty());
     assert!(on("n2").is_empty());
     assert_eq!(on("n3"), vec!["r1"]);
+    assert_eq!(usage(s), vec![d("n3", 1 << 20)]);
     assert_eq!(
         store::list_by::<Replica>(s, Field::Volume, "v")
             .expect("by volume")
