@@ -78,6 +78,7 @@ impl ReplicaService {
                     size,
                     cluster_size,
                     head: INITIAL_HEAD,
+                    base: None,
                 },
             )?,
             Err(e) => return Err(e),

@@ -43,6 +43,23 @@ pub struct ChainMeta {
     pub flush_seq: u64,
     /// Bottom (oldest) first; the last one is the writable head.
     pub layers: Vec<LayerMeta>,
+    /// The read-only base under every layer (a backing image), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseMeta>,
+}
+
+/// A backing image's copy on this node, read where no layer holds a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BaseMeta {
+    /// The backing image's name.
+    pub name: String,
+    /// SHA-512 of its bytes, lowercase hex.
+    pub checksum: String,
+    /// Its length in bytes; the volume reads zeros past it.
+    pub size: u64,
+    /// The copy's raw file on this node.
+    pub path: std::path::PathBuf,
 }
 
 impl ChainMeta {

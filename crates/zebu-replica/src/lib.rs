@@ -10,7 +10,7 @@ pub mod store;
 pub mod vfs;
 
 pub use bitmap::Run;
-pub use chain::LayerMeta;
+pub use chain::{BaseMeta, LayerMeta};
 pub use error::{Result, StoreError};
 pub use store::{
     CreateOptions, DEFAULT_CLUSTER_SIZE, LayerInfo, ReplicaStore, SnapshotSpec, StoreStatus,

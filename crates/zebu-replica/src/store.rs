@@ -15,7 +15,7 @@ use std::sync::Arc;
 use zebu_types::{Generation, LayerId};
 
 use crate::bitmap::{ClusterMap, Run};
-use crate::chain::{CHAIN_FILE, CHAIN_TMP, ChainMeta, LayerMeta};
+use crate::chain::{BaseMeta, CHAIN_FILE, CHAIN_TMP, ChainMeta, LayerMeta};
 use crate::error::{IoContext, Result, StoreError};
 use crate::mapfile::{Change, MapFile};
 use crate::vfs::{VFile, Vfs};
@@ -57,6 +57,14 @@ pub struct CreateOptions {
     pub size: u64,
     pub cluster_size: u32,
     pub head: LayerId,
+    /// A read-only base under every layer (a backing image's copy on this node).
+    pub base: Option<BaseMeta>,
+}
+
+/// The open base file.
+struct Base {
+    meta: BaseMeta,
+    data: Arc<dyn VFile>,
 }
 
 /// What a snapshot request carries. Every replica of a volume gets the same values.
@@ -104,6 +112,7 @@ pub struct ReplicaStore {
     /// A delete of the snapshot right below the head, done by folding the (smaller) head down into
     /// it: the snapshot's id and the head clusters already copied (and not rewritten since).
     merge_down: Option<(LayerId, ClusterMap)>,
+    base: Option<Base>,
 }
 
 fn data_name(id: LayerId) -> String {
@@ -133,6 +142,14 @@ impl ReplicaStore {
         if vfs.exists(&dir.join(CHAIN_FILE)) {
             return Err(StoreError::Exists(dir.to_path_buf()));
         }
+        if let Some(b) = &opts.base
+            && b.size > opts.size
+        {
+            return Err(StoreError::Invalid(format!(
+                "size {} is smaller than backing image {:?} ({} bytes)",
+                opts.size, b.name, b.size
+            )));
+        }
         let cs = opts.cluster_size;
         let head = Self::new_layer_files(&*vfs, dir, cs, opts.head)?;
         let meta = ChainMeta {
@@ -141,6 +158,7 @@ impl ReplicaStore {
             generation: 0,
             flush_seq: 0,
             layers: vec![head_meta(opts.head, 0)],
+            base: opts.base,
         };
         meta.store(&*vfs, dir)?;
         drop(head);
@@ -210,6 +228,31 @@ impl ReplicaStore {
                 dirty: false,
             });
         }
+        let base = match &meta.base {
+            None => None,
+            Some(b) => {
+                let data = vfs.open(&b.path, false).map_err(|e| StoreError::Corrupt {
+                    path: dir.join(CHAIN_FILE),
+                    why: format!("backing image {:?} at {}: {e}", b.name, b.path.display()),
+                })?;
+                let len = data.len().at(&b.path)?;
+                if len != b.size {
+                    return Err(StoreError::Corrupt {
+                        path: dir.join(CHAIN_FILE),
+                        why: format!(
+                            "backing image {:?} at {} has {len} bytes, not {}",
+                            b.name,
+                            b.path.display(),
+                            b.size
+                        ),
+                    });
+                }
+                Some(Base {
+                    meta: b.clone(),
+                    data,
+                })
+            }
+        };
         let mut store = ReplicaStore {
             vfs,
             dir: dir.to_path_buf(),
@@ -219,6 +262,7 @@ impl ReplicaStore {
             flush_seq: meta.flush_seq.max(head_seq),
             layers,
             merge_down: None,
+            base,
         };
         store.scrub_head()?;
         Ok(store)
@@ -276,7 +320,34 @@ impl ReplicaStore {
             generation: self.generation,
             flush_seq: self.flush_seq,
             layers: self.layers.iter().map(|l| l.meta.clone()).collect(),
+            base: self.base.as_ref().map(|b| b.meta.clone()),
         }
+    }
+
+    /// The backing image under the layers, if any.
+    pub fn base(&self) -> Option<&BaseMeta> {
+        self.base.as_ref().map(|b| &b.meta)
+    }
+
+    /// Whether the base holds bytes of cluster `c`.
+    fn base_covers(&self, c: u64) -> bool {
+        self.base
+            .as_ref()
+            .is_some_and(|b| c * self.cs < b.meta.size)
+    }
+
+    /// Fills `buf` with the base's bytes at `pos` (zeros past its end or without a base).
+    fn read_base(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(b) = &self.base else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let have = b.meta.size.saturating_sub(pos).min(buf.len() as u64) as usize;
+        if have > 0 {
+            b.data.read_at(&mut buf[..have], pos).at(&b.meta.path)?;
+        }
+        buf[have..].fill(0);
+        Ok(())
     }
 
     fn store_chain(&self) -> Result<()> {
@@ -344,7 +415,7 @@ impl ReplicaStore {
                     let l = &self.layers[i];
                     l.data.read_at(slice, pos).at(&l.data_path)?
                 }
-                None => slice.fill(0),
+                None => self.read_base(pos, slice)?,
             }
             pos = stop;
         }
@@ -360,15 +431,23 @@ impl ReplicaStore {
     /// Copies cluster `c` into the head from the layer below that holds it, if any.
     fn copy_up(&mut self, c: u64) -> Result<()> {
         let top = self.layers.len() - 1;
-        if self.layers[top].map.get(c) || top == 0 {
+        if self.layers[top].map.get(c) {
             return Ok(());
         }
-        let Some(src) = self.owner_from(c, top - 1) else {
-            return Ok(());
+        let src = if top == 0 {
+            None
+        } else {
+            self.owner_from(c, top - 1)
         };
         let mut buf = vec![0u8; self.cs as usize];
-        let l = &self.layers[src];
-        l.data.read_at(&mut buf, c * self.cs).at(&l.data_path)?;
+        match src {
+            Some(src) => {
+                let l = &self.layers[src];
+                l.data.read_at(&mut buf, c * self.cs).at(&l.data_path)?;
+            }
+            None if self.base_covers(c) => self.read_base(c * self.cs, &mut buf)?,
+            None => return Ok(()),
+        }
         let head = self.head_mut();
         head.data
             .write_at(&buf, c * buf.len() as u64)
@@ -451,7 +530,7 @@ impl ReplicaStore {
                 .at(&head.data_path)?;
         }
         for c in full_first..full_end {
-            let below = top > 0 && self.owner_from(c, top - 1).is_some();
+            let below = (top > 0 && self.owner_from(c, top - 1).is_some()) || self.base_covers(c);
             let head = self.head_mut();
             let has = head.map.get(c);
             if below && !has {
@@ -819,7 +898,7 @@ impl ReplicaStore {
         while pos < end {
             let c = pos / cs;
             let stop = ((c + 1) * cs).min(end);
-            let a = self.owner(c).is_some();
+            let a = self.owner(c).is_some() || self.base_covers(c);
             match out.last_mut() {
                 Some((l, was)) if *was == a => *l += stop - pos,
                 _ => out.push((stop - pos, a)),

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use zebu_replica::{CreateOptions, ReplicaStore, SimVfs, SnapshotSpec, StdVfs, StoreError, Vfs};
+use zebu_replica::{
+    BaseMeta, CreateOptions, ReplicaStore, SimVfs, SnapshotSpec, StdVfs, StoreError, Vfs,
+};
 use zebu_types::LayerId;
 
 const BLK: usize = 4096;
@@ -29,6 +31,7 @@ fn create(vfs: Arc<dyn Vfs>, dir: &Path, size: u64, cs: u32) -> ReplicaStore {
             size,
             cluster_size: cs,
             head: LayerId(1),
+            base: None,
         },
     )
     .expect("create")
@@ -577,4 +580,95 @@ fn delete_below_head_folds_the_head_down() {
     let st = ReplicaStore::open(vfs, &dir).expect("reopen");
     st.read(0, &mut got).expect("read");
     assert!(got == want, "after reopen");
+}
+
+/// A backing image under the layers: read where no layer holds a cluster, zeros past its end,
+/// copied up by partial writes, hidden by zeroing, kept by snapshots and a reopen; a base file of
+/// the wrong length is a clear error.
+#[test]
+fn a_backing_image_reads_through_until_written() {
+    let tmp = tempdir();
+    let cs: u32 = 64 << 10;
+    let base_len: usize = (1 << 20) + 1000;
+    let image: Vec<u8> = (0..base_len).map(|i| (i * 7 % 251) as u8 + 1).collect();
+    let base_path = tmp.join("image.raw");
+    std::fs::write(&base_path, &image).expect("image");
+    let base = BaseMeta {
+        name: "img".into(),
+        checksum: "00".into(),
+        size: base_len as u64,
+        path: base_path.clone(),
+    };
+    let size: u64 = 4 << 20;
+    let dir = tmp.join("r");
+    let vfs: Arc<dyn Vfs> = Arc::new(StdVfs);
+    let too_small = ReplicaStore::create(
+        vfs.clone(),
+        &tmp.join("small"),
+        CreateOptions {
+            size: 1 << 20,
+            cluster_size: cs,
+            head: LayerId(1),
+            base: Some(base.clone()),
+        },
+    );
+    assert!(
+        matches!(&too_small, Err(StoreError::Invalid(m)) if m.contains("backing image")),
+        "a volume smaller than its image is refused"
+    );
+    let mut s = ReplicaStore::create(
+        vfs.clone(),
+        &dir,
+        CreateOptions {
+            size,
+            cluster_size: cs,
+            head: LayerId(1),
+            base: Some(base.clone()),
+        },
+    )
+    .expect("create");
+    let mut expect = image.clone();
+    expect.resize(size as usize, 0);
+    let whole = |s: &ReplicaStore| {
+        let mut b = vec![0u8; size as usize];
+        s.read(0, &mut b).expect("read");
+        b
+    };
+    assert!(whole(&s) == expect, "the image, then zeros");
+    // A partial write inside a base cluster keeps the base's bytes around it.
+    s.write(100, &[9u8; 10]).expect("write");
+    expect[100..110].fill(9);
+    // A write past the base's end inside its last cluster.
+    s.write(base_len as u64 + 4, &[8u8; 4]).expect("write");
+    expect[base_len + 4..base_len + 8].fill(8);
+    // Zeroing a whole cluster of the base hides it.
+    s.zero(2 * cs as u64, cs as u64).expect("zero");
+    expect[2 * cs as usize..3 * cs as usize].fill(0);
+    assert!(whole(&s) == expect);
+    s.snapshot(&spec("s1", 2)).expect("snapshot");
+    s.write(3 * cs as u64, &[7u8; 4096]).expect("write");
+    let mut snap = vec![0u8; size as usize];
+    s.read_snapshot("s1", 0, &mut snap).expect("read snapshot");
+    assert!(
+        snap == expect,
+        "the snapshot sees the base and its own writes"
+    );
+    expect[3 * cs as usize..3 * cs as usize + 4096].fill(7);
+    assert!(whole(&s) == expect);
+    // Block status: the base's clusters count as data.
+    let alloc = s.allocation(0, size).expect("allocation");
+    assert_eq!(alloc[0], (17 * cs as u64, true), "{alloc:?}");
+    s.flush().expect("flush");
+    drop(s);
+    let s = ReplicaStore::open(vfs.clone(), &dir).expect("reopen");
+    assert_eq!(s.base().map(|b| b.name.as_str()), Some("img"));
+    assert!(whole(&s) == expect, "the same after a reopen");
+    drop(s);
+    std::fs::write(&base_path, &image[..1000]).expect("truncate");
+    let e = ReplicaStore::open(vfs, &dir).err().expect("refused");
+    assert!(
+        matches!(&e, StoreError::Corrupt { why, .. } if why.contains("backing image")),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(tmp);
 }
