@@ -30,6 +30,8 @@ pub struct NodeConfig {
     /// Host the replica servers bind to (and report as their address).
     pub listen_host: String,
     pub nbd_listen: String,
+    /// Heartbeats come this often when nothing happens ([`HEARTBEAT`] by default), and at once
+    /// when the manager has work for this node or something here finished.
     pub heartbeat: Duration,
     pub io_timeout: Duration,
 }
@@ -63,6 +65,10 @@ impl VolumeOrders {
 
 /// A backup task on this node with its volume.
 type VolumeBackup = (String, Box<dyn BackupHandle>);
+
+/// The default heartbeat interval: with `node-down-timeout` at 10 s a node misses ten before it
+/// counts as down; work never waits for it (the long-poll and local events wake the loop).
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// How long a heartbeat waits for an engine's snapshot list before it reports the last one.
 const SNAPSHOT_READ_TIMEOUT: Duration = Duration::from_secs(1);

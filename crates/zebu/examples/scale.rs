@@ -146,9 +146,12 @@ async fn node(
                 flush_seq: 0,
             })
             .collect();
-        // As a node agent: the next beat at 500 ms, or when the manager has work.
+        // As a node agent: the next beat after its interval, or when the manager has work.
         let _ = api
-            .get::<serde_json::Value>(&format!("/v1/nodes/{name}/wait?timeoutMs=500"))
+            .get::<serde_json::Value>(&format!(
+                "/v1/nodes/{name}/wait?timeoutMs={}",
+                zebu_node::HEARTBEAT.as_millis()
+            ))
             .await;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -96,7 +96,7 @@ pub async fn server(a: ServerArgs) -> Result<()> {
         data_dir: a.data_dir.join("node"),
         listen_host: "127.0.0.1".into(),
         nbd_listen: a.nbd_listen,
-        heartbeat: Duration::from_millis(500),
+        heartbeat: zebu_node::HEARTBEAT,
         io_timeout: Duration::from_secs(10),
     };
     let agent = NodeAgent::start(cfg, api, nbd, Arc::new(zebu_transfer::BackupTargets)).await?;
@@ -208,7 +208,7 @@ pub async fn node(g: &cli::Global, a: NodeArgs) -> Result<()> {
         data_dir,
         listen_host: a.listen,
         nbd_listen: a.nbd_listen,
-        heartbeat: Duration::from_millis(500),
+        heartbeat: zebu_node::HEARTBEAT,
         io_timeout: Duration::from_secs(10),
     };
     let agent = NodeAgent::start(cfg, api, nbd, Arc::new(zebu_transfer::BackupTargets)).await?;
