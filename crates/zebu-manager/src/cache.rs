@@ -150,72 +150,57 @@ impl Cached {
     pub fn changes(&self) -> u64 {
         self.changes.load(std::sync::atomic::Ordering::Acquire)
     }
+
+    /// `f` over a kind's objects (loaded first if need be); `None` when the kind has none yet.
+    fn read_kind<T>(&self, kind: &str, f: impl FnOnce(&Kind) -> T) -> Result<Option<T>> {
+        self.ensure(kind)?;
+        Ok(self.kinds.read().map_err(be)?.get(kind).map(f))
+    }
 }
 
 impl Store for Cached {
     fn get(&self, kind: &str, name: &str) -> Result<Option<Obj>> {
-        self.ensure(kind)?;
-        Ok(self
-            .kinds
-            .read()
-            .map_err(be)?
-            .get(kind)
-            .and_then(|k| k.objects.get(name).cloned()))
+        self.read_kind(kind, |k| k.objects.get(name).cloned())
+            .map(Option::flatten)
     }
 
     fn list(&self, kind: &str) -> Result<Vec<Obj>> {
-        self.ensure(kind)?;
-        Ok(self
-            .kinds
-            .read()
-            .map_err(be)?
-            .get(kind)
-            .map(|k| k.objects.values().cloned().collect())
-            .unwrap_or_default())
+        self.read_kind(kind, |k| k.objects.values().cloned().collect())
+            .map(Option::unwrap_or_default)
     }
 
     fn names_after(&self, kind: &str, after: &str, limit: usize) -> Result<(Vec<String>, usize)> {
         use std::ops::Bound;
-        self.ensure(kind)?;
-        let kinds = self.kinds.read().map_err(be)?;
-        let Some(k) = kinds.get(kind) else {
-            return Ok((Vec::new(), 0));
-        };
-        let names = k
-            .objects
-            .range::<str, _>((Bound::Excluded(after), Bound::Unbounded))
-            .take(limit)
-            .map(|(n, _)| n.clone())
-            .collect();
-        Ok((names, k.objects.len()))
+        self.read_kind(kind, |k| {
+            let names = k
+                .objects
+                .range::<str, _>((Bound::Excluded(after), Bound::Unbounded))
+                .take(limit)
+                .map(|(n, _)| n.clone())
+                .collect();
+            (names, k.objects.len())
+        })
+        .map(Option::unwrap_or_default)
     }
 
     fn usage(&self, kind: &str) -> Result<Usage> {
-        self.ensure(kind)?;
-        Ok(self
-            .kinds
-            .read()
-            .map_err(be)?
-            .get(kind)
-            .map(|k| k.usage.clone())
-            .unwrap_or_default())
+        self.read_kind(kind, |k| k.usage.clone())
+            .map(Option::unwrap_or_default)
     }
 
     fn list_by(&self, kind: &str, field: Field, value: &str) -> Result<Vec<Obj>> {
-        self.ensure(kind)?;
-        let kinds = self.kinds.read().map_err(be)?;
-        let Some(k) = kinds.get(kind) else {
-            return Ok(Vec::new());
-        };
-        Ok(k.index
-            .get(&(field, value.to_string()))
-            .map(|names| {
-                names
-                    .iter()
-                    .filter_map(|n| k.objects.get(n).cloned())
-                    .collect()
-            })
-            .unwrap_or_default())
+        self.read_kind(kind, |k| {
+            k.index
+                .get(&(field, value.to_string()))
+                .map(|names| {
+                    names
+                        .iter()
+                        .filter_map(|n| k.objects.get(n).cloned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .map(Option::unwrap_or_default)
     }
 
     fn commit(&self, ops: Vec<Op>) -> Result<Vec<Applied>> {
