@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::broadcast;
 
 use crate::store::{
-    Applied, Event, Field, Obj, Op, Result, Store, Usage, be, name_of, placed, rv_of,
+    Applied, Event, Field, Obj, Op, Result, Store, Usage, be, count_usage, name_of, rv_of,
 };
 
 #[derive(Default)]
@@ -65,14 +65,7 @@ impl Kind {
                     .insert(name.clone());
             }
         }
-        if let Some((node, disk, size)) = placed(&v)
-            && size > 0
-        {
-            *self
-                .usage
-                .entry((node.to_string(), disk.to_string()))
-                .or_default() += size;
-        }
+        count_usage(&mut self.usage, &v, true);
         self.objects.insert(name, v);
     }
 
@@ -91,15 +84,7 @@ impl Kind {
                 }
             }
         }
-        if let Some((node, disk, size)) = placed(&old) {
-            let k = (node.to_string(), disk.to_string());
-            if let Some(u) = self.usage.get_mut(&k) {
-                *u = u.saturating_sub(size);
-                if *u == 0 {
-                    self.usage.remove(&k);
-                }
-            }
-        }
+        count_usage(&mut self.usage, &old, false);
     }
 }
 

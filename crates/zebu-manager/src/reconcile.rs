@@ -86,9 +86,10 @@ impl Dirty {
 impl Manager {
     /// Runs the reconcile loop until the process ends. A pass looks at the volumes that changed
     /// since the last one, and once a second those still settling and the next slice of volumes
-    /// in name order (all of them every [`ROLLING_ROUND_SECS`]); every volume is looked at in one pass at start,
-    /// after a node, setting or target change, and every [`FULL_PASS_EVERY`]. Passes run on
-    /// the blocking pool, at once after a change and at least every 500 ms.
+    /// in name order (all of them every [`ROLLING_ROUND_SECS`]); every volume is looked at in
+    /// one pass at start, after a node, setting or target change, and every
+    /// [`FULL_PASS_EVERY`]. Passes run on the blocking pool, at once after a change and at least
+    /// every 500 ms.
     pub async fn run(self: Arc<Self>) {
         let mut events = self.store.watch();
         let mut dirty = Dirty {
@@ -184,7 +185,6 @@ impl Manager {
         }
     }
 
-    /// The names of up to `n` volumes after `cursor` (wrapping around); moves the cursor.
     /// The next volumes after `cursor` in name order: `n` of them, or (when `None`) enough
     /// that every volume comes round within [`ROLLING_ROUND_SECS`] slices. Moves the cursor,
     /// back to the start after the last volume.

@@ -153,11 +153,8 @@ pub trait Store: Send + Sync {
     fn usage(&self, kind: &str) -> Result<Usage> {
         let mut m = Usage::new();
         for o in self.list(kind)? {
-            if let Some((node, disk, size)) = placed(&o) {
-                *m.entry((node.to_string(), disk.to_string())).or_default() += size;
-            }
+            count_usage(&mut m, &o, true);
         }
-        m.retain(|_, u| *u > 0);
         Ok(m)
     }
     /// The objects of a kind whose `field` equals `value`.
@@ -239,13 +236,33 @@ pub(crate) fn key(kind: &str, name: &str) -> String {
 pub type Usage = std::collections::HashMap<(String, String), u64>;
 
 /// An object's `spec.node`, `spec.disk` and `spec.size`, when it has all three.
-pub(crate) fn placed(obj: &Value) -> Option<(&str, &str, u64)> {
+fn placed(obj: &Value) -> Option<(&str, &str, u64)> {
     let spec = obj.get("spec")?;
     Some((
         spec.get("node")?.as_str()?,
         spec.get("disk")?.as_str()?,
         spec.get("size")?.as_u64()?,
     ))
+}
+
+/// Adds an object's placed bytes to `m` (`add`), or takes them away; a (node, disk) left with
+/// nothing has no entry.
+pub(crate) fn count_usage(m: &mut Usage, obj: &Value, add: bool) {
+    let Some((node, disk, size)) = placed(obj) else {
+        return;
+    };
+    if size == 0 {
+        return;
+    }
+    let k = (node.to_string(), disk.to_string());
+    if add {
+        *m.entry(k).or_default() += size;
+    } else if let Some(u) = m.get_mut(&k) {
+        *u = u.saturating_sub(size);
+        if *u == 0 {
+            m.remove(&k);
+        }
+    }
 }
 
 /// `obj[a][b]`, without the allocations of a JSON pointer.

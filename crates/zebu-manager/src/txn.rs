@@ -9,8 +9,8 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 
 use crate::store::{
-    Applied, Event, Field, Obj, Op, Result, Store, StoreError, Usage, be, key, name_of, placed,
-    rv_of,
+    Applied, Event, Field, Obj, Op, Result, Store, StoreError, Usage, be, count_usage, key,
+    name_of, rv_of,
 };
 
 enum Pending {
@@ -236,19 +236,13 @@ impl Store for Txn<'_> {
                 break;
             }
             // This transaction's state of the object replaces the base's.
-            if let Some(old) = self.base.get(kind, name)?
-                && let Some((node, disk, size)) = placed(&old)
-                && let Some(u) = m.get_mut(&(node.to_string(), disk.to_string()))
-            {
-                *u = u.saturating_sub(size);
+            if let Some(old) = self.base.get(kind, name)? {
+                count_usage(&mut m, &old, false);
             }
-            if let Pending::Put { obj, .. } = p
-                && let Some((node, disk, size)) = placed(obj)
-            {
-                *m.entry((node.to_string(), disk.to_string())).or_default() += size;
+            if let Pending::Put { obj, .. } = p {
+                count_usage(&mut m, obj, true);
             }
         }
-        m.retain(|_, u| *u > 0);
         Ok(m)
     }
 
