@@ -52,3 +52,15 @@ impl Error {
         )
     }
 }
+
+/// The `message` of an error body (`{"code","message"}`), or the body itself when it is not one.
+pub fn body_message(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.get("message")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| body.to_string())
+}

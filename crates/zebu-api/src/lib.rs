@@ -7,4 +7,4 @@ pub mod client;
 pub mod error;
 pub mod model;
 
-pub use error::{Error, ErrorKind};
+pub use error::{Error, ErrorKind, body_message};

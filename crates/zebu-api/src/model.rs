@@ -163,6 +163,9 @@ pub struct VolumeSpec {
     /// A snapshot a detached volume is asked to revert to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revert: Option<String>,
+    /// The backing image under every replica (its bytes show until the volume writes its own).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backing_image: String,
 }
 
 /// Where a snapshot revert stands.
@@ -259,6 +262,9 @@ pub struct ReplicaSpec {
     pub node: String,
     pub disk: String,
     pub size: u64,
+    /// The volume's backing image (the replica's read-only base).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backing_image: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -430,6 +436,9 @@ pub struct NodeStatus {
     pub address: String,
     #[serde(default)]
     pub nbd_address: String,
+    /// Where the node serves backing-image copies to peers (`host:port`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub transfer_address: String,
     #[serde(default)]
     pub last_heartbeat: u64,
     #[serde(default)]
@@ -678,6 +687,127 @@ pub struct Backup {
 }
 object!(Backup, "backup");
 
+/// Where a backing image's bytes come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackingImageSourceKind {
+    /// An http(s) URL.
+    #[default]
+    Download,
+    /// Bytes streamed through `PUT /v1/backing-images/{name}/upload`.
+    Upload,
+    /// Another backing image's bytes.
+    Clone,
+}
+
+impl BackingImageSourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackingImageSourceKind::Download => "download",
+            BackingImageSourceKind::Upload => "upload",
+            BackingImageSourceKind::Clone => "clone",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackingImageSource {
+    pub kind: BackingImageSourceKind,
+    /// `download`: the URL.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub url: String,
+    /// `clone`: the backing image copied.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackingImageSpec {
+    pub source: BackingImageSource,
+    /// Expected SHA-512 of the raw bytes (lowercase hex); empty: the first copy's is recorded
+    /// and every later copy must match it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub checksum: String,
+    /// Nodes that keep a ready copy even without a replica using it.
+    #[serde(default = "one")]
+    pub min_copies: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Where a backing image, or one copy of it, stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackingImageState {
+    #[default]
+    Pending,
+    InProgress,
+    Ready,
+    Failed,
+}
+
+impl BackingImageState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackingImageState::Pending => "pending",
+            BackingImageState::InProgress => "in-progress",
+            BackingImageState::Ready => "ready",
+            BackingImageState::Failed => "failed",
+        }
+    }
+}
+
+/// One node's copy of a backing image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackingImageCopy {
+    pub node: String,
+    #[serde(default)]
+    pub disk: String,
+    pub state: BackingImageState,
+    /// 0–100.
+    #[serde(default)]
+    pub progress: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackingImageStatus {
+    #[serde(default)]
+    pub state: BackingImageState,
+    /// The first copy's progress (0–100) until one is ready.
+    #[serde(default)]
+    pub progress: u32,
+    /// Bytes of the raw image (a qcow2 source's virtual size).
+    #[serde(default)]
+    pub virtual_size: u64,
+    /// SHA-512 of the raw bytes, as the first ready copy computed it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub checksum: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// One per node holding or fetching a copy, by node name.
+    #[serde(default)]
+    pub copies: Vec<BackingImageCopy>,
+}
+
+/// A read-only base image shared by volumes; copies live on nodes (one per node).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackingImage {
+    pub metadata: Meta,
+    pub spec: BackingImageSpec,
+    #[serde(default)]
+    pub status: BackingImageStatus,
+}
+object!(BackingImage, "backingimage");
+
 /// Settings and their defaults.
 pub const SETTINGS: &[(&str, &str, &str)] = &[
     (
@@ -765,6 +895,12 @@ pub struct Heartbeat {
     /// Engines assigned here that cannot start, with the reason.
     #[serde(default)]
     pub engine_errors: Vec<EngineStartError>,
+    /// Where peers and the manager fetch and upload backing-image copies (`host:port`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub transfer_address: String,
+    /// Every backing-image copy on this node, ready or on its way.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backing_images: Vec<CopyReport>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -876,6 +1012,13 @@ pub struct Assignments {
     /// Backups of volumes whose engine runs here that are not finished.
     #[serde(default)]
     pub backups: Vec<BackupOrder>,
+    /// Backing-image copies this node should hold and does not have ready yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backing_images: Vec<CopyOrder>,
+    /// Backing-image copies this node must delete (their image is gone or has enough copies
+    /// elsewhere and no replica here uses it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delete_backing_images: Vec<CopyRef>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -901,6 +1044,65 @@ pub struct BackupOrder {
     pub labels: BTreeMap<String, String>,
 }
 
+/// A backing-image copy by identity: the image's name and `uid` (a re-created image of the same
+/// name never reuses an old copy).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CopyRef {
+    pub name: String,
+    pub uid: String,
+    /// Expected SHA-512 (empty: not known yet, the copy's own is recorded).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub checksum: String,
+    /// Raw size in bytes (0: not known yet).
+    #[serde(default)]
+    pub size: u64,
+}
+
+/// Where a node fetches a copy from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum CopySource {
+    /// The image's http(s) URL (the first copy of a `download` image).
+    Url { url: String },
+    /// A ready copy on another node (`peer`: its transfer address), possibly of another image
+    /// (a clone's first copy).
+    Peer {
+        node: String,
+        peer: String,
+        copy: CopyRef,
+    },
+    /// Bytes arrive from the manager (an upload); nothing to fetch.
+    Upload,
+}
+
+/// A copy a node should make.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CopyOrder {
+    pub copy: CopyRef,
+    pub source: CopySource,
+}
+
+/// A copy as its node sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CopyReport {
+    pub name: String,
+    pub uid: String,
+    pub state: BackingImageState,
+    #[serde(default)]
+    pub progress: u32,
+    /// Raw size (known once the transfer has begun).
+    #[serde(default)]
+    pub size: u64,
+    /// Computed SHA-512 (ready copies).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub checksum: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SnapshotOp {
@@ -916,6 +1118,9 @@ pub struct ReplicaAssignment {
     pub volume: String,
     pub disk: String,
     pub size: u64,
+    /// The backing image under the replica; sent once this node's copy is ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_image: Option<CopyRef>,
 }
 
 /// An engine's report that a replica left its set or changed mode; the manager records it

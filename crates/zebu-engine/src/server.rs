@@ -52,7 +52,9 @@ fn store_error(e: &StoreError) -> Response {
             ErrorCode::NotFound
         }
         StoreError::StaleGeneration { .. } => ErrorCode::StaleGeneration,
-        StoreError::Corrupt { .. } | StoreError::UnsupportedVersion { .. } => ErrorCode::Corrupt,
+        StoreError::Corrupt { .. }
+        | StoreError::UnsupportedVersion { .. }
+        | StoreError::BaseMissing { .. } => ErrorCode::Corrupt,
     };
     Response::Error {
         code,
@@ -67,6 +69,7 @@ impl ReplicaService {
         volume: &str,
         size: u64,
         cluster_size: u32,
+        base: Option<zebu_replica::BaseMeta>,
     ) -> Result<Arc<ReplicaService>, StoreError> {
         let vfs = Arc::new(StdVfs);
         let store = match ReplicaStore::open(vfs.clone(), dir) {
@@ -78,7 +81,7 @@ impl ReplicaService {
                     size,
                     cluster_size,
                     head: INITIAL_HEAD,
-                    base: None,
+                    base,
                 },
             )?,
             Err(e) => return Err(e),

@@ -52,7 +52,7 @@ async fn start_replica(
     tokio::task::JoinHandle<std::io::Result<()>>,
 ) {
     let rdir = dir.join(format!("r{i}"));
-    let svc = ReplicaService::open_or_create(&rdir, "vol", SIZE, 65536).expect("replica");
+    let svc = ReplicaService::open_or_create(&rdir, "vol", SIZE, 65536, None).expect("replica");
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr").to_string();
     let t = tokio::spawn(svc.clone().serve(l));

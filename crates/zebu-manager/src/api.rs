@@ -58,7 +58,7 @@ impl IntoResponse for HttpError {
 
 type ApiResult<T> = Result<Json<T>, HttpError>;
 
-fn authorize(m: &Manager, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn authorize(m: &Manager, headers: &HeaderMap) -> Result<(), ApiError> {
     let got = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -79,7 +79,7 @@ fn authorize(m: &Manager, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Parses a JSON body, turning syntax and shape errors into 400s.
-fn body<T: serde::de::DeserializeOwned>(raw: &axum::body::Bytes) -> Result<T, ApiError> {
+pub(crate) fn body<T: serde::de::DeserializeOwned>(raw: &axum::body::Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(raw)
         .map_err(|e| ApiError::bad("InvalidBody", format!("invalid request body: {e}")))
 }
@@ -128,11 +128,18 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/backups/{name}"),
     ("delete", "/v1/backups/{name}"),
     ("post", "/v1/backups/{name}/verify"),
+    ("get", "/v1/backing-images"),
+    ("post", "/v1/backing-images"),
+    ("get", "/v1/backing-images/{name}"),
+    ("put", "/v1/backing-images/{name}"),
+    ("delete", "/v1/backing-images/{name}"),
+    ("put", "/v1/backing-images/{name}/upload"),
+    ("get", "/v1/backing-images/{name}/download"),
     ("get", "/metrics"),
 ];
 
 pub fn router(m: Arc<Manager>) -> Router {
-    Router::new()
+    crate::api_images::routes(Router::new())
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
@@ -182,13 +189,15 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/backups/{name}", get(get_backup).delete(delete_backup))
         .route("/v1/backups/{name}/verify", post(verify_backup))
         .route("/metrics", get(metrics))
+        // Uploads of backing images stream through; other bodies are small JSON.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .fallback(not_found)
         .with_state(m)
 }
 
 /// Runs a store-writing operation on the blocking pool: a write waits for the disk (fsync),
 /// which must not hold up the async workers serving other requests.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     m: &Arc<Manager>,
     f: impl FnOnce(&Manager) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, HttpError> {
@@ -250,6 +259,9 @@ pub struct CreateVolume {
     /// Keep following the newest backup of the same volume (needs `fromBackup`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub standby: bool,
+    /// A backing image under the new volume (its size at least the image's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_image: Option<String>,
 }
 
 fn three() -> u32 {
@@ -268,21 +280,11 @@ async fn create_volume(
 ) -> Result<(StatusCode, Json<Volume>), HttpError> {
     authorize(&m, &h)?;
     let req: CreateVolume = body(&raw)?;
-    let v = blocking(&m, move |m| {
-        m.create_volume_with(
-            &req.name,
-            req.size,
-            req.replicas,
-            req.from_backup.as_deref(),
-            req.backup_target.as_deref(),
-            req.standby,
-        )
-    })
-    .await?;
+    let v = blocking(&m, move |m| m.create_volume_with(&req)).await?;
     Ok((StatusCode::CREATED, Json(v)))
 }
 
-fn check_name(name: &str) -> Result<(), ApiError> {
+pub(crate) fn check_name(name: &str) -> Result<(), ApiError> {
     zebu_types::validate_name(name).map_err(|e| ApiError::bad("InvalidName", e.to_string()))
 }
 
@@ -291,7 +293,7 @@ fn found<T>(o: Option<T>, kind: &str, name: &str) -> Result<T, ApiError> {
 }
 
 /// Authorizes, validates the name and reads one object of kind `T`.
-fn get_named<T: Object>(m: &Manager, h: &HeaderMap, name: &str) -> ApiResult<T> {
+pub(crate) fn get_named<T: Object>(m: &Manager, h: &HeaderMap, name: &str) -> ApiResult<T> {
     authorize(m, h)?;
     check_name(name)?;
     Ok(Json(found(

@@ -100,6 +100,8 @@ pub struct Manager {
     pub(crate) last_seen: std::sync::Mutex<HashMap<String, u64>>,
     /// Per node: set when something the node must act on changed (its long-poll returns).
     pub(crate) wakes: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
+    /// Backing images whose upload this process is streaming to a node.
+    pub(crate) uploads: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// Checks a setting's value and returns it as stored (sizes in plain bytes); the error says
@@ -196,6 +198,7 @@ impl Manager {
             clock: AtomicU64::new(0),
             probing: Arc::new(std::sync::Mutex::new(Default::default())),
             wakes: std::sync::Mutex::new(HashMap::new()),
+            uploads: Default::default(),
             last_seen: std::sync::Mutex::new(HashMap::new()),
         });
         m.ensure_default_target()?;

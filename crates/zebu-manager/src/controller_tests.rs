@@ -87,6 +87,8 @@ impl Sim {
                     }],
                     replicas,
                     engines,
+                    transfer_address: String::new(),
+                    backing_images: Vec::new(),
                     backups: Vec::new(),
                     engine_errors: Vec::new(),
                     broken_replicas: broken
@@ -483,6 +485,7 @@ fn rep(
             node: node.into(),
             disk: "/d".into(),
             size: 1 << 30,
+            backing_image: String::new(),
         },
         status: ReplicaStatus {
             mode,

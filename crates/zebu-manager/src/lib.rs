@@ -2,8 +2,10 @@
 //! the reconcile loop and the REST API.
 
 pub mod api;
+pub mod api_images;
 // The object model and the client live in zebu-api (shared with node agents and the CLI).
-pub use zebu_api::{Error as ApiError, ErrorKind, client, model};
+pub use zebu_api::{Error as ApiError, ErrorKind, body_message, client, model};
+pub mod backing_images;
 pub mod backups;
 pub mod cache;
 pub mod controller;

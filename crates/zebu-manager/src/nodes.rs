@@ -206,11 +206,13 @@ impl Manager {
             let changed = st.state != NodeState::Up
                 || st.address != hb.address
                 || st.nbd_address != hb.nbd_address
+                || st.transfer_address != hb.transfer_address
                 || st.disks != hb.disks;
             if changed {
                 st.state = NodeState::Up;
                 st.address = hb.address.clone();
                 st.nbd_address = hb.nbd_address.clone();
+                st.transfer_address = hb.transfer_address.clone();
                 st.disks = hb.disks.clone();
                 st.last_heartbeat = t;
             }
@@ -377,6 +379,7 @@ impl Manager {
             backups: self.backup_orders(s, node)?,
             ..Default::default()
         };
+        self.image_heartbeat(s, node, &hb.backing_images, &mut a)?;
         for r in &mine {
             if r.metadata.deletion_requested.is_some() {
                 let on_disk = reported.contains_key(r.metadata.name.as_str())
@@ -394,11 +397,21 @@ impl Manager {
                 }
                 continue;
             }
+            let backing_image = if r.spec.backing_image.is_empty() {
+                None
+            } else {
+                match self.replica_base(s, &r.spec.backing_image, &hb.backing_images)? {
+                    Some(c) => Some(c),
+                    // Sent once this node's copy is ready.
+                    None => continue,
+                }
+            };
             a.replicas.push(ReplicaAssignment {
                 name: r.metadata.name.clone(),
                 volume: r.spec.volume.clone(),
                 disk: r.spec.disk.clone(),
                 size: r.spec.size,
+                backing_image,
             });
         }
         let running = |e: &Engine| {

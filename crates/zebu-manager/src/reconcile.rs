@@ -136,6 +136,9 @@ impl Manager {
                 {
                     o.extend(m.volume_slice(&mut cur, None));
                 }
+                if let Err(e) = m.reconcile_images() {
+                    tracing::warn!(error = %e.message, "backing-image pass failed");
+                }
                 (m.reconcile_pass(only.as_ref(), backups), cur)
             })
             .await
@@ -506,6 +509,7 @@ impl Manager {
                 node: node.clone(),
                 disk: disk.clone(),
                 size: v.spec.size,
+                backing_image: v.spec.backing_image.clone(),
             },
             status: ReplicaStatus {
                 state: ReplicaState::Pending,

@@ -64,6 +64,7 @@ impl Manager {
                 backup_volume: b.spec.volume.clone(),
                 activate: false,
                 revert: None,
+                backing_image: String::new(),
             },
             status: VolumeStatus {
                 restore: Some(RestoreStatus {

@@ -15,16 +15,14 @@ impl Manager {
         self.create_volume_from(name, Some(size), replicas, None, false)
     }
 
-    /// Like [`Manager::create_volume_from`], with the backup target the volume uses.
-    pub fn create_volume_with(
-        &self,
-        name: &str,
-        size: Option<u64>,
-        replicas: u32,
-        from_backup: Option<&str>,
-        backup_target: Option<&str>,
-        standby: bool,
-    ) -> Result<Volume, ApiError> {
+    /// Creates a volume as the API asks: empty (optionally on a backing image) or restored from
+    /// a backup, with the backup target it uses.
+    pub fn create_volume_with(&self, req: &crate::api::CreateVolume) -> Result<Volume, ApiError> {
+        let (name, size, replicas, standby) =
+            (req.name.as_str(), req.size, req.replicas, req.standby);
+        let from_backup = req.from_backup.as_deref();
+        let backup_target = req.backup_target.as_deref();
+        let backing_image = req.backing_image.as_deref();
         if let Some(t) = backup_target {
             zebu_types::validate_name(t)
                 .map_err(|e| ApiError::bad("InvalidName", e.to_string()))?;
@@ -41,7 +39,8 @@ impl Manager {
                 ));
             }
         }
-        let mut v = self.create_volume_from(name, size, replicas, from_backup, standby)?;
+        let mut v =
+            self.create_volume_inner(name, size, replicas, from_backup, standby, backing_image)?;
         if let Some(t) = backup_target
             && v.spec.backup_target != t
         {
@@ -63,7 +62,25 @@ impl Manager {
         from_backup: Option<&str>,
         standby: bool,
     ) -> Result<Volume, ApiError> {
+        self.create_volume_inner(name, size, replicas, from_backup, standby, None)
+    }
+
+    fn create_volume_inner(
+        &self,
+        name: &str,
+        size: Option<u64>,
+        replicas: u32,
+        from_backup: Option<&str>,
+        standby: bool,
+        backing_image: Option<&str>,
+    ) -> Result<Volume, ApiError> {
         zebu_types::validate_name(name).map_err(|e| ApiError::bad("InvalidName", e.to_string()))?;
+        if backing_image.is_some() && from_backup.is_some() {
+            return Err(ApiError::bad(
+                "InvalidBackingImage",
+                "a volume restored from a backup takes the backup's backing image; --backing-image is for new volumes",
+            ));
+        }
         if standby && from_backup.is_none() {
             return Err(ApiError::bad(
                 "InvalidStandby",
@@ -104,6 +121,9 @@ impl Manager {
                 format!("size {size} exceeds the limit of {max} bytes"),
             ));
         }
+        if let Some(bi) = backing_image {
+            self.check_volume_image(bi, size)?;
+        }
         if replicas == 0 || replicas > 16 {
             return Err(ApiError::bad(
                 "InvalidReplicas",
@@ -134,6 +154,7 @@ impl Manager {
                 size,
                 replicas,
                 backup_target: DEFAULT_TARGET.to_string(),
+                backing_image: backing_image.unwrap_or_default().to_string(),
                 ..Default::default()
             },
             ..Default::default()

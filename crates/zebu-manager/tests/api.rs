@@ -167,6 +167,7 @@ fn transactions(s: &dyn Store) {
                 node: node.into(),
                 disk: "d".into(),
                 size: if name == "r1" { 1 << 20 } else { 2 << 20 },
+                backing_image: String::new(),
             },
             ..Default::default()
         })

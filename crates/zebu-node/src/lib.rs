@@ -3,6 +3,7 @@
 //! heartbeat, including the backups and restores of those engines. On restart it re-opens the
 //! replicas it finds on disk; intact data is never rebuilt from scratch.
 
+mod images;
 mod supervisor;
 pub mod transfer;
 
@@ -21,6 +22,7 @@ use zebu_nbd::Exports;
 use zebu_replica::DEFAULT_CLUSTER_SIZE;
 use zebu_types::Generation;
 
+pub use images::{Copies, Upload, sha512_file};
 pub use transfer::{BackupHandle, RestoreHandle, Transfers};
 
 #[derive(Debug, Clone)]
@@ -34,6 +36,8 @@ pub struct NodeConfig {
     /// when the manager has work for this node or something here finished.
     pub heartbeat: Duration,
     pub io_timeout: Duration,
+    /// Where this node serves backing-image copies to peers and the manager (`host:port`).
+    pub transfer_address: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +49,9 @@ pub enum NodeError {
     /// A replica's store cannot be opened (damaged or missing files): retrying will not help.
     #[error("{0}")]
     BrokenStore(String),
+    /// A replica's backing-image copy is not (or no longer) ready here: it opens once it is.
+    #[error("{0}")]
+    BaseMissing(String),
 }
 
 /// What the manager wants on this node for one volume; applied in order by its supervisor.
@@ -153,6 +160,8 @@ pub struct NodeAgent {
     broken: Mutex<HashMap<String, String>>,
     /// Engines that could not start on their last attempt: volume → (generation, reason).
     engine_errors: Mutex<HashMap<String, (u64, String)>>,
+    /// Backing-image copies under `DATA_DIR/backing-images`.
+    copies: Arc<Copies>,
 }
 
 /// Reports engine membership changes to the manager, which records them before answering.
@@ -279,6 +288,17 @@ impl NodeAgent {
     ) -> Result<Arc<NodeAgent>, NodeError> {
         zebu_types::validate_name(&cfg.name).map_err(|e| NodeError::Setup(e.to_string()))?;
         std::fs::create_dir_all(cfg.data_dir.join("replicas"))?;
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let copies = {
+            let (dir, token, wake) = (
+                cfg.data_dir.join("backing-images"),
+                api.token().to_string(),
+                wake.clone(),
+            );
+            tokio::task::spawn_blocking(move || Copies::open(dir, token, wake))
+                .await
+                .map_err(|e| NodeError::Setup(e.to_string()))??
+        };
         let nbd_addr = nbd.local_addr()?.to_string();
         let exports = Arc::new(Exports::new());
         tokio::spawn(zebu_nbd::serve(nbd, exports.clone()));
@@ -294,11 +314,20 @@ impl NodeAgent {
             supervisors: Default::default(),
             last_snapshots: Default::default(),
             waiting: Mutex::new(HashMap::new()),
-            wake: Arc::new(tokio::sync::Notify::new()),
+            wake,
+            copies,
             broken: Mutex::new(HashMap::new()),
             engine_errors: Mutex::new(HashMap::new()),
         });
         agent.open_existing().await;
+        let c = agent.copies.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(images::CHECK_INTERVAL).await;
+                let c = c.clone();
+                let _ = tokio::task::spawn_blocking(move || c.check_all()).await;
+            }
+        });
         let a = agent.clone();
         tokio::spawn(async move {
             loop {
@@ -328,6 +357,11 @@ impl NodeAgent {
 
     pub fn nbd_addr(&self) -> &str {
         &self.nbd_addr
+    }
+
+    /// The backing-image copies on this node (served to peers by the binary's HTTP server).
+    pub fn copies(&self) -> &Arc<Copies> {
+        &self.copies
     }
 
     /// Prometheus text: per-volume I/O of the engines on this node, replica modes and rebuild
@@ -391,8 +425,12 @@ impl NodeAgent {
                 continue;
             };
             let vol = std::fs::read_to_string(e.path().join("volume")).unwrap_or_default();
-            match self.start_replica(&name, vol.trim(), 0).await {
+            match self.start_replica(&name, vol.trim(), 0, None).await {
                 Ok(()) => {}
+                Err(NodeError::BaseMissing(why)) => {
+                    // Opened when assigned again, once the copy is back.
+                    tracing::warn!(replica = %name, %why, "replica waits for its backing image")
+                }
                 Err(NodeError::BrokenStore(why)) => self.mark_broken(&name, &why).await,
                 Err(e) => {
                     tracing::error!(replica = %name, error = %e, "cannot open replica found on disk")
@@ -415,10 +453,34 @@ impl NodeAgent {
         }
     }
 
-    async fn start_replica(&self, name: &str, volume: &str, size: u64) -> Result<(), NodeError> {
+    async fn start_replica(
+        &self,
+        name: &str,
+        volume: &str,
+        size: u64,
+        image: Option<&CopyRef>,
+    ) -> Result<(), NodeError> {
         if self.replicas.lock().await.contains_key(name) {
             return Ok(());
         }
+        let base = match image {
+            None => None,
+            Some(c) => {
+                let (path, size, checksum) =
+                    self.copies.ready_path(&c.name, &c.uid).ok_or_else(|| {
+                        NodeError::BaseMissing(format!(
+                            "backing image {:?} has no ready copy on this node yet",
+                            c.name
+                        ))
+                    })?;
+                Some(zebu_replica::BaseMeta {
+                    name: c.name.clone(),
+                    checksum,
+                    size,
+                    path,
+                })
+            }
+        };
         let dir = self.replica_dir(name);
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("volume"), volume)?;
@@ -429,11 +491,15 @@ impl NodeAgent {
                 &v,
                 size.max(4096),
                 DEFAULT_CLUSTER_SIZE,
+                base,
             )
         })
         .await
         .map_err(|e| NodeError::Setup(e.to_string()))?
-        .map_err(|e| NodeError::BrokenStore(e.to_string()))?;
+        .map_err(|e| match e {
+            zebu_replica::StoreError::BaseMissing { .. } => NodeError::BaseMissing(e.to_string()),
+            e => NodeError::BrokenStore(e.to_string()),
+        })?;
         let l = TcpListener::bind((self.cfg.listen_host.as_str(), 0)).await?;
         let addr = l.local_addr()?.to_string();
         tokio::spawn(svc.clone().serve(l));
@@ -572,6 +638,8 @@ impl NodeAgent {
             engine_errors,
             address: self.cfg.listen_host.clone(),
             nbd_address: self.nbd_addr.clone(),
+            transfer_address: self.cfg.transfer_address.clone(),
+            backing_images: self.copies.reports(),
             disks: vec![disk_status(&self.cfg.data_dir)],
             replicas,
             engines,
@@ -593,6 +661,18 @@ impl NodeAgent {
                 return;
             }
         };
+        if !a.delete_backing_images.is_empty() {
+            let in_use: Vec<String> = self
+                .replicas
+                .lock()
+                .await
+                .values()
+                .filter_map(|r| r.svc.read_store().base().map(|b| b.name.clone()))
+                .collect();
+            let (c, refs) = (self.copies.clone(), a.delete_backing_images);
+            let _ = tokio::task::spawn_blocking(move || c.delete(&refs, &in_use)).await;
+        }
+        self.copies.apply(&a.backing_images);
         let mut orders: HashMap<String, VolumeOrders> = HashMap::new();
         // Volumes with something running here get orders too (empty ones stop it).
         for v in self.engines.lock().await.keys() {

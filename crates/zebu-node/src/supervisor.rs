@@ -72,8 +72,15 @@ impl NodeAgent {
             if self.broken.lock().await.contains_key(&ra.name) {
                 continue;
             }
-            match self.start_replica(&ra.name, &ra.volume, ra.size).await {
+            match self
+                .start_replica(&ra.name, &ra.volume, ra.size, ra.backing_image.as_ref())
+                .await
+            {
                 Ok(()) => {}
+                Err(NodeError::BaseMissing(why)) => {
+                    tracing::info!(replica = %ra.name, %why, "replica waits for its backing image");
+                    continue;
+                }
                 Err(NodeError::BrokenStore(why)) => {
                     self.mark_broken(&ra.name, &why).await;
                     continue;

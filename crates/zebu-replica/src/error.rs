@@ -17,6 +17,9 @@ pub enum StoreError {
     },
     #[error("no replica at {0}")]
     NotFound(PathBuf),
+    /// The backing image's copy the chain names is not on this machine (it may come back).
+    #[error("backing image {name:?} is missing at {}", path.display())]
+    BaseMissing { name: String, path: PathBuf },
     #[error("a replica already exists at {0}")]
     Exists(PathBuf),
     #[error("range {offset}+{len} is outside the volume of {size} bytes")]

@@ -231,9 +231,18 @@ impl ReplicaStore {
         let base = match &meta.base {
             None => None,
             Some(b) => {
-                let data = vfs.open(&b.path, false).map_err(|e| StoreError::Corrupt {
-                    path: dir.join(CHAIN_FILE),
-                    why: format!("backing image {:?} at {}: {e}", b.name, b.path.display()),
+                let data = vfs.open(&b.path, false).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        StoreError::BaseMissing {
+                            name: b.name.clone(),
+                            path: b.path.clone(),
+                        }
+                    } else {
+                        StoreError::Corrupt {
+                            path: dir.join(CHAIN_FILE),
+                            why: format!("backing image {:?} at {}: {e}", b.name, b.path.display()),
+                        }
+                    }
                 })?;
                 let len = data.len().at(&b.path)?;
                 if len != b.size {

@@ -57,6 +57,9 @@ pub enum VolumeCmd {
         /// --from-backup. `volume activate` makes it a normal volume.
         #[arg(long, requires = "from_backup")]
         standby: bool,
+        /// A ready backing image under the volume (--size at least its size).
+        #[arg(long, conflicts_with = "from_backup")]
+        backing_image: Option<String>,
         #[arg(long, default_value_t = 3)]
         replicas: u32,
         /// Wait until every replica is running (and a restore is complete).
@@ -311,10 +314,14 @@ pub async fn volume(g: &Global, cmd: VolumeCmd) -> Result<()> {
             from_backup,
             backup_target,
             standby,
+            backing_image,
             replicas,
             wait,
         } => {
             let mut body = json!({"name": name, "replicas": replicas});
+            if let Some(b) = &backing_image {
+                body["backingImage"] = json!(b);
+            }
             if let Some(s) = size {
                 body["size"] = json!(s.0);
             }

@@ -4,6 +4,8 @@
 mod backup_cli;
 mod cli;
 mod filehook;
+mod image_cli;
+mod node_http;
 mod services;
 
 use std::sync::Arc;
@@ -53,6 +55,10 @@ enum Cmd {
     /// Backups: create, list, get, delete, verify.
     #[command(subcommand)]
     Backup(backup_cli::BackupCmd),
+    /// Backing images (read-only bases under volumes): create, list, get, update, delete,
+    /// download.
+    #[command(subcommand)]
+    BackingImage(image_cli::ImageCmd),
     /// Serve one replica of a volume over the replica protocol (bare data path, no manager).
     ReplicaServer {
         /// Directory holding the replica's files (created when missing).
@@ -125,8 +131,27 @@ fn init_tracing() {
         .init();
 }
 
+/// `backing-image download NAME --output FILE` names a file, while everywhere else `--output`
+/// (`-o`) is the output format: after `backing-image download` the long form is read as the file.
+fn args() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let at = args
+        .windows(2)
+        .position(|w| w[0] == "backing-image" && w[1] == "download");
+    if let Some(i) = at {
+        for a in args.iter_mut().skip(i + 2) {
+            if *a == "--output" {
+                *a = "--output-file".into();
+            } else if let Some(v) = a.to_str().and_then(|s| s.strip_prefix("--output=")) {
+                *a = format!("--output-file={v}").into();
+            }
+        }
+    }
+    args
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(args());
     init_tracing();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -155,6 +180,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Setting(c) => cli::setting(&cli.global, c).await,
         Cmd::BackupTarget(c) => backup_cli::target(&cli.global, c).await,
         Cmd::Backup(c) => backup_cli::backup(&cli.global, c).await,
+        Cmd::BackingImage(c) => image_cli::image(&cli.global, c).await,
         Cmd::ReplicaServer {
             dir,
             volume,
@@ -165,7 +191,7 @@ async fn run(cli: Cli) -> Result<()> {
             zebu_types::validate_name(&volume)?;
             let cs = u32::try_from(cluster_size.0).context("cluster size too large")?;
             let svc = tokio::task::spawn_blocking(move || {
-                ReplicaService::open_or_create(&dir, &volume, size.0, cs)
+                ReplicaService::open_or_create(&dir, &volume, size.0, cs, None)
             })
             .await??;
             let l = bind_listener("--listen", &listen).await?;

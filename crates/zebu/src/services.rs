@@ -13,6 +13,7 @@ use zebu_node::{NodeAgent, NodeConfig};
 
 use crate::bind_listener;
 use crate::cli;
+use crate::node_http;
 
 #[derive(Args)]
 pub struct ServerArgs {
@@ -53,7 +54,8 @@ pub struct NodeArgs {
     nbd_listen: String,
     #[arg(long)]
     name: Option<String>,
-    /// Where the node serves /metrics.
+    /// Where the node serves /metrics and its backing-image copies to peers (an unspecified
+    /// address is reported to peers with the --listen host).
     #[arg(long, default_value = "127.0.0.1:9501")]
     metrics_listen: String,
 }
@@ -91,6 +93,8 @@ pub async fn server(a: ServerArgs) -> Result<()> {
     let (m, addr, token) = start_manager(&a.data_dir, &a.api_listen, Some(a.name.clone())).await?;
     let api = ApiClient::new(&format!("http://{addr}"), &token)?;
     let nbd = bind_listener("--nbd-listen", &a.nbd_listen).await?;
+    // The built-in node's copies are served on a port of their own (uploads arrive there).
+    let http = bind_listener("the node's transfer server", "127.0.0.1:0").await?;
     let cfg = NodeConfig {
         name: a.name,
         data_dir: a.data_dir.join("node"),
@@ -98,61 +102,16 @@ pub async fn server(a: ServerArgs) -> Result<()> {
         nbd_listen: a.nbd_listen,
         heartbeat: zebu_node::HEARTBEAT,
         io_timeout: Duration::from_secs(10),
+        transfer_address: http.local_addr()?.to_string(),
     };
     let agent = NodeAgent::start(cfg, api, nbd, Arc::new(zebu_transfer::BackupTargets)).await?;
+    node_http::serve(agent.clone(), token, http).await?;
     let weak = Arc::downgrade(&agent);
     m.add_metrics(Box::new(move || {
         weak.upgrade().map(|a| a.metrics_text()).unwrap_or_default()
     }));
     println!("nbd listening on {}", agent.nbd_addr());
     until_signal().await
-}
-
-/// Serves a node's `/metrics` (bearer token required).
-async fn serve_node_metrics(
-    agent: Arc<NodeAgent>,
-    token: String,
-    l: tokio::net::TcpListener,
-) -> Result<String> {
-    use axum::http::{HeaderMap, StatusCode};
-    use axum::response::IntoResponse;
-    let addr = l.local_addr()?.to_string();
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move |h: HeaderMap| {
-            let (agent, token) = (agent.clone(), token.clone());
-            async move {
-                let ok = h
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .is_some_and(|t| {
-                        zebu_manager::controller::constant_time_eq(t.as_bytes(), token.as_bytes())
-                    });
-                if !ok {
-                    let body =
-                        r#"{"code":"Unauthorized","message":"missing or wrong bearer token"}"#;
-                    return (
-                        StatusCode::UNAUTHORIZED,
-                        [("content-type", "application/json")],
-                        body.to_string(),
-                    )
-                        .into_response();
-                }
-                (
-                    [("content-type", "text/plain; version=0.0.4")],
-                    agent.metrics_text(),
-                )
-                    .into_response()
-            }
-        }),
-    );
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(l, app).await {
-            tracing::error!(error = %e, "metrics server failed");
-        }
-    });
-    Ok(addr)
 }
 
 /// `--listen` is the host replica servers bind (each on a port of its own): a host name or an
@@ -203,6 +162,7 @@ pub async fn node(g: &cli::Global, a: NodeArgs) -> Result<()> {
     // Every listener is bound before the node registers, so a bad flag ends here.
     let nbd = bind_listener("--nbd-listen", &a.nbd_listen).await?;
     let metrics = bind_listener("--metrics-listen", &a.metrics_listen).await?;
+    let transfer_address = node_http::reachable(metrics.local_addr()?, &a.listen);
     let cfg = NodeConfig {
         name,
         data_dir,
@@ -210,10 +170,11 @@ pub async fn node(g: &cli::Global, a: NodeArgs) -> Result<()> {
         nbd_listen: a.nbd_listen,
         heartbeat: zebu_node::HEARTBEAT,
         io_timeout: Duration::from_secs(10),
+        transfer_address,
     };
     let agent = NodeAgent::start(cfg, api, nbd, Arc::new(zebu_transfer::BackupTargets)).await?;
     println!("nbd listening on {}", agent.nbd_addr());
-    let maddr = serve_node_metrics(agent, token, metrics).await?;
+    let maddr = node_http::serve(agent, token, metrics).await?;
     println!("metrics listening on {maddr}");
     until_signal().await
 }

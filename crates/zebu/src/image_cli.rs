@@ -1,0 +1,321 @@
+//! The `zebu backing-image` commands: create from a URL, an upload (streamed, with progress) or
+//! another image; list, get, update, delete; download the raw bytes (checked against the
+//! image's SHA-512 on the way).
+
+use std::io::{IsTerminal, Read, Write};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use serde_json::json;
+use sha2::{Digest, Sha512};
+use zebu_manager::client::ApiClient;
+use zebu_manager::model::{BackingImage, BackingImageState};
+
+use crate::cli::{Global, Output, bar, client, mib, print_json, table};
+
+#[derive(Subcommand)]
+pub enum ImageCmd {
+    /// Create a backing image from exactly one source.
+    Create {
+        name: String,
+        /// Download from this http(s) URL (raw or qcow2).
+        #[arg(long, group = "source")]
+        url: Option<String>,
+        /// Upload this file (raw or qcow2).
+        #[arg(long, group = "source")]
+        upload: Option<std::path::PathBuf>,
+        /// Copy another backing image.
+        #[arg(long, group = "source")]
+        clone: Option<String>,
+        /// Expected SHA-512 of the raw bytes (hex); a mismatch fails the image.
+        #[arg(long)]
+        checksum: Option<String>,
+        /// Nodes that keep a copy even when no replica there uses it (default 1).
+        #[arg(long)]
+        min_copies: Option<u32>,
+        /// Wait until the first copy is ready, showing progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    List,
+    Get {
+        name: String,
+    },
+    /// Change how many nodes keep a copy.
+    Update {
+        name: String,
+        #[arg(long)]
+        min_copies: u32,
+    },
+    /// Delete an image no volume uses (its copies go from every node).
+    Delete {
+        name: String,
+    },
+    /// Write the image's raw bytes to a file (or stdout), checked against its SHA-512.
+    Download {
+        name: String,
+        /// The file to write (`--output FILE` works too).
+        #[arg(long = "output-file", value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
+    },
+}
+
+fn show(g: &Global, imgs: &[BackingImage]) -> Result<()> {
+    if g.output == Output::Json {
+        return print_json(&imgs);
+    }
+    table(
+        &[
+            "NAME", "STATE", "PROGRESS", "SIZE", "SOURCE", "COPIES", "MESSAGE",
+        ],
+        imgs.iter()
+            .map(|b| {
+                let ready = b
+                    .status
+                    .copies
+                    .iter()
+                    .filter(|c| c.state == BackingImageState::Ready)
+                    .count();
+                vec![
+                    b.metadata.name.clone(),
+                    b.status.state.as_str().to_string(),
+                    format!("{}%", b.status.progress),
+                    mib(b.status.virtual_size),
+                    b.spec.source.kind.as_str().to_string(),
+                    format!("{ready}/{}", b.status.copies.len()),
+                    b.status.message.clone(),
+                ]
+            })
+            .collect(),
+    );
+    Ok(())
+}
+
+/// Waits until the image is ready (or failed: an error), with a progress bar on stderr.
+async fn wait_ready(api: &ApiClient, name: &str) -> Result<BackingImage> {
+    let tty = std::io::stderr().is_terminal();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
+    let mut last = String::new();
+    loop {
+        let b: BackingImage = api.get(&format!("/v1/backing-images/{name}")).await?;
+        match b.status.state {
+            BackingImageState::Ready => {
+                if tty {
+                    eprintln!();
+                }
+                return Ok(b);
+            }
+            BackingImageState::Failed => {
+                if tty {
+                    eprintln!();
+                }
+                bail!("backing image {name} failed: {}", b.status.message);
+            }
+            _ => {}
+        }
+        let line = format!(
+            "{name}: {} {} {}",
+            b.status.state.as_str(),
+            bar(u64::from(b.status.progress), 100),
+            b.status.message
+        );
+        if line != last {
+            if tty {
+                eprint!("\r{line}\x1b[K");
+            } else {
+                eprintln!("{line}");
+            }
+            let _ = std::io::stderr().flush();
+            last = line;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "gave up waiting for backing image {name} after an hour: {}",
+                b.status.state.as_str()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn http() -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .context("HTTP client")
+}
+
+/// Streams `path` to the image's upload route, with a progress bar on stderr.
+async fn upload(api: &ApiClient, name: &str, path: &std::path::Path) -> Result<BackingImage> {
+    let file = std::fs::File::open(path).with_context(|| format!("--upload {}", path.display()))?;
+    let size = file.metadata()?.len();
+    let tty = std::io::stderr().is_terminal();
+    let label = name.to_string();
+    let stream = futures_util::stream::unfold(Some((file, 0u64, 0u32)), move |state| {
+        let label = label.clone();
+        async move {
+            let (mut f, sent, shown) = state?;
+            let mut buf = vec![0u8; 1 << 20];
+            let read = tokio::task::spawn_blocking(move || f.read(&mut buf).map(|n| (f, buf, n)))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+            match read {
+                Ok((_, _, 0)) => None,
+                Ok((f, mut buf, n)) => {
+                    buf.truncate(n);
+                    let sent = sent + n as u64;
+                    let pct = (sent * 100).checked_div(size).unwrap_or(100) as u32;
+                    if pct != shown {
+                        let line = format!("{label}: uploading {}", bar(sent, size));
+                        if tty {
+                            eprint!("\r{line}\x1b[K");
+                        } else if pct.is_multiple_of(10) {
+                            eprintln!("{line}");
+                        }
+                    }
+                    Some((Ok::<_, std::io::Error>(buf), Some((f, sent, pct))))
+                }
+                // The stream ends after the error.
+                Err(e) => Some((Err(e), None)),
+            }
+        }
+    });
+    let resp = http()?
+        .put(format!("{}/v1/backing-images/{name}/upload", api.base()))
+        .bearer_auth(api.token())
+        .header("content-length", size)
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .with_context(|| format!("uploading to {}", api.base()))?;
+    if tty {
+        eprintln!();
+    }
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        let msg = zebu_manager::body_message(&text);
+        bail!("{msg}");
+    }
+    serde_json::from_str(&text).context("the API's answer")
+}
+
+async fn download(api: &ApiClient, name: &str, out: Option<&std::path::Path>) -> Result<()> {
+    let mut resp = http()?
+        .get(format!("{}/v1/backing-images/{name}/download", api.base()))
+        .bearer_auth(api.token())
+        .send()
+        .await
+        .with_context(|| format!("reading from {}", api.base()))?;
+    if !resp.status().is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        let msg = zebu_manager::body_message(&text);
+        bail!("{msg}");
+    }
+    let want = resp
+        .headers()
+        .get("x-zebu-checksum")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut sink: Box<dyn Write> = match out {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("--output {}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let mut h = Sha512::new();
+    while let Some(chunk) = resp.chunk().await.context("reading the image")? {
+        h.update(&chunk);
+        sink.write_all(&chunk).context("writing the image")?;
+    }
+    sink.flush().context("writing the image")?;
+    let got: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(w) = want
+        && w != got
+    {
+        bail!("downloaded bytes have SHA-512 {got}, not the image's {w}");
+    }
+    Ok(())
+}
+
+pub async fn image(g: &Global, cmd: ImageCmd) -> Result<()> {
+    let api = client(g)?;
+    match cmd {
+        ImageCmd::Create {
+            name,
+            url,
+            upload: file,
+            clone,
+            checksum,
+            min_copies,
+            wait,
+        } => {
+            let source = match (&url, &file, &clone) {
+                (Some(u), None, None) => json!({"kind": "download", "url": u}),
+                (None, Some(_), None) => json!({"kind": "upload"}),
+                (None, None, Some(c)) => json!({"kind": "clone", "image": c}),
+                _ => bail!("backing-image create needs one source: --url, --upload or --clone"),
+            };
+            let mut body = json!({"name": name, "source": source});
+            if let Some(c) = checksum {
+                body["checksum"] = json!(c);
+            }
+            if let Some(n) = min_copies {
+                body["minCopies"] = json!(n);
+            }
+            let mut b: BackingImage = api.post("/v1/backing-images", &body).await?;
+            if let Some(p) = &file {
+                b = upload(&api, &name, p).await?;
+                if b.status.state != BackingImageState::Ready && !wait {
+                    // The copy is verified; its state lands with the node's next report.
+                    b = wait_ready(&api, &name).await?;
+                }
+            }
+            if wait {
+                b = wait_ready(&api, &name).await?;
+            }
+            if g.output == Output::Json {
+                print_json(&b)
+            } else {
+                show(g, &[b])
+            }
+        }
+        ImageCmd::List => {
+            let bs: Vec<BackingImage> = api.get("/v1/backing-images").await?;
+            show(g, &bs)
+        }
+        ImageCmd::Get { name } => {
+            let b: BackingImage = api.get(&format!("/v1/backing-images/{name}")).await?;
+            if g.output == Output::Json {
+                print_json(&b)
+            } else {
+                show(g, &[b])
+            }
+        }
+        ImageCmd::Update { name, min_copies } => {
+            let b: BackingImage = api
+                .put(
+                    &format!("/v1/backing-images/{name}"),
+                    &json!({"minCopies": min_copies}),
+                )
+                .await?;
+            if g.output == Output::Json {
+                print_json(&b)
+            } else {
+                show(g, &[b])
+            }
+        }
+        ImageCmd::Delete { name } => {
+            let b: BackingImage = api.delete(&format!("/v1/backing-images/{name}")).await?;
+            if g.output == Output::Json {
+                print_json(&b)
+            } else {
+                println!("backing image {name} deleted");
+                Ok(())
+            }
+        }
+        ImageCmd::Download { name, output } => download(&api, &name, output.as_deref()).await,
+    }
+}
