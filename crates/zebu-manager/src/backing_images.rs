@@ -140,7 +140,7 @@ pub fn roll_up(img: &mut BackingImage) {
         None => {
             st.state = BackingImageState::Pending;
             st.progress = 0;
-            if img.spec.source.kind == BackingImageSourceKind::Upload {
+            if img.spec.source.kind == BackingImageSourceKind::Upload && st.message.is_empty() {
                 st.message = "waiting for an upload".into();
             }
         }

@@ -24,10 +24,11 @@ const COPY_META_VERSION: u32 = 1;
 const META: &str = "copy.json";
 const RAW: &str = "image.raw";
 const PART: &str = "image.part";
-/// Attempts at a URL before the copy fails for good (peers are retried without end).
-const URL_ATTEMPTS: u32 = 6;
-/// How often ready copies are checked on disk.
-pub const CHECK_INTERVAL: Duration = Duration::from_secs(20);
+/// Attempts at a URL before the copy fails for good, 1, 2, 4 and 8 s apart (peers are retried
+/// without end, at most 30 s apart).
+const URL_ATTEMPTS: u32 = 5;
+/// How often ready copies are checked on disk (a stat each; a re-hash only for a changed file).
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What makes a copy ready, written once it is verified.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -638,9 +639,11 @@ impl Copies {
             return;
         };
         e.task = None;
+        let again = peer || (matches!(f, Failure::Retry(_)) && e.attempts < URL_ATTEMPTS);
         match f {
-            Failure::Retry(m) if peer || e.attempts < URL_ATTEMPTS => {
-                let wait = Duration::from_secs(1 << e.attempts.min(5));
+            Failure::Retry(m) | Failure::Fatal(m) if again => {
+                let wait = Duration::from_secs(1 << (e.attempts.saturating_sub(1)).min(5))
+                    .min(Duration::from_secs(30));
                 tracing::warn!(image = %copy.name, attempt = e.attempts, error = %m, ?wait, "backing-image transfer failed; retrying");
                 e.state = BackingImageState::Pending;
                 e.message = format!("attempt {} failed: {m}; retrying", e.attempts);

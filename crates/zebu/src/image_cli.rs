@@ -42,6 +42,11 @@ pub enum ImageCmd {
     Get {
         name: String,
     },
+    /// Upload the bytes of an image created with --upload whose upload failed or never came.
+    Upload {
+        name: String,
+        file: std::path::PathBuf,
+    },
     /// Change how many nodes keep a copy.
     Update {
         name: String,
@@ -57,7 +62,7 @@ pub enum ImageCmd {
         name: String,
         /// The file to write (`--output FILE` works too).
         #[arg(long = "output-file", value_name = "FILE")]
-        output: Option<std::path::PathBuf>,
+        file: Option<std::path::PathBuf>,
     },
 }
 
@@ -252,6 +257,9 @@ pub async fn image(g: &Global, cmd: ImageCmd) -> Result<()> {
             min_copies,
             wait,
         } => {
+            if let Some(p) = &file {
+                std::fs::File::open(p).with_context(|| format!("--upload {}", p.display()))?;
+            }
             let source = match (&url, &file, &clone) {
                 (Some(u), None, None) => json!({"kind": "download", "url": u}),
                 (None, Some(_), None) => json!({"kind": "upload"}),
@@ -276,6 +284,19 @@ pub async fn image(g: &Global, cmd: ImageCmd) -> Result<()> {
             if wait {
                 b = wait_ready(&api, &name).await?;
             }
+            if g.output == Output::Json {
+                print_json(&b)
+            } else {
+                show(g, &[b])
+            }
+        }
+        ImageCmd::Upload { name, file } => {
+            let b = upload(&api, &name, &file).await?;
+            let b = if b.status.state == BackingImageState::Ready {
+                b
+            } else {
+                wait_ready(&api, &name).await?
+            };
             if g.output == Output::Json {
                 print_json(&b)
             } else {
@@ -316,6 +337,6 @@ pub async fn image(g: &Global, cmd: ImageCmd) -> Result<()> {
                 Ok(())
             }
         }
-        ImageCmd::Download { name, output } => download(&api, &name, output.as_deref()).await,
+        ImageCmd::Download { name, file } => download(&api, &name, file.as_deref()).await,
     }
 }

@@ -4,8 +4,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -97,65 +95,14 @@ fn server_three_replicas_with_real_clients() {
     assert!(map.contains("hole"), "{map}");
 }
 
-/// Unmounts, detaches and stops what the ext4 test set up, also when it fails.
-struct FsGuard {
-    mnt: PathBuf,
-    fuse: PathBuf,
-    loopdev: Option<String>,
-    nbdfuse: Option<std::process::Child>,
-}
-
-impl Drop for FsGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mnt).output();
-        if let Some(l) = &self.loopdev {
-            let _ = Command::new("losetup").args(["-d", l]).output();
-        }
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.fuse)
-            .output();
-        if let Some(mut c) = self.nbdfuse.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 #[test]
 fn ext4_through_nbdfuse_and_a_loop_device() {
     let tmp = TempDir::new("ext4");
     let data = tmp.path().join("data");
     let srv = Server::start(&data);
     let uri = srv.volume("fs1", "256MiB", 3);
-    let fuse = tmp.path().join("fuse");
-    let mnt = tmp.path().join("mnt");
-    std::fs::create_dir_all(&fuse).expect("mkdir");
-    std::fs::create_dir_all(&mnt).expect("mkdir");
-    let mut g = FsGuard {
-        mnt: mnt.clone(),
-        fuse: fuse.clone(),
-        loopdev: None,
-        nbdfuse: None,
-    };
-    g.nbdfuse = Some(
-        Command::new("nbdfuse")
-            .arg(&fuse)
-            .arg(&uri)
-            .spawn()
-            .expect("nbdfuse (the test command installs libnbd-bin)"),
-    );
-    let dev = fuse.join("nbd");
-    wait_for("nbdfuse to expose the volume", 30, || {
-        std::fs::metadata(&dev)
-            .ok()
-            .filter(|m| m.len() == 256 << 20)
-            .map(|_| ())
-    });
-    let loopdev = must("losetup", &["-f", "--show", dev.to_str().expect("utf8")])
-        .trim()
-        .to_string();
-    g.loopdev = Some(loopdev.clone());
+    let g = FsGuard::attach(tmp.path(), &uri, 256 << 20);
+    let (mnt, loopdev) = (g.mnt.clone(), g.loop_dev().to_string());
     must("mkfs.ext4", &["-q", &loopdev]);
     must("mount", &[&loopdev, mnt.to_str().expect("utf8")]);
     let mut want = HashMap::new();

@@ -535,3 +535,82 @@ pub fn write_at(uri: &str, file: &Path, offset: &str, len: &str) {
     );
     assert!(!out.contains("failed"), "{out}");
 }
+
+/// Unmounts, detaches and stops what the ext4 test set up, also when it fails.
+pub struct FsGuard {
+    pub mnt: PathBuf,
+    pub fuse: PathBuf,
+    pub loopdev: Option<String>,
+    pub nbdfuse: Option<std::process::Child>,
+}
+
+impl Drop for FsGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.mnt).output();
+        if let Some(l) = &self.loopdev {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", l])
+                .output();
+        }
+        let _ = std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.fuse)
+            .output();
+        if let Some(mut c) = self.nbdfuse.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl FsGuard {
+    /// Exposes the NBD export `uri` (of `size` bytes) as a file through nbdfuse and as a loop
+    /// device over it, under `dir`; `mnt` is ready for `mount`.
+    pub fn attach(dir: &Path, uri: &str, size: u64) -> FsGuard {
+        let tag = rand::random::<u32>();
+        let fuse = dir.join(format!("fuse-{tag}"));
+        let mnt = dir.join(format!("mnt-{tag}"));
+        std::fs::create_dir_all(&fuse).expect("mkdir");
+        std::fs::create_dir_all(&mnt).expect("mkdir");
+        let mut g = FsGuard {
+            mnt,
+            fuse: fuse.clone(),
+            loopdev: None,
+            nbdfuse: None,
+        };
+        g.nbdfuse = Some(
+            std::process::Command::new("nbdfuse")
+                .arg(&fuse)
+                .arg(uri)
+                .spawn()
+                .expect("nbdfuse (the test command installs libnbd-bin)"),
+        );
+        let dev = fuse.join("nbd");
+        wait_for("nbdfuse to expose the volume", 30, || {
+            std::fs::metadata(&dev)
+                .ok()
+                .filter(|m| m.len() == size)
+                .map(|_| ())
+        });
+        let loopdev = must("losetup", &["-f", "--show", dev.to_str().expect("utf8")])
+            .trim()
+            .to_string();
+        g.loopdev = Some(loopdev);
+        g
+    }
+
+    pub fn loop_dev(&self) -> &str {
+        self.loopdev.as_deref().unwrap_or_default()
+    }
+
+    pub fn mount(&self) {
+        must(
+            "mount",
+            &[self.loop_dev(), self.mnt.to_str().expect("utf8")],
+        );
+    }
+
+    pub fn umount(&self) {
+        must("umount", &[self.mnt.to_str().expect("utf8")]);
+    }
+}

@@ -1,0 +1,542 @@
+//! Backing images with real processes: a local HTTP server serving a raw ext4 image and the
+//! same as qcow2; create from a URL (with and without a checksum, wrong checksum, bad URLs),
+//! upload (also interrupted), clone, download; volumes on an image read its bytes through NBD
+//! and keep their writes private; a manager with three nodes holds a copy per replica node,
+//! follows minCopies, fetches a deleted copy again and keeps copies ready across restarts; node
+//! agents SIGKILLed during downloads and node-to-node fetches end with every copy ready.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use sha2::{Digest, Sha512};
+
+const SERVER_PY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/image_server.py"
+);
+
+fn sha512(p: &Path) -> String {
+    let mut f = std::fs::File::open(p).expect("open");
+    let mut h = Sha512::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A directory of files for an ext4 image, and the image (`mkfs.ext4 -d`), `mib` MiB.
+fn ext4_image(dir: &Path, mib: u64) -> (PathBuf, Vec<(String, Vec<u8>)>) {
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    let mut files = Vec::new();
+    for i in 0..6u64 {
+        let content = block_data(i, 9, 100_000 + i as usize * 300_001);
+        let name = format!("base-{i}.bin");
+        std::fs::write(src.join(&name), &content).expect("write");
+        files.push((name, content));
+    }
+    let img = dir.join("base.raw");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(mib << 20))
+        .expect("image file");
+    must(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-d",
+            src.to_str().expect("utf8"),
+            img.to_str().expect("utf8"),
+        ],
+    );
+    (img, files)
+}
+
+/// The image server on `dir` (`rate` bytes per second, 0: unlimited).
+fn image_server(dir: &Path, rate: u64) -> Proc {
+    let mut cmd = Command::new("python3");
+    cmd.arg(SERVER_PY).arg(dir).arg(rate.to_string());
+    Proc::start_cmd("image-server", cmd)
+}
+
+fn image(api: &str, token: &str, name: &str) -> Value {
+    let (ok, out, err) = zebu_cli(api, token, &["backing-image", "get", name, "-o", "json"]);
+    assert!(ok, "backing-image get {name}: {err}");
+    json_of(&out)
+}
+
+fn wait_state(api: &str, token: &str, name: &str, state: &str, secs: u64) -> Value {
+    wait_for(&format!("backing image {name} {state}"), secs, || {
+        let b = image(api, token, name);
+        (b["status"]["state"] == state).then_some(b)
+    })
+}
+
+fn ready_copies(b: &Value) -> Vec<String> {
+    let mut v: Vec<String> = b["status"]["copies"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|c| c["state"] == "ready")
+                .map(|c| c["node"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The copy directories under a node's data dir (`<name>-<uid>`).
+fn copy_dirs(node_dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(node_dir.join("backing-images"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn copy_of(node_dir: &Path, name: &str) -> Option<PathBuf> {
+    copy_dirs(node_dir).into_iter().find(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.rsplit_once('-'))
+            .is_some_and(|(n, _)| n == name)
+    })
+}
+
+/// An upload cut off half-way: a PUT announcing `len` bytes that sends half and closes.
+fn interrupted_upload(api: &str, token: &str, name: &str, data: &[u8]) {
+    let mut s = std::net::TcpStream::connect(api).expect("connect");
+    write!(
+        s,
+        "PUT /v1/backing-images/{name}/upload HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
+        data.len()
+    )
+    .expect("header");
+    s.write_all(&data[..data.len() / 2]).expect("half");
+    s.flush().expect("flush");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(s);
+}
+
+#[test]
+fn sources_checksums_uploads_clones_and_volumes_on_one_server() {
+    let tmp = TempDir::new("bi-server");
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let (raw, files) = ext4_image(&www, 48);
+    let sum = sha512(&raw);
+    must(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            raw.to_str().expect("utf8"),
+            www.join("base.qcow2").to_str().expect("utf8"),
+        ],
+    );
+    let http = image_server(&www, 0);
+    let srv = Server::start(&tmp.path().join("data"));
+    let (api, token) = (srv.api().to_string(), srv.token.clone());
+    let url = |p: &str| format!("http://{}/{p}", http.addr);
+
+    // From a URL without a checksum: the computed one is recorded.
+    srv.cli(&[
+        "backing-image",
+        "create",
+        "plain",
+        "--url",
+        &url("base.raw"),
+        "--wait",
+    ]);
+    let b = image(&api, &token, "plain");
+    assert_eq!(b["status"]["checksum"], sum.as_str());
+    assert_eq!(u(&b["status"]["virtualSize"]), 48 << 20);
+    assert_eq!(ready_copies(&b), vec!["local"]);
+    // With the right checksum (upper case accepted), and from qcow2: the raw bytes' SHA-512.
+    srv.cli(&[
+        "backing-image",
+        "create",
+        "summed",
+        "--url",
+        &url("base.raw"),
+        "--checksum",
+        &sum.to_uppercase(),
+        "--wait",
+    ]);
+    srv.cli(&[
+        "backing-image",
+        "create",
+        "q",
+        "--url",
+        &url("base.qcow2"),
+        "--wait",
+    ]);
+    assert_eq!(image(&api, &token, "q")["status"]["checksum"], sum.as_str());
+    assert_eq!(
+        u(&image(&api, &token, "q")["status"]["virtualSize"]),
+        48 << 20
+    );
+
+    // A wrong checksum fails the image and leaves no data behind.
+    let wrong = "0".repeat(128);
+    let (ok, _, err) = zebu_cli(
+        &api,
+        &token,
+        &[
+            "backing-image",
+            "create",
+            "wrong",
+            "--url",
+            &url("base.raw"),
+            "--checksum",
+            &wrong,
+            "--wait",
+        ],
+    );
+    assert!(!ok && err.contains("checksum mismatch"), "{err}");
+    let node_dir = tmp.path().join("data").join("node");
+    wait_for("the wrong image's data removed", 20, || {
+        copy_of(&node_dir, "wrong").is_none().then_some(())
+    });
+    // Bad URLs: 404 fails at once; an unreachable server after its retries; not http at all
+    // is refused before anything is stored.
+    let (ok, _, err) = zebu_cli(
+        &api,
+        &token,
+        &[
+            "backing-image",
+            "create",
+            "nf",
+            "--url",
+            &url("missing.raw"),
+            "--wait",
+        ],
+    );
+    assert!(!ok && err.contains("404"), "{err}");
+    let closed = format!("http://127.0.0.1:{}/x.raw", free_port());
+    let (ok, _, err) = zebu_cli(
+        &api,
+        &token,
+        &[
+            "backing-image",
+            "create",
+            "unreach",
+            "--url",
+            &closed,
+            "--wait",
+        ],
+    );
+    assert!(!ok && err.contains("after 5 attempts"), "{err}");
+    for bad in ["ftp://example.com/x.raw", "file:///etc/passwd", "not a url"] {
+        let (ok, out, err) = zebu_cli(
+            &api,
+            &token,
+            &["backing-image", "create", "bad", "--url", bad],
+        );
+        assert!(!ok && out.is_empty(), "{bad}: {out}");
+        assert!(
+            err.contains("not an http:// or https:// URL"),
+            "{bad}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    let (ok, _, _) = zebu_cli(&api, &token, &["backing-image", "get", "bad"]);
+    assert!(!ok);
+
+    // Upload: the whole file, then with a wrong checksum (nothing kept), then cut off
+    // half-way (the image waits for another upload) and uploaded again.
+    srv.cli(&[
+        "backing-image",
+        "create",
+        "up",
+        "--upload",
+        raw.to_str().expect("utf8"),
+    ]);
+    let up = image(&api, &token, "up");
+    assert_eq!(up["status"]["checksum"], sum.as_str());
+    assert_eq!(up["status"]["state"], "ready");
+    let small = tmp.path().join("small.raw");
+    write_file(&small, &[(3, None), (1, Some(0)), (1, None)]);
+    let small_sum = sha512(&small);
+    let small_s = small.to_str().expect("utf8");
+    let (ok, _, err) = zebu_cli(
+        &api,
+        &token,
+        &[
+            "backing-image",
+            "create",
+            "upx",
+            "--upload",
+            "/nonexistent/file",
+        ],
+    );
+    assert!(!ok && err.contains("/nonexistent/file"), "{err}");
+    let (ok, _, _) = zebu_cli(&api, &token, &["backing-image", "get", "upx"]);
+    assert!(!ok, "a missing file creates nothing");
+    let (ok, _, err) = zebu_cli(
+        &api,
+        &token,
+        &[
+            "backing-image",
+            "create",
+            "up3",
+            "--upload",
+            small_s,
+            "--checksum",
+            &"1".repeat(128),
+        ],
+    );
+    assert!(!ok && err.contains("checksum mismatch"), "{err}");
+    assert!(
+        copy_of(&node_dir, "up3").is_none(),
+        "a bad upload leaves nothing"
+    );
+    let (ok, _, err) = zebu_cli(
+        &api,
+        &token,
+        &[
+            "backing-image",
+            "create",
+            "up6",
+            "--upload",
+            small_s,
+            "--min-copies",
+            "0",
+        ],
+    );
+    assert!(!ok && err.contains("minCopies 0"), "{err}");
+    let (ok, _, err) = zebu_cli(
+        &api,
+        &token,
+        &[
+            "backing-image",
+            "create",
+            "x",
+            "--upload",
+            small_s,
+            "--clone",
+            "up",
+        ],
+    );
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
+    let data = std::fs::read(&small).expect("read");
+    ApiCall::new(&api, &token).post(
+        "/v1/backing-images",
+        &serde_json::json!({"name": "up6", "source": {"kind": "upload"}}),
+    );
+    interrupted_upload(&api, &token, "up6", &data);
+    let b = wait_for("the cut upload recorded", 20, || {
+        let b = image(&api, &token, "up6");
+        (b["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("upload failed")))
+        .then_some(b)
+    });
+    assert_eq!(b["status"]["state"], "pending", "{b}");
+    wait_for("a cut upload leaves nothing", 20, || {
+        copy_of(&node_dir, "up6").is_none().then_some(())
+    });
+    srv.cli(&["backing-image", "upload", "up6", small_s]);
+    let b = wait_state(&api, &token, "up6", "ready", 30);
+    assert_eq!(b["status"]["checksum"], small_sum.as_str());
+    let (ok, _, err) = zebu_cli(&api, &token, &["backing-image", "upload", "up6", small_s]);
+    assert!(!ok && err.contains("already uploaded"), "{err}");
+
+    // Clone and download: the same bytes.
+    srv.cli(&[
+        "backing-image",
+        "create",
+        "cl",
+        "--clone",
+        "plain",
+        "--wait",
+    ]);
+    assert_eq!(
+        image(&api, &token, "cl")["status"]["checksum"],
+        sum.as_str()
+    );
+    srv.cli(&["backing-image", "create", "cl6", "--clone", "up6", "--wait"]);
+    for name in ["plain", "q", "up", "cl", "up6", "cl6"] {
+        let out = tmp.path().join(format!("{name}.dl"));
+        srv.cli(&[
+            "backing-image",
+            "download",
+            name,
+            "--output",
+            out.to_str().expect("utf8"),
+        ]);
+        let want = if name.ends_with('6') {
+            &small_sum
+        } else {
+            &sum
+        };
+        assert_eq!(&sha512(&out), want, "{name}");
+    }
+
+    // Volumes on the image: too small refused; two volumes read the image and only their own
+    // writes.
+    let (ok, _, err) = zebu_cli(
+        &api,
+        &token,
+        &[
+            "volume",
+            "create",
+            "small",
+            "--size",
+            "32MiB",
+            "--backing-image",
+            "plain",
+            "--replicas",
+            "1",
+        ],
+    );
+    assert!(!ok && err.contains("smaller than backing image"), "{err}");
+    let (ok, _, err) = zebu_cli(
+        &api,
+        &token,
+        &[
+            "volume",
+            "create",
+            "nf",
+            "--size",
+            "64MiB",
+            "--backing-image",
+            "nf",
+            "--replicas",
+            "1",
+        ],
+    );
+    assert!(!ok && err.contains("not ready"), "{err}");
+    for v in ["v1", "v2"] {
+        srv.cli(&[
+            "volume",
+            "create",
+            v,
+            "--size",
+            "64MiB",
+            "--backing-image",
+            "plain",
+            "--replicas",
+            "2",
+            "--wait",
+        ]);
+    }
+    let u1 = srv.cli(&["volume", "attach", "v1"]).trim().to_string();
+    let read = tmp.path().join("v1.img");
+    must("nbdcopy", &[&u1, read.to_str().expect("utf8")]);
+    let mut head = std::fs::read(&read).expect("read");
+    let tail = head.split_off(48 << 20);
+    assert_eq!(
+        head,
+        std::fs::read(&raw).expect("raw"),
+        "v1 reads the image"
+    );
+    assert!(tail.iter().all(|&b| b == 0), "past the image: zeros");
+    // Write into v1 over the image's first MiB and past its end.
+    let patch = tmp.path().join("patch");
+    std::fs::write(&patch, block_data(1, 5, 1 << 20)).expect("patch");
+    write_at(&u1, &patch, "0", "1048576");
+    write_at(&u1, &patch, "52428800", "1048576");
+    srv.cli(&["volume", "detach", "v1"]);
+    let u2 = srv.cli(&["volume", "attach", "v2"]).trim().to_string();
+    let read2 = tmp.path().join("v2.img");
+    must("nbdcopy", &[&u2, read2.to_str().expect("utf8")]);
+    let mut head2 = std::fs::read(&read2).expect("read");
+    head2.truncate(48 << 20);
+    assert_eq!(
+        head2,
+        std::fs::read(&raw).expect("raw"),
+        "v2 does not see v1's writes"
+    );
+    // ext4 on v2 shows the image's files.
+    let g = FsGuard::attach(tmp.path(), &u2, 64 << 20);
+    g.mount();
+    for (name, content) in &files {
+        assert_eq!(
+            &std::fs::read(g.mnt.join(name)).expect("file"),
+            content,
+            "{name}"
+        );
+    }
+    g.umount();
+    drop(g);
+    srv.cli(&["volume", "detach", "v2"]);
+    // In use: refused with the volumes named.
+    let (ok, _, err) = zebu_cli(&api, &token, &["backing-image", "delete", "plain"]);
+    assert!(!ok && err.contains("v1") && err.contains("v2"), "{err}");
+    // v1 kept its writes.
+    let u1 = srv.cli(&["volume", "attach", "v1"]).trim().to_string();
+    let again = tmp.path().join("v1b.img");
+    must("nbdcopy", &[&u1, again.to_str().expect("utf8")]);
+    let got = std::fs::read(&again).expect("read");
+    assert_eq!(&got[..1 << 20], &block_data(1, 5, 1 << 20)[..]);
+    assert_eq!(
+        &got[1 << 20..48 << 20],
+        &std::fs::read(&raw).expect("raw")[1 << 20..]
+    );
+    assert_eq!(&got[50 << 20..51 << 20], &block_data(1, 5, 1 << 20)[..]);
+    srv.cli(&["volume", "detach", "v1"]);
+    for v in ["v1", "v2"] {
+        srv.cli(&["volume", "delete", v]);
+    }
+    srv.cli(&["backing-image", "delete", "plain"]);
+    wait_for("the deleted image's copy gone", 20, || {
+        copy_of(&node_dir, "plain").is_none().then_some(())
+    });
+}
+
+/// Raw API calls the CLI does not make (a bare upload).
+struct ApiCall {
+    base: String,
+    token: String,
+}
+
+impl ApiCall {
+    fn new(api: &str, token: &str) -> ApiCall {
+        ApiCall {
+            base: format!("http://{api}"),
+            token: token.to_string(),
+        }
+    }
+
+    fn send(&self, method: &str, path: &str, ctype: &str, body: &[u8]) -> (u16, String) {
+        let addr = self.base.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.token,
+            body.len()
+        )
+        .expect("header");
+        s.write_all(body).expect("body");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("answer");
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, out)
+    }
+
+    fn post(&self, path: &str, v: &Value) {
+        let (st, out) = self.send("POST", path, "application/json", v.to_string().as_bytes());
+        assert!((200..300).contains(&st), "POST {path}: {out}");
+    }
+}
