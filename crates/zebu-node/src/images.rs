@@ -683,6 +683,9 @@ impl Copies {
             .map_err(retry)?
             .map_err(retry)?
         };
+        if from > 0 {
+            tracing::info!(image = %copy.name, from, "resuming a backing-image transfer");
+        }
         let mut req = self.http.get(url);
         if peer {
             req = req.bearer_auth(&self.token);

@@ -540,3 +540,333 @@ impl ApiCall {
         assert!((200..300).contains(&st), "POST {path}: {out}");
     }
 }
+
+/// A manager and `n` node agents (n1, n2, …) with their data dirs under `dir`.
+struct Cluster {
+    mgr: Proc,
+    token: String,
+    nodes: Vec<Proc>,
+    dirs: Vec<PathBuf>,
+}
+
+impl Cluster {
+    fn start(dir: &Path, n: usize) -> Cluster {
+        let (mgr, token) = manager_proc(&dir.join("mgr"), "127.0.0.1:0");
+        let dirs: Vec<PathBuf> = (1..=n).map(|i| dir.join(format!("n{i}"))).collect();
+        let nodes = dirs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| node_proc(&format!("n{}", i + 1), &mgr.addr, &token, d))
+            .collect();
+        let c = Cluster {
+            mgr,
+            token,
+            nodes,
+            dirs,
+        };
+        wait_for("every node up", 30, || {
+            let ns = json_of(&c.cli(&["node", "list", "-o", "json"]));
+            (ns.as_array()?
+                .iter()
+                .filter(|x| x["status"]["state"] == "up" && x["status"]["transferAddress"] != "")
+                .count()
+                == n)
+                .then_some(())
+        });
+        c
+    }
+
+    fn api(&self) -> &str {
+        &self.mgr.addr
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let (ok, out, err) = zebu_cli(&self.mgr.addr, &self.token, args);
+        assert!(ok, "zebu {args:?}: {err}");
+        out
+    }
+
+    fn image(&self, name: &str) -> Value {
+        image(self.api(), &self.token, name)
+    }
+
+    /// SIGKILLs node `i` (0-based) and starts it again on the same data dir.
+    fn restart(&mut self, i: usize) {
+        self.nodes[i].kill();
+        self.nodes[i] = node_proc(
+            &format!("n{}", i + 1),
+            &self.mgr.addr,
+            &self.token,
+            &self.dirs[i],
+        );
+    }
+}
+
+fn ino(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).map(|m| m.ino()).unwrap_or(0)
+}
+
+#[test]
+fn three_nodes_hold_copies_follow_min_copies_and_keep_them_across_restarts() {
+    let tmp = TempDir::new("bi-cluster");
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let (raw, files) = ext4_image(&www, 48);
+    let sum = sha512(&raw);
+    std::fs::copy(&raw, www.join("extra.raw")).expect("copy");
+    let http = image_server(&www, 0);
+    let mut c = Cluster::start(tmp.path(), 3);
+    let url = |p: &str| format!("http://{}/{p}", http.addr);
+    c.cli(&[
+        "backing-image",
+        "create",
+        "base",
+        "--url",
+        &url("base.raw"),
+        "--wait",
+    ]);
+    assert_eq!(
+        ready_copies(&c.image("base")),
+        vec!["n1"],
+        "the first copy only"
+    );
+
+    // A 3-replica volume: a ready copy on each node, fetched from a peer.
+    c.cli(&[
+        "volume",
+        "create",
+        "v1",
+        "--size",
+        "64MiB",
+        "--backing-image",
+        "base",
+        "--replicas",
+        "3",
+        "--wait",
+    ]);
+    let b = wait_for("a ready copy on every replica node", 60, || {
+        let b = c.image("base");
+        (ready_copies(&b) == ["n1", "n2", "n3"]).then_some(b)
+    });
+    assert_eq!(b["status"]["checksum"], sum.as_str());
+    for d in &c.dirs {
+        let copy = copy_of(d, "base").expect("copy dir");
+        assert_eq!(sha512(&copy.join("image.raw")), sum, "{}", d.display());
+    }
+    let u1 = c
+        .cli(&["volume", "attach", "v1", "--node", "n2"])
+        .trim()
+        .to_string();
+    let read = tmp.path().join("v1.img");
+    must("nbdcopy", &[&u1, read.to_str().expect("utf8")]);
+    let got = std::fs::read(&read).expect("read");
+    assert_eq!(
+        &got[..48 << 20],
+        &std::fs::read(&raw).expect("raw")[..],
+        "v1 reads the image"
+    );
+    // ext4 on v1: the image's files, and one of its own.
+    let g = FsGuard::attach(tmp.path(), &u1, 64 << 20);
+    g.mount();
+    for (name, content) in &files {
+        assert_eq!(
+            &std::fs::read(g.mnt.join(name)).expect("file"),
+            content,
+            "{name}"
+        );
+    }
+    std::fs::write(g.mnt.join("mine.txt"), b"written to v1 only").expect("write");
+    g.umount();
+    drop(g);
+    // A second volume on the image does not see it.
+    c.cli(&[
+        "volume",
+        "create",
+        "v2",
+        "--size",
+        "64MiB",
+        "--backing-image",
+        "base",
+        "--replicas",
+        "2",
+        "--wait",
+    ]);
+    let u2 = c
+        .cli(&["volume", "attach", "v2", "--node", "n3"])
+        .trim()
+        .to_string();
+    let g = FsGuard::attach(tmp.path(), &u2, 64 << 20);
+    g.mount();
+    assert!(!g.mnt.join("mine.txt").exists(), "v2 sees v1's write");
+    for (name, content) in &files {
+        assert_eq!(
+            &std::fs::read(g.mnt.join(name)).expect("file"),
+            content,
+            "{name}"
+        );
+    }
+    g.umount();
+    drop(g);
+    c.cli(&["volume", "detach", "v2"]);
+
+    // minCopies up and down.
+    c.cli(&[
+        "backing-image",
+        "create",
+        "extra",
+        "--url",
+        &url("extra.raw"),
+        "--wait",
+    ]);
+    assert_eq!(ready_copies(&c.image("extra")).len(), 1);
+    c.cli(&["backing-image", "update", "extra", "--min-copies", "3"]);
+    wait_for("three copies of extra", 60, || {
+        (ready_copies(&c.image("extra")) == ["n1", "n2", "n3"]).then_some(())
+    });
+    c.cli(&["backing-image", "update", "extra", "--min-copies", "1"]);
+    wait_for("extra back to one copy, on disk too", 30, || {
+        let kept = ready_copies(&c.image("extra"));
+        let on_disk = c
+            .dirs
+            .iter()
+            .filter(|d| copy_of(d, "extra").is_some())
+            .count();
+        (kept.len() == 1 && on_disk == 1).then_some(())
+    });
+
+    // A copy's file deleted on n3 comes back (n3's replica of v1 keeps reading its open file).
+    let n3copy = copy_of(&c.dirs[2], "base").expect("n3 copy");
+    std::fs::remove_file(n3copy.join("image.raw")).expect("delete the copy's file");
+    wait_for("n3's copy fetched again", 60, || {
+        let back = n3copy.join("image.raw").exists()
+            && ready_copies(&c.image("base")) == ["n1", "n2", "n3"];
+        back.then_some(())
+    });
+    assert_eq!(sha512(&n3copy.join("image.raw")), sum);
+
+    // n2 (running v1's engine) SIGKILLed and restarted: its copy stays ready (the same file,
+    // not fetched again) and v1 serves the same bytes again.
+    let n2raw = copy_of(&c.dirs[1], "base")
+        .expect("n2 copy")
+        .join("image.raw");
+    let before = ino(&n2raw);
+    let want = volume_hash(tmp.path(), &u1);
+    c.restart(1);
+    let u1 = wait_for("v1 attached again on n2", 90, || {
+        let v = json_of(&c.cli(&["volume", "get", "v1", "-o", "json"]));
+        (v["status"]["state"] == "attached")
+            .then(|| v["status"]["nbdUri"].as_str().map(str::to_string))
+            .flatten()
+    });
+    assert_eq!(volume_hash(tmp.path(), &u1), want, "v1 after n2's restart");
+    assert_eq!(ino(&n2raw), before, "n2's copy was fetched again");
+    assert_eq!(ready_copies(&c.image("base")), vec!["n1", "n2", "n3"]);
+    // Still refused while in use.
+    let (ok, _, err) = zebu_cli(c.api(), &c.token, &["backing-image", "delete", "base"]);
+    assert!(!ok && err.contains("v1"), "{err}");
+}
+
+#[test]
+fn node_agents_killed_during_downloads_and_peer_fetches_end_with_ready_copies() {
+    let tmp = TempDir::new("bi-kill");
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let img = www.join("slow.raw");
+    write_file(&img, &[(8, None), (4, Some(0)), (8, None)]);
+    let sum = sha512(&img);
+    let big = www.join("big.raw");
+    write_file(&big, &[(96, None)]);
+    let big_sum = sha512(&big);
+    // 10 MiB/s: a download takes about 2 s.
+    let http = image_server(&www, 10 << 20);
+    let mut c = Cluster::start(tmp.path(), 2);
+    let url = |p: &str| format!("http://{}/{p}", http.addr);
+    let mut rng = rand::random::<u64>();
+    let mut next = |max: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % max
+    };
+    // Downloads: n1 (first by name) takes the first copy and is killed at a random point.
+    for i in 0..10 {
+        let name = format!("dl{i}");
+        c.cli(&["backing-image", "create", &name, "--url", &url("slow.raw")]);
+        let at = next(2500);
+        std::thread::sleep(Duration::from_millis(at));
+        c.restart(0);
+        let b = wait_state(c.api(), &c.token, &name, "ready", 90);
+        assert_eq!(
+            b["status"]["checksum"],
+            sum.as_str(),
+            "{name} (killed after {at} ms)"
+        );
+        let copies = ready_copies(&b);
+        assert_eq!(copies.len(), 1, "{name}: {b}");
+        let dir = if copies[0] == "n1" {
+            &c.dirs[0]
+        } else {
+            &c.dirs[1]
+        };
+        let copy = copy_of(dir, &name).expect("copy");
+        assert_eq!(
+            sha512(&copy.join("image.raw")),
+            sum,
+            "{name} (killed after {at} ms)"
+        );
+        assert!(!copy.join("image.part").exists());
+        c.cli(&["backing-image", "delete", &name]);
+    }
+    // Node-to-node: n2 fetches from n1 and is killed at a random point.
+    c.cli(&[
+        "backing-image",
+        "create",
+        "pf",
+        "--url",
+        &url("big.raw"),
+        "--wait",
+    ]);
+    let first = ready_copies(&c.image("pf"));
+    assert_eq!(first.len(), 1);
+    let (src, dst) = if first[0] == "n1" { (0, 1) } else { (1, 0) };
+    for i in 0..10 {
+        c.cli(&["backing-image", "update", "pf", "--min-copies", "2"]);
+        let at = next(400);
+        std::thread::sleep(Duration::from_millis(at));
+        c.restart(dst);
+        wait_for(
+            &format!("both copies ready (round {i}, killed after {at} ms)"),
+            90,
+            || (ready_copies(&c.image("pf")).len() == 2).then_some(()),
+        );
+        let copy = copy_of(&c.dirs[dst], "pf").expect("copy");
+        assert_eq!(sha512(&copy.join("image.raw")), big_sum, "round {i}");
+        c.cli(&["backing-image", "update", "pf", "--min-copies", "1"]);
+        wait_for("back to the one copy", 30, || {
+            (copy_of(&c.dirs[dst], "pf").is_none() && ready_copies(&c.image("pf")).len() == 1)
+                .then_some(())
+        });
+        assert!(copy_of(&c.dirs[src], "pf").is_some());
+    }
+    // A volume on the image on both nodes reads it.
+    c.cli(&[
+        "volume",
+        "create",
+        "pv",
+        "--size",
+        "96MiB",
+        "--backing-image",
+        "pf",
+        "--replicas",
+        "2",
+        "--wait",
+    ]);
+    let uri = c
+        .cli(&["volume", "attach", "pv", "--node", "n2"])
+        .trim()
+        .to_string();
+    let read = tmp.path().join("pv.img");
+    must("nbdcopy", &[&uri, read.to_str().expect("utf8")]);
+    assert_eq!(sha512(&read), big_sum);
+}
