@@ -698,6 +698,8 @@ pub enum BackingImageSourceKind {
     Upload,
     /// Another backing image's bytes.
     Clone,
+    /// A snapshot of a volume, read through its engine.
+    Export,
 }
 
 impl BackingImageSourceKind {
@@ -706,6 +708,7 @@ impl BackingImageSourceKind {
             BackingImageSourceKind::Download => "download",
             BackingImageSourceKind::Upload => "upload",
             BackingImageSourceKind::Clone => "clone",
+            BackingImageSourceKind::Export => "export",
         }
     }
 }
@@ -720,6 +723,11 @@ pub struct BackingImageSource {
     /// `clone`: the backing image copied.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub image: String,
+    /// `export`: the volume, and its snapshot (one is taken when none is named).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub volume: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub snapshot: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -1074,6 +1082,8 @@ pub enum CopySource {
     },
     /// Bytes arrive from the manager (an upload); nothing to fetch.
     Upload,
+    /// A snapshot of a volume whose engine runs on this node.
+    Export { volume: String, snapshot: String },
 }
 
 /// A copy a node should make.

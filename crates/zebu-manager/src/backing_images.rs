@@ -206,6 +206,8 @@ impl Manager {
         let src = &mut spec.source;
         match src.kind {
             BackingImageSourceKind::Download => {
+                src.volume.clear();
+                src.snapshot.clear();
                 let ok = reqwest::Url::parse(&src.url).is_ok_and(|u| {
                     matches!(u.scheme(), "http" | "https") && u.host_str().is_some()
                 });
@@ -220,9 +222,32 @@ impl Manager {
             BackingImageSourceKind::Upload => {
                 src.url.clear();
                 src.image.clear();
+                src.volume.clear();
+                src.snapshot.clear();
+            }
+            BackingImageSourceKind::Export => {
+                src.url.clear();
+                src.image.clear();
+                zebu_types::validate_name(&src.volume)
+                    .map_err(|e| ApiError::bad("InvalidName", e.to_string()))?;
+                self.attached_volume(&src.volume, "exporting it as a backing image")?;
+                if src.snapshot.is_empty() {
+                    let snap = format!("export-{:08x}", rand::random::<u32>());
+                    self.create_snapshot(&src.volume, Some(&snap))?;
+                    src.snapshot = snap;
+                } else {
+                    let key = format!("{}.{}", src.volume, src.snapshot);
+                    let ok = store::get::<Snapshot>(&*self.store, &key)?
+                        .is_some_and(|sn| sn.metadata.deletion_requested.is_none());
+                    if !ok {
+                        return Err(not_found("snapshot", &key));
+                    }
+                }
             }
             BackingImageSourceKind::Clone => {
                 src.url.clear();
+                src.volume.clear();
+                src.snapshot.clear();
                 let from = store::get::<BackingImage>(&*self.store, &src.image)?
                     .ok_or_else(|| not_found("backing image", &src.image))?;
                 if from.status.state != BackingImageState::Ready {
@@ -385,7 +410,16 @@ impl Manager {
                 && img.status.state != BackingImageState::Failed
                 && !store::get::<BackingImage>(s, &img.spec.source.image)?
                     .is_some_and(|b| b.status.state == BackingImageState::Ready);
-            let want = needed.get(&name).unwrap_or(&none);
+            let mut want = needed.get(&name).unwrap_or(&none).clone();
+            if img.spec.source.kind == BackingImageSourceKind::Export
+                && img.status.state != BackingImageState::Ready
+                && let Some(n) =
+                    store::get::<Volume>(s, &img.spec.source.volume)?.and_then(|v| v.status.node)
+            {
+                // The first copy is read where the volume's engine runs.
+                want.insert(n);
+            }
+            let want = &want;
             let mut woken: BTreeSet<String> = BTreeSet::new();
             store::modify::<BackingImage>(s, &name, |b| {
                 let before = b.status.clone();
@@ -581,13 +615,16 @@ impl Manager {
                 .get(n)
                 .is_some_and(|x| x.status.state == NodeState::Up)
         };
-        let first = b
-            .status
-            .copies
-            .iter()
-            .filter(|c| up(&c.node) && c.state != BackingImageState::Failed)
-            .min_by_key(|c| (c.state != BackingImageState::InProgress, c.node.clone()))
-            .map(|c| c.node.clone());
+        let first = if b.spec.source.kind == BackingImageSourceKind::Export {
+            store::get::<Volume>(s, &b.spec.source.volume)?.and_then(|v| v.status.node)
+        } else {
+            b.status
+                .copies
+                .iter()
+                .filter(|c| up(&c.node) && c.state != BackingImageState::Failed)
+                .min_by_key(|c| (c.state != BackingImageState::InProgress, c.node.clone()))
+                .map(|c| c.node.clone())
+        };
         if first.as_deref() != Some(node) {
             return Ok(None);
         }
@@ -596,6 +633,18 @@ impl Manager {
                 url: b.spec.source.url.clone(),
             },
             BackingImageSourceKind::Upload => return Ok(None),
+            BackingImageSourceKind::Export => {
+                let (volume, snapshot) = (&b.spec.source.volume, &b.spec.source.snapshot);
+                let ready = store::get::<Snapshot>(s, &format!("{volume}.{snapshot}"))?
+                    .is_some_and(|sn| sn.status.ready);
+                if !ready {
+                    return Ok(None);
+                }
+                CopySource::Export {
+                    volume: volume.clone(),
+                    snapshot: snapshot.clone(),
+                }
+            }
             BackingImageSourceKind::Clone => {
                 let Some(from) = store::get::<BackingImage>(s, &b.spec.source.image)? else {
                     return Ok(None);

@@ -43,6 +43,15 @@ struct CopyMeta {
     inode: u64,
 }
 
+/// Where a transfer reads from.
+enum From {
+    Url(String),
+    /// A peer's copy (its URL).
+    Peer(String),
+    /// A snapshot of a volume, through its engine here.
+    Export(Arc<zebu_engine::Engine>, String),
+}
+
 /// Why a transfer stopped.
 #[derive(Debug)]
 enum Failure {
@@ -577,7 +586,12 @@ impl Copies {
 
     /// Starts the transfers the manager ordered that are not running, ready or waiting out a
     /// backoff.
-    pub fn apply(self: &Arc<Self>, orders: &[CopyOrder]) {
+    /// `engines`: the engines of the volumes exports read from.
+    pub fn apply(
+        self: &Arc<Self>,
+        orders: &[CopyOrder],
+        engines: &HashMap<String, Arc<zebu_engine::Engine>>,
+    ) {
         let now = Instant::now();
         let Ok(mut entries) = self.entries.lock() else {
             return;
@@ -603,24 +617,78 @@ impl Copies {
             if busy {
                 continue;
             }
-            let url = match &o.source {
+            let from = match &o.source {
                 CopySource::Upload => continue,
-                CopySource::Url { url } => (url.clone(), false),
-                CopySource::Peer { peer, copy, .. } => (
-                    format!("http://{peer}/v1/copies/{}-{}", copy.name, copy.uid),
-                    true,
-                ),
+                CopySource::Url { url } => From::Url(url.clone()),
+                CopySource::Peer { peer, copy, .. } => From::Peer(format!(
+                    "http://{peer}/v1/copies/{}-{}",
+                    copy.name, copy.uid
+                )),
+                CopySource::Export { volume, snapshot } => match engines.get(volume) {
+                    Some(en) => From::Export(en.clone(), snapshot.clone()),
+                    None => continue,
+                },
             };
             e.state = BackingImageState::InProgress;
             e.attempts += 1;
             let (me, copy) = (self.clone(), c.clone());
-            let h = tokio::spawn(async move { me.run_fetch(copy, url.0, url.1).await });
+            let h = tokio::spawn(async move { me.run_fetch(copy, from).await });
             e.task = Some(h.abort_handle());
         }
     }
 
-    async fn run_fetch(self: Arc<Self>, copy: CopyRef, url: String, peer: bool) {
-        let res = match self.fetch(&copy, &url, peer).await {
+    /// Reads a snapshot of a volume through its engine into `image.part`.
+    async fn export(
+        &self,
+        copy: &CopyRef,
+        engine: &zebu_engine::Engine,
+        snapshot: &str,
+    ) -> Result<(), Failure> {
+        const STEP: u64 = 4 << 20;
+        let size = engine.size();
+        let part = self.copy_dir(&copy.name, &copy.uid).join(PART);
+        let p = part.clone();
+        let mut file = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+            std::fs::create_dir_all(p.parent().unwrap_or(Path::new(".")))?;
+            std::fs::File::create(&p)
+        })
+        .await
+        .map_err(retry)?
+        .map_err(retry)?;
+        let mut off = 0;
+        self.progress(copy, 0, size);
+        while off < size {
+            let len = (size - off).min(STEP) as u32;
+            let data = engine
+                .read_snapshot(snapshot, off, len)
+                .await
+                .map_err(|e| retry(format!("reading snapshot {snapshot:?} at {off}: {e}")))?;
+            let at = off;
+            file = tokio::task::spawn_blocking(move || {
+                write_sparse(&mut file, at, &data).map(|()| file)
+            })
+            .await
+            .map_err(retry)?
+            .map_err(retry)?;
+            off += u64::from(len);
+            self.progress(copy, off, size);
+        }
+        tokio::task::spawn_blocking(move || {
+            file.set_len(size)?;
+            file.sync_all()
+        })
+        .await
+        .map_err(retry)?
+        .map_err(retry)
+    }
+
+    async fn run_fetch(self: Arc<Self>, copy: CopyRef, from: From) {
+        let peer = matches!(from, From::Peer(_));
+        let got = match &from {
+            From::Url(url) | From::Peer(url) => self.fetch(&copy, url, peer).await,
+            From::Export(engine, snapshot) => self.export(&copy, engine, snapshot).await,
+        };
+        let res = match got {
             Ok(()) => {
                 let (me, c) = (self.clone(), copy.clone());
                 tokio::task::spawn_blocking(move || me.seal(&c))

@@ -672,7 +672,15 @@ impl NodeAgent {
             let (c, refs) = (self.copies.clone(), a.delete_backing_images);
             let _ = tokio::task::spawn_blocking(move || c.delete(&refs, &in_use)).await;
         }
-        self.copies.apply(&a.backing_images);
+        let mut export_engines = HashMap::new();
+        for o in &a.backing_images {
+            if let CopySource::Export { volume, .. } = &o.source
+                && let Some(e) = self.engines.lock().await.get(volume)
+            {
+                export_engines.insert(volume.clone(), e.engine.clone());
+            }
+        }
+        self.copies.apply(&a.backing_images, &export_engines);
         let mut orders: HashMap<String, VolumeOrders> = HashMap::new();
         // Volumes with something running here get orders too (empty ones stop it).
         for v in self.engines.lock().await.keys() {

@@ -28,6 +28,12 @@ pub enum ImageCmd {
         /// Copy another backing image.
         #[arg(long, group = "source")]
         clone: Option<String>,
+        /// Export an attached volume (a snapshot of it is taken, or --snapshot).
+        #[arg(long, group = "source")]
+        from_volume: Option<String>,
+        /// The volume's snapshot to export (with --from-volume).
+        #[arg(long, requires = "from_volume")]
+        snapshot: Option<String>,
         /// Expected SHA-512 of the raw bytes (hex); a mismatch fails the image.
         #[arg(long)]
         checksum: Option<String>,
@@ -253,6 +259,8 @@ pub async fn image(g: &Global, cmd: ImageCmd) -> Result<()> {
             url,
             upload: file,
             clone,
+            from_volume,
+            snapshot,
             checksum,
             min_copies,
             wait,
@@ -260,11 +268,16 @@ pub async fn image(g: &Global, cmd: ImageCmd) -> Result<()> {
             if let Some(p) = &file {
                 std::fs::File::open(p).with_context(|| format!("--upload {}", p.display()))?;
             }
-            let source = match (&url, &file, &clone) {
-                (Some(u), None, None) => json!({"kind": "download", "url": u}),
-                (None, Some(_), None) => json!({"kind": "upload"}),
-                (None, None, Some(c)) => json!({"kind": "clone", "image": c}),
-                _ => bail!("backing-image create needs one source: --url, --upload or --clone"),
+            let source = match (&url, &file, &clone, &from_volume) {
+                (Some(u), None, None, None) => json!({"kind": "download", "url": u}),
+                (None, Some(_), None, None) => json!({"kind": "upload"}),
+                (None, None, Some(c), None) => json!({"kind": "clone", "image": c}),
+                (None, None, None, Some(v)) => {
+                    json!({"kind": "export", "volume": v, "snapshot": snapshot.unwrap_or_default()})
+                }
+                _ => bail!(
+                    "backing-image create needs one source: --url, --upload, --clone or --from-volume"
+                ),
             };
             let mut body = json!({"name": name, "source": source});
             if let Some(c) = checksum {

@@ -452,6 +452,65 @@ fn sources_checksums_uploads_clones_and_volumes_on_one_server() {
     std::fs::write(&patch, block_data(1, 5, 1 << 20)).expect("patch");
     write_at(&u1, &patch, "0", "1048576");
     write_at(&u1, &patch, "52428800", "1048576");
+    // Export: a named snapshot of v1 (later writes not in it), and one taken on the spot.
+    srv.cli(&["snapshot", "create", "v1", "--name", "s1"]);
+    let at_s1 = tmp.path().join("v1-s1.img");
+    must("nbdcopy", &[&u1, at_s1.to_str().expect("utf8")]);
+    let patch2 = tmp.path().join("patch2");
+    std::fs::write(&patch2, block_data(2, 6, 1 << 20)).expect("patch");
+    write_at(&u1, &patch2, "2097152", "1048576");
+    srv.cli(&[
+        "backing-image",
+        "create",
+        "ex",
+        "--from-volume",
+        "v1",
+        "--snapshot",
+        "s1",
+        "--wait",
+    ]);
+    let ex = image(&api, &token, "ex");
+    assert_eq!(
+        ex["status"]["checksum"],
+        sha512(&at_s1).as_str(),
+        "export of s1"
+    );
+    assert_eq!(u(&ex["status"]["virtualSize"]), 64 << 20);
+    let now = tmp.path().join("v1-now.img");
+    must("nbdcopy", &[&u1, now.to_str().expect("utf8")]);
+    srv.cli(&[
+        "backing-image",
+        "create",
+        "ex2",
+        "--from-volume",
+        "v1",
+        "--wait",
+    ]);
+    assert_eq!(
+        image(&api, &token, "ex2")["status"]["checksum"],
+        sha512(&now).as_str()
+    );
+    assert_ne!(sha512(&now), sha512(&at_s1));
+    let (ok, _, err) = zebu_cli(
+        &api,
+        &token,
+        &["backing-image", "create", "ex3", "--from-volume", "v2"],
+    );
+    assert!(!ok && err.contains("must be attached"), "{err}");
+    let (ok, _, err) = zebu_cli(
+        &api,
+        &token,
+        &[
+            "backing-image",
+            "create",
+            "ex3",
+            "--from-volume",
+            "v1",
+            "--snapshot",
+            "nope",
+        ],
+    );
+    assert!(!ok && err.contains("v1.nope"), "{err}");
     srv.cli(&["volume", "detach", "v1"]);
     let u2 = srv.cli(&["volume", "attach", "v2"]).trim().to_string();
     let read2 = tmp.path().join("v2.img");
@@ -485,10 +544,10 @@ fn sources_checksums_uploads_clones_and_volumes_on_one_server() {
     must("nbdcopy", &[&u1, again.to_str().expect("utf8")]);
     let got = std::fs::read(&again).expect("read");
     assert_eq!(&got[..1 << 20], &block_data(1, 5, 1 << 20)[..]);
-    assert_eq!(
-        &got[1 << 20..48 << 20],
-        &std::fs::read(&raw).expect("raw")[1 << 20..]
-    );
+    assert_eq!(&got[2 << 20..3 << 20], &block_data(2, 6, 1 << 20)[..]);
+    let base = std::fs::read(&raw).expect("raw");
+    assert_eq!(&got[1 << 20..2 << 20], &base[1 << 20..2 << 20]);
+    assert_eq!(&got[3 << 20..48 << 20], &base[3 << 20..]);
     assert_eq!(&got[50 << 20..51 << 20], &block_data(1, 5, 1 << 20)[..]);
     srv.cli(&["volume", "detach", "v1"]);
     for v in ["v1", "v2"] {
