@@ -375,6 +375,10 @@ pub struct RestoreOrder {
     /// Download limit in bytes per second (the `backup-bandwidth-limit` setting); 0 = none.
     #[serde(default)]
     pub bandwidth: u64,
+    /// The backing image under the volume: its bytes show through blocks not written, so zero
+    /// blocks are written as zeros even into a new volume.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backing_image: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -700,6 +704,8 @@ pub enum BackingImageSourceKind {
     Clone,
     /// A snapshot of a volume, read through its engine.
     Export,
+    /// A backing-image backup on a backup target.
+    Restore,
 }
 
 impl BackingImageSourceKind {
@@ -709,6 +715,7 @@ impl BackingImageSourceKind {
             BackingImageSourceKind::Upload => "upload",
             BackingImageSourceKind::Clone => "clone",
             BackingImageSourceKind::Export => "export",
+            BackingImageSourceKind::Restore => "restore",
         }
     }
 }
@@ -728,6 +735,9 @@ pub struct BackingImageSource {
     pub volume: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub snapshot: String,
+    /// `restore`: the backup (of a backing image) restored.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backup: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -1084,6 +1094,12 @@ pub enum CopySource {
     Upload,
     /// A snapshot of a volume whose engine runs on this node.
     Export { volume: String, snapshot: String },
+    /// A backing-image backup on a backup target (its options filled in for the node only).
+    Restore {
+        target: TargetRef,
+        owner: String,
+        backup: String,
+    },
 }
 
 /// A copy a node should make.

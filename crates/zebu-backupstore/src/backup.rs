@@ -125,8 +125,13 @@ pub fn block_key(h: &BlockHash) -> String {
     format!("blocks/{}/{hex}.blk", &hex[..2])
 }
 
+/// Where a backup's manifest lives: `volumes/<volume>/backups/…`, or for the backups of a
+/// backing image (owner `bi.<image>`) `backing-images/<image>/backups/…`.
 pub fn manifest_key(volume: &str, backup: &str) -> String {
-    format!("volumes/{volume}/backups/{backup}.manifest")
+    match zebu_types::owner_image(volume) {
+        Some(image) => format!("backing-images/{image}/backups/{backup}.manifest"),
+        None => format!("volumes/{volume}/backups/{backup}.manifest"),
+    }
 }
 
 /// Retries transient target errors with exponential backoff (6 tries, about 6 s in all).

@@ -292,22 +292,31 @@ pub struct ManifestEntry {
     pub tag: String,
 }
 
-/// Every backup manifest in a target, from one listing of `volumes/`.
+/// Every backup manifest in a target, from one listing of `volumes/` and one of
+/// `backing-images/` (whose backups are listed under the owner `bi.<image>`).
 pub async fn list_manifests<S: BackupStore>(store: &S) -> Result<Vec<ManifestEntry>, StoreError> {
-    let objects = store.list_meta("volumes").await?;
-    Ok(objects
-        .into_iter()
-        .filter_map(|o| {
-            let rest = o.key.strip_prefix("volumes/")?;
-            let (vol, rest) = rest.split_once("/backups/")?;
+    let mut out = Vec::new();
+    for (prefix, image) in [("volumes", false), ("backing-images", true)] {
+        let objects = store.list_meta(prefix).await?;
+        out.extend(objects.into_iter().filter_map(|o| {
+            let rest = o.key.strip_prefix(prefix)?.strip_prefix('/')?;
+            let (owner, rest) = rest.split_once("/backups/")?;
             let b = rest.strip_suffix(".manifest")?;
-            (!vol.contains('/') && !b.contains('/')).then(|| ManifestEntry {
-                volume: vol.to_string(),
+            if owner.contains('/') || owner.contains('.') || b.contains('/') {
+                return None;
+            }
+            Some(ManifestEntry {
+                volume: if image {
+                    zebu_types::image_owner(owner)
+                } else {
+                    owner.to_string()
+                },
                 backup: b.to_string(),
                 tag: o.tag,
             })
-        })
-        .collect())
+        }));
+    }
+    Ok(out)
 }
 
 /// Every backup in a target as `(volume, backup)`, from the manifest keys.

@@ -135,6 +135,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("delete", "/v1/backing-images/{name}"),
     ("put", "/v1/backing-images/{name}/upload"),
     ("get", "/v1/backing-images/{name}/download"),
+    ("post", "/v1/backing-images/{name}/backup"),
     ("get", "/metrics"),
 ];
 

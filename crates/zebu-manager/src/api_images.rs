@@ -30,6 +30,10 @@ pub fn routes(r: Router<Arc<Manager>>) -> Router<Arc<Manager>> {
         )
         .route("/v1/backing-images/{name}/upload", put(upload))
         .route("/v1/backing-images/{name}/download", get(download))
+        .route(
+            "/v1/backing-images/{name}/backup",
+            axum::routing::post(backup),
+        )
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -41,6 +45,13 @@ pub struct CreateBackingImage {
     pub checksum: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_copies: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackupBackingImage {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -102,6 +113,26 @@ async fn delete(
     Ok(Json(
         blocking(&m, move |m| m.delete_backing_image(&name)).await?,
     ))
+}
+
+async fn backup(
+    State(m): State<Arc<Manager>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    raw: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Backup>), HttpError> {
+    authorize(&m, &h)?;
+    check_name(&name)?;
+    let req: BackupBackingImage = if raw.is_empty() {
+        BackupBackingImage::default()
+    } else {
+        body(&raw)?
+    };
+    let b = blocking(&m, move |m| {
+        m.create_image_backup(&name, req.target.as_deref())
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(b)))
 }
 
 fn upstream(msg: String) -> HttpError {

@@ -11,6 +11,12 @@ use crate::controller::{Manager, conflict, not_found};
 use crate::model::*;
 use crate::store::{self, Store};
 
+/// The label naming the backing image a backup holds (or, on a volume backup, the image the
+/// volume is on).
+pub const IMAGE_LABEL: &str = "backing-image";
+/// The label with that image's SHA-512.
+pub const CHECKSUM_LABEL: &str = "backing-image-checksum";
+
 /// A node as copy placement sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyNode {
@@ -204,7 +210,50 @@ impl Manager {
             ));
         }
         let src = &mut spec.source;
+        if src.kind != BackingImageSourceKind::Restore {
+            src.backup.clear();
+        }
         match src.kind {
+            BackingImageSourceKind::Restore => {
+                src.url.clear();
+                src.image.clear();
+                src.volume.clear();
+                src.snapshot.clear();
+                zebu_types::validate_name(&src.backup)
+                    .map_err(|e| ApiError::bad("InvalidName", e.to_string()))?;
+                let b = store::get::<Backup>(&*self.store, &src.backup)?
+                    .ok_or_else(|| not_found("backup", &src.backup))?;
+                if zebu_types::owner_image(&b.spec.volume).is_none() {
+                    return Err(ApiError::bad(
+                        "NotImageBackup",
+                        format!(
+                            "backup {:?} is of volume {:?}, not of a backing image",
+                            src.backup, b.spec.volume
+                        ),
+                    ));
+                }
+                if b.status.state != BackupState::Completed {
+                    return Err(conflict(
+                        "BackupNotCompleted",
+                        format!("backup {:?} is not completed", src.backup),
+                    ));
+                }
+                let sum = b
+                    .metadata
+                    .labels
+                    .get(CHECKSUM_LABEL)
+                    .cloned()
+                    .unwrap_or_default();
+                if !spec.checksum.is_empty() && !sum.is_empty() && spec.checksum != sum {
+                    return Err(ApiError::bad(
+                        "ChecksumMismatch",
+                        format!("backup {:?} holds an image with checksum {sum}", src.backup),
+                    ));
+                }
+                if spec.checksum.is_empty() {
+                    spec.checksum = sum;
+                }
+            }
             BackingImageSourceKind::Download => {
                 src.volume.clear();
                 src.snapshot.clear();
@@ -633,6 +682,19 @@ impl Manager {
                 url: b.spec.source.url.clone(),
             },
             BackingImageSourceKind::Upload => return Ok(None),
+            BackingImageSourceKind::Restore => {
+                let Some(bk) = store::get::<Backup>(s, &b.spec.source.backup)? else {
+                    return Ok(None);
+                };
+                let Ok(target) = self.target_ref(&bk.spec.target) else {
+                    return Ok(None);
+                };
+                CopySource::Restore {
+                    target,
+                    owner: bk.spec.volume.clone(),
+                    backup: bk.metadata.name.clone(),
+                }
+            }
             BackingImageSourceKind::Export => {
                 let (volume, snapshot) = (&b.spec.source.volume, &b.spec.source.snapshot);
                 let ready = store::get::<Snapshot>(s, &format!("{volume}.{snapshot}"))?
@@ -676,6 +738,224 @@ impl Manager {
             r.name == image && r.uid == b.metadata.uid && r.state == BackingImageState::Ready
         });
         Ok(ready.then(|| copy_ref(&b)))
+    }
+
+    /// Backs up the image to `target` (default: `default`): a Backup of owner `bi.<name>`,
+    /// run by a node holding a ready copy; its labels record the image and its checksum.
+    pub fn create_image_backup(
+        &self,
+        name: &str,
+        target: Option<&str>,
+    ) -> Result<Backup, ApiError> {
+        let s = &*self.store;
+        let img =
+            store::get::<BackingImage>(s, name)?.ok_or_else(|| not_found("backing image", name))?;
+        if img.status.state != BackingImageState::Ready {
+            return Err(conflict(
+                "NotReady",
+                format!(
+                    "backing image {name:?} is {}, not ready: nothing to back up yet",
+                    img.status.state.as_str()
+                ),
+            ));
+        }
+        let target = target.unwrap_or(DEFAULT_TARGET).to_string();
+        zebu_types::validate_name(&target)
+            .map_err(|e| ApiError::bad("InvalidName", e.to_string()))?;
+        let tr = self.available_target(&target)?;
+        let owner = zebu_types::image_owner(name);
+        let bname = format!("backup-{:016x}", rand::random::<u64>());
+        let labels = [
+            (IMAGE_LABEL.to_string(), name.to_string()),
+            (CHECKSUM_LABEL.to_string(), expected(&img)),
+        ]
+        .into();
+        let b = Backup {
+            metadata: Meta {
+                name: bname.clone(),
+                labels,
+                ..Default::default()
+            },
+            spec: BackupSpec {
+                volume: owner.clone(),
+                snapshot: String::new(),
+                target,
+                full: false,
+            },
+            status: BackupStatus {
+                url: crate::backups::manifest_url(&tr.url, &owner, &bname),
+                ..Default::default()
+            },
+        };
+        tracing::info!(image = name, backup = %bname, target = %b.spec.target, "backing-image backup requested");
+        Ok(store::create(s, &b)?)
+    }
+
+    /// The node that runs a backup of `image`: the one it started on, else the first up node
+    /// (by name) holding a ready copy.
+    fn image_backup_node(
+        &self,
+        s: &dyn Store,
+        b: &Backup,
+        image: &str,
+    ) -> Result<Option<String>, ApiError> {
+        if !b.status.node.is_empty() {
+            return Ok(Some(b.status.node.clone()));
+        }
+        let Some(img) = store::get::<BackingImage>(s, image)? else {
+            return Ok(None);
+        };
+        let mut ready: Vec<&BackingImageCopy> = img
+            .status
+            .copies
+            .iter()
+            .filter(|c| c.state == BackingImageState::Ready)
+            .collect();
+        ready.sort_by(|a, b| a.node.cmp(&b.node));
+        for c in ready {
+            let up = store::get::<Node>(s, &c.node)?
+                .map(|n| self.node_view(n))
+                .is_some_and(|n| n.status.state == NodeState::Up);
+            if up {
+                return Ok(Some(c.node.clone()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The unfinished backups of backing images that `node` runs.
+    pub(crate) fn image_backup_orders(
+        &self,
+        s: &dyn Store,
+        node: &str,
+    ) -> Result<Vec<BackupOrder>, ApiError> {
+        let mut out = Vec::new();
+        for b in store::list::<Backup>(s)? {
+            let Some(image) = zebu_types::owner_image(&b.spec.volume) else {
+                continue;
+            };
+            if b.status.state.finished()
+                || self.image_backup_node(s, &b, image)?.as_deref() != Some(node)
+            {
+                continue;
+            }
+            let Ok(target) = self.target_ref(&b.spec.target) else {
+                continue;
+            };
+            out.push(BackupOrder {
+                name: b.metadata.name.clone(),
+                volume: b.spec.volume.clone(),
+                snapshot: String::new(),
+                state: b.status.state,
+                target,
+                parents: Vec::new(),
+                block_size: self.setting_u64("backup-block-size") as u32,
+                codec: self.setting("backup-compression"),
+                concurrency: self.setting_u64("backup-concurrency") as u32,
+                bandwidth: self.setting_u64("backup-bandwidth-limit"),
+                full: false,
+                labels: b.metadata.labels.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Why a backing-image backup cannot go on, if so: its target or image is gone, no up node
+    /// holds a ready copy, or the node running it went down.
+    pub(crate) fn image_backup_blocked(
+        &self,
+        s: &dyn Store,
+        b: &Backup,
+        image: &str,
+    ) -> Result<Option<(String, bool)>, ApiError> {
+        if store::get::<BackupTarget>(s, &b.spec.target)?.is_none() {
+            return Ok(Some((
+                format!("backup target {:?} was deleted", b.spec.target),
+                false,
+            )));
+        }
+        if store::get::<BackingImage>(s, image)?.is_none() {
+            return Ok(Some((
+                format!("backing image {image:?} was deleted"),
+                false,
+            )));
+        }
+        match self.image_backup_node(s, b, image)? {
+            None => Ok(Some((
+                format!("no up node holds a ready copy of backing image {image:?}"),
+                false,
+            ))),
+            Some(n) => {
+                let up = store::get::<Node>(s, &n)?
+                    .map(|x| self.node_view(x))
+                    .is_some_and(|x| x.status.state == NodeState::Up);
+                // A node that only lost touch may still run it: its lease expires by itself.
+                Ok((!up).then(|| (format!("node {n:?} went down during the backup"), true)))
+            }
+        }
+    }
+
+    /// The backing image a volume restored from `b` goes on: none for a volume that had none;
+    /// the image of the backup's label when it is here with the same checksum; else that image
+    /// restored from its newest backup on the same target (created now, the volume waits for
+    /// it). Refused when neither is possible.
+    pub(crate) fn image_for_restore(&self, b: &Backup) -> Result<String, ApiError> {
+        let Some(image) = b.metadata.labels.get(IMAGE_LABEL) else {
+            return Ok(String::new());
+        };
+        let sum = b
+            .metadata
+            .labels
+            .get(CHECKSUM_LABEL)
+            .cloned()
+            .unwrap_or_default();
+        let s = &*self.store;
+        if let Some(img) = store::get::<BackingImage>(s, image)? {
+            let have = expected(&img);
+            if !sum.is_empty() && !have.is_empty() && have != sum {
+                return Err(conflict(
+                    "ImageMismatch",
+                    format!(
+                        "backup {:?} is of a volume on backing image {image:?} with checksum {}…, but the image here has {}…",
+                        b.metadata.name,
+                        &sum[..sum.len().min(16)],
+                        &have[..have.len().min(16)]
+                    ),
+                ));
+            }
+            return Ok(image.clone());
+        }
+        let owner = zebu_types::image_owner(image);
+        let mut found: Vec<Backup> = store::list_by::<Backup>(s, store::Field::Volume, &owner)?
+            .into_iter()
+            .filter(|x| {
+                x.spec.target == b.spec.target
+                    && x.status.state == BackupState::Completed
+                    && (sum.is_empty() || x.metadata.labels.get(CHECKSUM_LABEL) == Some(&sum))
+            })
+            .collect();
+        found.sort_by_key(|x| std::cmp::Reverse(x.status.created_ms));
+        let Some(from) = found.first() else {
+            return Err(conflict(
+                "ImageMissing",
+                format!(
+                    "backup {:?} is of a volume on backing image {image:?}, which is not here and has no backup on target {:?}: create or restore the image first",
+                    b.metadata.name, b.spec.target
+                ),
+            ));
+        };
+        let spec = BackingImageSpec {
+            source: BackingImageSource {
+                kind: BackingImageSourceKind::Restore,
+                backup: from.metadata.name.clone(),
+                ..Default::default()
+            },
+            checksum: sum,
+            min_copies: 1,
+        };
+        tracing::info!(image = %image, backup = %from.metadata.name, "restoring the backing image a restored volume needs");
+        self.create_backing_image(image, spec)?;
+        Ok(image.clone())
     }
 
     /// Changes how many nodes keep a copy without a replica using it.

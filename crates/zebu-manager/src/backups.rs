@@ -55,6 +55,22 @@ pub(crate) fn manifest_url(url: &str, volume: &str, backup: &str) -> String {
 }
 
 impl Manager {
+    /// A target a new backup may go to: it exists and is available.
+    pub(crate) fn available_target(&self, target: &str) -> Result<TargetRef, ApiError> {
+        let tr = self.target_ref(target)?;
+        let t = self.get_target(target)?;
+        if !t.status.available {
+            return Err(conflict(
+                "TargetUnavailable",
+                format!(
+                    "backup target {target:?} is unavailable: {}",
+                    t.status.message
+                ),
+            ));
+        }
+        Ok(tr)
+    }
+
     /// Deletes the objects of failed backups older than the `failed-backup-ttl` setting (a
     /// backup listed as Error for a damaged manifest stays while the manifest does).
     pub(crate) fn expire_failed_backups(&self, now_s: u64) -> Result<u64, ApiError> {
@@ -95,18 +111,23 @@ impl Manager {
         let s = &*self.store;
         check_labels(&labels)?;
         let v = self.attached_volume(volume, "backups")?;
-        let target = target.unwrap_or(volume_target(&v)).to_string();
-        let tr = self.target_ref(&target)?;
-        let t = self.get_target(&target)?;
-        if !t.status.available {
-            return Err(conflict(
-                "TargetUnavailable",
-                format!(
-                    "backup target {target:?} is unavailable: {}",
-                    t.status.message
-                ),
-            ));
+        let mut labels = labels;
+        if !v.spec.backing_image.is_empty() {
+            // A restore of it needs the same image under it.
+            let img = store::get::<BackingImage>(s, &v.spec.backing_image)?;
+            labels.insert(
+                crate::backing_images::IMAGE_LABEL.to_string(),
+                v.spec.backing_image.clone(),
+            );
+            if let Some(img) = img {
+                labels.insert(
+                    crate::backing_images::CHECKSUM_LABEL.to_string(),
+                    crate::backing_images::copy_ref(&img).checksum,
+                );
+            }
         }
+        let target = target.unwrap_or(volume_target(&v)).to_string();
+        let tr = self.available_target(&target)?;
         let name = format!("backup-{:016x}", rand::random::<u64>());
         let snap = match snapshot {
             Some(sn) => {
@@ -360,7 +381,7 @@ impl Manager {
         s: &dyn crate::store::Store,
         node: &str,
     ) -> Result<Vec<BackupOrder>, ApiError> {
-        let mut out = Vec::new();
+        let mut out = self.image_backup_orders(s, node)?;
         let engines = store::list_by::<Engine>(s, store::Field::Node, node)?;
         for e in engines
             .iter()
@@ -408,6 +429,12 @@ impl Manager {
             if b.status.state.finished() {
                 continue;
             }
+            if let Some(image) = zebu_types::owner_image(&b.spec.volume) {
+                if let Some((why, node_down)) = self.image_backup_blocked(s, &b, image)? {
+                    self.end_backup(s, &b, why, node_down)?;
+                }
+                continue;
+            }
             let engine = store::get::<Engine>(s, &b.spec.volume)?;
             let why = if store::get::<BackupTarget>(s, &b.spec.target)?.is_none() {
                 Some((
@@ -436,24 +463,36 @@ impl Manager {
                 }
             };
             if let Some((why, node_down)) = why {
-                tracing::warn!(backup = %b.metadata.name, reason = %why, "backup failed");
-                let ended = store::modify::<Backup>(s, &b.metadata.name, |b| {
-                    if b.status.state.finished() {
-                        return false;
-                    }
-                    b.status.state = BackupState::Error;
-                    b.status.error = why.clone();
-                    b.status.failed_at = Some(now());
-                    true
-                })?;
-                // A node that only lost touch with the manager may still run the backup: its
-                // lease stays until it expires. Otherwise the backup is over for sure.
-                if let Some(b) = ended
-                    && !node_down
-                {
-                    self.queue_lease_cleanup(&b);
-                }
+                self.end_backup(s, &b, why, node_down)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Ends a backup that can no longer finish in Error, with the reason.
+    pub(crate) fn end_backup(
+        &self,
+        s: &dyn crate::store::Store,
+        b: &Backup,
+        why: String,
+        node_down: bool,
+    ) -> Result<(), ApiError> {
+        tracing::warn!(backup = %b.metadata.name, reason = %why, "backup failed");
+        let ended = store::modify::<Backup>(s, &b.metadata.name, |b| {
+            if b.status.state.finished() {
+                return false;
+            }
+            b.status.state = BackupState::Error;
+            b.status.error = why.clone();
+            b.status.failed_at = Some(now());
+            true
+        })?;
+        // A node that only lost touch with the manager may still run the backup: its lease
+        // stays until it expires. Otherwise the backup is over for sure.
+        if let Some(b) = ended
+            && !node_down
+        {
+            self.queue_lease_cleanup(&b);
         }
         Ok(())
     }

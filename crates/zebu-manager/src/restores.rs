@@ -49,6 +49,15 @@ impl Manager {
                 format!("size {size} is smaller than backup {backup:?} ({bsize} bytes)"),
             ));
         }
+        if zebu_types::owner_image(&b.spec.volume).is_some() {
+            return Err(ApiError::bad(
+                "ImageBackup",
+                format!(
+                    "backup {backup:?} is of a backing image: restore it with `backing-image create NAME --from-backup {backup}`"
+                ),
+            ));
+        }
+        let backing_image = self.image_for_restore(&b)?;
         Ok(Volume {
             metadata: Meta {
                 name: name.to_string(),
@@ -64,7 +73,7 @@ impl Manager {
                 backup_volume: b.spec.volume.clone(),
                 activate: false,
                 revert: None,
-                backing_image: String::new(),
+                backing_image,
             },
             status: VolumeStatus {
                 restore: Some(RestoreStatus {
@@ -112,6 +121,7 @@ impl Manager {
                 ..target
             },
             bandwidth: self.setting_u64("backup-bandwidth-limit"),
+            backing_image: v.spec.backing_image.clone(),
         })
     }
 

@@ -594,7 +594,10 @@ impl Manager {
         let mut touched: BTreeSet<String> = BTreeSet::new();
         for e in &remote {
             if zebu_types::validate_name(&e.backup).is_err()
-                || zebu_types::validate_name(&e.volume).is_err()
+                || zebu_types::validate_name(
+                    zebu_types::owner_image(&e.volume).unwrap_or(&e.volume),
+                )
+                .is_err()
             {
                 continue;
             }

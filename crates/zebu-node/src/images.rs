@@ -50,6 +50,8 @@ enum From {
     Peer(String),
     /// A snapshot of a volume, through its engine here.
     Export(Arc<zebu_engine::Engine>, String),
+    /// A backing-image backup: (target, owner, backup).
+    Restore(zebu_api::model::TargetRef, String, String),
 }
 
 /// Why a transfer stopped.
@@ -121,6 +123,8 @@ pub struct Copies {
     entries: Mutex<HashMap<String, Entry>>,
     /// Wakes the heartbeat loop when a copy changes state.
     wake: Arc<Notify>,
+    /// Restores copies from backups.
+    transfers: Arc<dyn crate::Transfers>,
 }
 
 /// Whether `uid` is an object uid (32 hex digits): nothing else reaches a path.
@@ -269,7 +273,12 @@ impl Drop for Upload {
 impl Copies {
     /// Opens the copies under `dir`: ready ones whose file is unchanged are ready at once,
     /// changed ones are re-verified, partial ones wait for their order to resume.
-    pub fn open(dir: PathBuf, token: String, wake: Arc<Notify>) -> std::io::Result<Arc<Copies>> {
+    pub fn open(
+        dir: PathBuf,
+        token: String,
+        wake: Arc<Notify>,
+        transfers: Arc<dyn crate::Transfers>,
+    ) -> std::io::Result<Arc<Copies>> {
         std::fs::create_dir_all(&dir)?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
@@ -282,6 +291,7 @@ impl Copies {
             token,
             entries: Mutex::new(HashMap::new()),
             wake,
+            transfers,
         });
         copies.scan();
         Ok(copies)
@@ -289,6 +299,13 @@ impl Copies {
 
     fn copy_dir(&self, name: &str, uid: &str) -> PathBuf {
         self.dir.join(format!("{name}-{uid}"))
+    }
+
+    /// The raw file of the ready copy of image `name`, whatever its uid (a backup's source).
+    pub fn ready_file(&self, name: &str) -> Option<PathBuf> {
+        let entries = self.entries.lock().ok()?;
+        let e = entries.get(name)?;
+        (e.state == BackingImageState::Ready).then(|| self.copy_dir(name, &e.uid).join(RAW))
     }
 
     /// The raw file of a ready copy, for a replica's base or a peer's fetch.
@@ -628,6 +645,11 @@ impl Copies {
                     Some(en) => From::Export(en.clone(), snapshot.clone()),
                     None => continue,
                 },
+                CopySource::Restore {
+                    target,
+                    owner,
+                    backup,
+                } => From::Restore(target.clone(), owner.clone(), backup.clone()),
             };
             e.state = BackingImageState::InProgress;
             e.attempts += 1;
@@ -635,6 +657,28 @@ impl Copies {
             let h = tokio::spawn(async move { me.run_fetch(copy, from).await });
             e.task = Some(h.abort_handle());
         }
+    }
+
+    /// Restores a backing-image backup into `image.part`.
+    async fn restore(
+        self: &Arc<Self>,
+        copy: &CopyRef,
+        target: zebu_api::model::TargetRef,
+        owner: String,
+        backup: String,
+    ) -> Result<(), Failure> {
+        let dir = self.copy_dir(&copy.name, &copy.uid);
+        std::fs::create_dir_all(&dir).map_err(retry)?;
+        let (me, c) = (self.clone(), copy.clone());
+        // Progress in blocks, shown as bytes of the same proportion.
+        let progress: Arc<dyn Fn(u64, u64) + Send + Sync> = Arc::new(move |done, total| {
+            me.progress(&c, done, total);
+        });
+        self.transfers
+            .restore_image(target, owner, backup, dir.join(PART), progress)
+            .await
+            .map(|_| ())
+            .map_err(Failure::Retry)
     }
 
     /// Reads a snapshot of a volume through its engine into `image.part`.
@@ -687,6 +731,10 @@ impl Copies {
         let got = match &from {
             From::Url(url) | From::Peer(url) => self.fetch(&copy, url, peer).await,
             From::Export(engine, snapshot) => self.export(&copy, engine, snapshot).await,
+            From::Restore(target, owner, backup) => {
+                self.restore(&copy, target.clone(), owner.clone(), backup.clone())
+                    .await
+            }
         };
         let res = match got {
             Ok(()) => {

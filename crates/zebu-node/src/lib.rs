@@ -290,12 +290,13 @@ impl NodeAgent {
         std::fs::create_dir_all(cfg.data_dir.join("replicas"))?;
         let wake = Arc::new(tokio::sync::Notify::new());
         let copies = {
-            let (dir, token, wake) = (
+            let (dir, token, wake, t) = (
                 cfg.data_dir.join("backing-images"),
                 api.token().to_string(),
                 wake.clone(),
+                transfers.clone(),
             );
-            tokio::task::spawn_blocking(move || Copies::open(dir, token, wake))
+            tokio::task::spawn_blocking(move || Copies::open(dir, token, wake, t))
                 .await
                 .map_err(|e| NodeError::Setup(e.to_string()))??
         };

@@ -150,21 +150,15 @@ impl NodeAgent {
     /// Starts the volume's assigned backups, settles ones a restart interrupted, and forgets
     /// finished ones the manager has recorded.
     async fn reconcile_backups(&self, volume: &str, orders: &[BackupOrder]) {
-        let engine = self.engine(volume).await;
-        {
-            let mut tasks = self.backups.lock().await;
-            tasks.retain(|name, (v, t)| {
-                let keep = v != volume || orders.iter().any(|o| &o.name == name);
-                if !keep && !t.finished() {
-                    t.abort();
-                }
-                keep
-            });
-            self.waiting
-                .lock()
-                .await
-                .retain(|name, v| v.1 != volume || orders.iter().any(|o| &o.name == name));
+        if let Some(image) = zebu_types::owner_image(volume) {
+            return self.reconcile_image_backups(volume, image, orders).await;
         }
+        let engine = self.engine(volume).await;
+        self.drop_unordered_backups(volume, orders).await;
+        self.waiting
+            .lock()
+            .await
+            .retain(|name, v| v.1 != volume || orders.iter().any(|o| &o.name == name));
         for o in orders {
             if self.backups.lock().await.contains_key(&o.name) {
                 continue;
@@ -202,6 +196,45 @@ impl NodeAgent {
                 .lock()
                 .await
                 .insert(o.name.clone(), (volume.to_string(), task));
+        }
+    }
+
+    /// Forgets the backups of `volume` the manager no longer orders, stopping running ones.
+    async fn drop_unordered_backups(&self, volume: &str, orders: &[BackupOrder]) {
+        self.backups.lock().await.retain(|name, (v, t)| {
+            let keep = v != volume || orders.iter().any(|o| &o.name == name);
+            if !keep && !t.finished() {
+                t.abort();
+            }
+            keep
+        });
+    }
+
+    /// Backups of a backing image's copy here (owner `bi.<image>`): started from the ready
+    /// copy's file, settled from the target after a restart.
+    async fn reconcile_image_backups(&self, owner: &str, image: &str, orders: &[BackupOrder]) {
+        self.drop_unordered_backups(owner, orders).await;
+        for o in orders {
+            if self.backups.lock().await.contains_key(&o.name) {
+                continue;
+            }
+            let task = if o.state == BackupState::InProgress {
+                self.transfers.settle_interrupted(
+                    o.clone(),
+                    self.cfg.name.clone(),
+                    self.wake.clone(),
+                )
+            } else {
+                let Some(path) = self.copies.ready_file(image) else {
+                    continue;
+                };
+                self.transfers
+                    .start_image_backup(path, o.clone(), self.wake.clone())
+            };
+            self.backups
+                .lock()
+                .await
+                .insert(o.name.clone(), (owner.to_string(), task));
         }
     }
 

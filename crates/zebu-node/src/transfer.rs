@@ -3,10 +3,13 @@
 //! knows nothing of backup formats or object stores; the binary plugs in the implementation
 //! (`zebu-transfer`).
 
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::sync::Notify;
-use zebu_api::model::{BackupOrder, BackupReport, RestoreOrder, RestoreReport};
+use zebu_api::model::{BackupOrder, BackupReport, RestoreOrder, RestoreReport, TargetRef};
 use zebu_engine::Engine;
 
 /// A backup running (or settled) on this node.
@@ -30,6 +33,9 @@ pub trait RestoreHandle: Send + Sync {
     fn succeeded(&self) -> bool;
 }
 
+/// A transfer running on its own.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
 /// Starts backups and restores; each notifies `done` when it ends.
 pub trait Transfers: Send + Sync {
     fn start_backup(
@@ -52,4 +58,21 @@ pub trait Transfers: Send + Sync {
         concurrency: usize,
         done: Arc<Notify>,
     ) -> Box<dyn RestoreHandle>;
+    /// A backup of a backing-image copy's raw file (`order.volume` is the image's owner name,
+    /// `bi.<image>`).
+    fn start_image_backup(
+        &self,
+        path: PathBuf,
+        order: BackupOrder,
+        done: Arc<Notify>,
+    ) -> Box<dyn BackupHandle>;
+    /// Restores backup `backup` of `owner` into a new file at `path`; resolves to its size.
+    fn restore_image(
+        &self,
+        target: TargetRef,
+        owner: String,
+        backup: String,
+        path: PathBuf,
+        progress: Arc<dyn Fn(u64, u64) + Send + Sync>,
+    ) -> BoxFuture<Result<u64, String>>;
 }

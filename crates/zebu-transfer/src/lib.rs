@@ -3,6 +3,8 @@
 //! snapshot still exists), and a backup is written through the engine to every replica of a new
 //! volume. Plugged into the node agent as its [`Transfers`].
 
+mod images;
+
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -48,6 +50,26 @@ impl Transfers for BackupTargets {
         done: Arc<tokio::sync::Notify>,
     ) -> Box<dyn RestoreHandle> {
         Box::new(start_restore(engine, order, concurrency, done))
+    }
+
+    fn start_image_backup(
+        &self,
+        path: std::path::PathBuf,
+        order: BackupOrder,
+        done: Arc<tokio::sync::Notify>,
+    ) -> Box<dyn BackupHandle> {
+        Box::new(images::start_image_backup(path, order, done))
+    }
+
+    fn restore_image(
+        &self,
+        target: TargetRef,
+        owner: String,
+        backup: String,
+        path: std::path::PathBuf,
+        progress: Arc<dyn Fn(u64, u64) + Send + Sync>,
+    ) -> zebu_node::transfer::BoxFuture<Result<u64, String>> {
+        Box::pin(images::restore_image(target, owner, backup, path, progress))
     }
 }
 
@@ -195,16 +217,33 @@ pub fn start_backup(
     order: BackupOrder,
     done: Arc<tokio::sync::Notify>,
 ) -> BackupTask {
+    let snapshot = order.snapshot.clone();
+    spawn_backup(order.name.clone(), snapshot, done, move |p, i| async move {
+        backup(engine, order, p, &i).await
+    })
+}
+
+/// Runs a backup task: `run` with its counters and info, then the outcome recorded and `done`
+/// notified.
+pub(crate) fn spawn_backup<F, Fut>(
+    name: String,
+    snapshot: String,
+    done: Arc<tokio::sync::Notify>,
+    run: F,
+) -> BackupTask
+where
+    F: FnOnce(Arc<Progress>, Arc<Mutex<BackupInfo>>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
     let progress = Arc::new(Progress::default());
     let info = Arc::new(Mutex::new(BackupInfo {
         state: BackupState::InProgress,
-        snapshot: order.snapshot.clone(),
+        snapshot,
         ..Default::default()
     }));
     let (p, i) = (progress.clone(), info.clone());
     let handle = tokio::spawn(async move {
-        let name = order.name.clone();
-        let res = backup(engine, order, p, &i).await;
+        let res = run(p, i.clone()).await;
         set(&i, |i| match res {
             Ok(()) => i.state = BackupState::Completed,
             Err(e) => {
@@ -496,7 +535,9 @@ async fn restore(
                 .flatten()
         };
         let base = restore_snapshot(&order.from);
-        let fresh = !names.iter().any(|n| n.starts_with("restore-"));
+        // A new volume reads zeros where nothing was written, unless a backing image shows.
+        let fresh =
+            order.backing_image.is_empty() && !names.iter().any(|n| n.starts_with("restore-"));
         tracing::info!(volume = %engine.volume(), backup = %order.backup,
             from = %if old.is_some() { order.from.as_str() } else { "-" }, "restore started");
         let sink = Arc::new(EngineSink(engine.clone()));

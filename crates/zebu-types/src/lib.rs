@@ -99,6 +99,20 @@ impl fmt::Display for LayerId {
 
 /// Checks a resource name: 1–63 characters of lowercase letters, digits and `-`, starting and ending
 /// with a letter or digit (a DNS label).
+/// Backups of backing image `X` are kept and listed as the backups of `bi.X`: a name no volume
+/// can have (names take no '.'), so the two never mix.
+pub const IMAGE_OWNER_PREFIX: &str = "bi.";
+
+/// The owner name under which a backing image's backups are kept.
+pub fn image_owner(image: &str) -> String {
+    format!("{IMAGE_OWNER_PREFIX}{image}")
+}
+
+/// The backing image an owner name stands for, if it is one.
+pub fn owner_image(owner: &str) -> Option<&str> {
+    owner.strip_prefix(IMAGE_OWNER_PREFIX)
+}
+
 pub fn validate_name(name: &str) -> Result<(), TypeError> {
     let bad = |why| TypeError::BadName {
         name: name.to_string(),

@@ -267,7 +267,7 @@ fn show_backups(g: &Global, bs: &[Backup]) -> Result<()> {
 }
 
 /// Follows a backup until it is Completed (Ok) or Error (a one-line error naming the cause).
-async fn wait_backup(g: &Global, api: &ApiClient, name: &str) -> Result<Backup> {
+pub(crate) async fn wait_backup(g: &Global, api: &ApiClient, name: &str) -> Result<Backup> {
     use std::io::{IsTerminal, Write};
     let tty = std::io::stderr().is_terminal();
     let mut last_print = tokio::time::Instant::now();

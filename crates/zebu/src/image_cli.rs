@@ -10,7 +10,7 @@ use clap::Subcommand;
 use serde_json::json;
 use sha2::{Digest, Sha512};
 use zebu_manager::client::ApiClient;
-use zebu_manager::model::{BackingImage, BackingImageState};
+use zebu_manager::model::{BackingImage, BackingImageState, Backup};
 
 use crate::cli::{Global, Output, bar, client, mib, print_json, table};
 
@@ -34,6 +34,9 @@ pub enum ImageCmd {
         /// The volume's snapshot to export (with --from-volume).
         #[arg(long, requires = "from_volume")]
         snapshot: Option<String>,
+        /// Restore a backup of a backing image (made by `backing-image backup`).
+        #[arg(long, group = "source")]
+        from_backup: Option<String>,
         /// Expected SHA-512 of the raw bytes (hex); a mismatch fails the image.
         #[arg(long)]
         checksum: Option<String>,
@@ -52,6 +55,17 @@ pub enum ImageCmd {
     Upload {
         name: String,
         file: std::path::PathBuf,
+    },
+    /// Back the image up to a backup target; prints the backup's name (listed by `backup list`
+    /// as volume bi.NAME).
+    Backup {
+        name: String,
+        /// The target (default: `default`).
+        #[arg(long)]
+        target: Option<String>,
+        /// Wait until the backup completes, showing its progress.
+        #[arg(long)]
+        wait: bool,
     },
     /// Change how many nodes keep a copy.
     Update {
@@ -261,6 +275,7 @@ pub async fn image(g: &Global, cmd: ImageCmd) -> Result<()> {
             clone,
             from_volume,
             snapshot,
+            from_backup,
             checksum,
             min_copies,
             wait,
@@ -268,15 +283,16 @@ pub async fn image(g: &Global, cmd: ImageCmd) -> Result<()> {
             if let Some(p) = &file {
                 std::fs::File::open(p).with_context(|| format!("--upload {}", p.display()))?;
             }
-            let source = match (&url, &file, &clone, &from_volume) {
-                (Some(u), None, None, None) => json!({"kind": "download", "url": u}),
-                (None, Some(_), None, None) => json!({"kind": "upload"}),
-                (None, None, Some(c), None) => json!({"kind": "clone", "image": c}),
-                (None, None, None, Some(v)) => {
+            let source = match (&url, &file, &clone, &from_volume, &from_backup) {
+                (Some(u), None, None, None, None) => json!({"kind": "download", "url": u}),
+                (None, Some(_), None, None, None) => json!({"kind": "upload"}),
+                (None, None, Some(c), None, None) => json!({"kind": "clone", "image": c}),
+                (None, None, None, Some(v), None) => {
                     json!({"kind": "export", "volume": v, "snapshot": snapshot.unwrap_or_default()})
                 }
+                (None, None, None, None, Some(b)) => json!({"kind": "restore", "backup": b}),
                 _ => bail!(
-                    "backing-image create needs one source: --url, --upload, --clone or --from-volume"
+                    "backing-image create needs one source: --url, --upload, --clone, --from-volume or --from-backup"
                 ),
             };
             let mut body = json!({"name": name, "source": source});
@@ -314,6 +330,24 @@ pub async fn image(g: &Global, cmd: ImageCmd) -> Result<()> {
                 print_json(&b)
             } else {
                 show(g, &[b])
+            }
+        }
+        ImageCmd::Backup { name, target, wait } => {
+            let mut body = json!({});
+            if let Some(t) = target {
+                body["target"] = json!(t);
+            }
+            let mut b: Backup = api
+                .post(&format!("/v1/backing-images/{name}/backup"), &body)
+                .await?;
+            if wait {
+                b = crate::backup_cli::wait_backup(g, &api, &b.metadata.name).await?;
+            }
+            if g.output == Output::Json {
+                print_json(&b)
+            } else {
+                println!("{}", b.metadata.name);
+                Ok(())
             }
         }
         ImageCmd::List => {

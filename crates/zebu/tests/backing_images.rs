@@ -929,3 +929,191 @@ fn node_agents_killed_during_downloads_and_peer_fetches_end_with_ready_copies() 
     must("nbdcopy", &[&uri, read.to_str().expect("utf8")]);
     assert_eq!(sha512(&read), big_sum);
 }
+
+#[test]
+fn image_backups_share_blocks_and_restore_images_and_volumes_on_a_new_server() {
+    let tmp = TempDir::new("bi-backup");
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let (raw, _) = ext4_image(&www, 48);
+    let sum = sha512(&raw);
+    std::fs::copy(&raw, www.join("other.raw")).expect("copy");
+    let http = image_server(&www, 0);
+    let url = |p: &str| format!("http://{}/{p}", http.addr);
+    let (t1, t2) = (tmp.path().join("t1"), tmp.path().join("t2"));
+    let t1u = format!("file://{}", t1.display());
+    let t2u = format!("file://{}", t2.display());
+    let a = Server::start(&tmp.path().join("a"));
+    a.cli(&["backup-target", "update", "default", "--url", &t1u]);
+    a.cli(&["backup-target", "create", "extra", "--url", &t2u]);
+    a.cli(&[
+        "backing-image",
+        "create",
+        "base",
+        "--url",
+        &url("base.raw"),
+        "--wait",
+    ]);
+    // The image to both targets.
+    let bb1 = a
+        .cli(&["backing-image", "backup", "base", "--wait"])
+        .trim()
+        .to_string();
+    let bb2 = a
+        .cli(&[
+            "backing-image",
+            "backup",
+            "base",
+            "--target",
+            "extra",
+            "--wait",
+        ])
+        .trim()
+        .to_string();
+    let b = json_of(&a.cli(&["backup", "get", &bb1, "-o", "json"]));
+    assert_eq!(b["spec"]["volume"], "bi.base");
+    assert_eq!(
+        b["metadata"]["labels"]["backing-image-checksum"],
+        sum.as_str()
+    );
+    assert!(
+        t1.join("backing-images/base/backups")
+            .join(format!("{bb1}.manifest"))
+            .exists()
+    );
+    // A volume on the image, written in its first block only, backed up: the image's blocks
+    // are already in the target, so only the changed block is uploaded.
+    a.cli(&[
+        "volume",
+        "create",
+        "v1",
+        "--size",
+        "64MiB",
+        "--backing-image",
+        "base",
+        "--replicas",
+        "1",
+        "--wait",
+    ]);
+    let u1 = a.cli(&["volume", "attach", "v1"]).trim().to_string();
+    let patch = tmp.path().join("patch");
+    std::fs::write(&patch, block_data(3, 3, 1 << 20)).expect("patch");
+    write_at(&u1, &patch, "0", "1048576");
+    let want = volume_hash(tmp.path(), &u1);
+    let vb = a
+        .cli(&["backup", "create", "v1", "--wait"])
+        .trim()
+        .to_string();
+    let b = json_of(&a.cli(&["backup", "get", &vb, "-o", "json"]));
+    assert_eq!(b["metadata"]["labels"]["backing-image"], "base");
+    assert_eq!(u(&b["status"]["blocks"]["uploaded"]), 1, "{b}");
+    // A volume on an image that has no backup: its backup cannot be restored without it.
+    a.cli(&[
+        "backing-image",
+        "create",
+        "other",
+        "--url",
+        &url("other.raw"),
+        "--wait",
+    ]);
+    a.cli(&[
+        "volume",
+        "create",
+        "v2",
+        "--size",
+        "48MiB",
+        "--backing-image",
+        "other",
+        "--replicas",
+        "1",
+        "--wait",
+    ]);
+    a.cli(&["volume", "attach", "v2"]);
+    let ob = a
+        .cli(&["backup", "create", "v2", "--wait"])
+        .trim()
+        .to_string();
+    a.cli(&["volume", "detach", "v2"]);
+    a.cli(&["volume", "delete", "v2"]);
+    a.cli(&["backing-image", "delete", "other"]);
+    let (ok, _, err) = zebu_cli(
+        a.api(),
+        &a.token,
+        &["volume", "create", "r2", "--from-backup", &ob],
+    );
+    assert!(
+        !ok && err.contains("\"other\"") && err.contains("no backup"),
+        "{err}"
+    );
+    // A backing-image backup is not a volume's.
+    let (ok, _, err) = zebu_cli(
+        a.api(),
+        &a.token,
+        &["volume", "create", "r3", "--from-backup", &bb1],
+    );
+    assert!(!ok && err.contains("--from-backup"), "{err}");
+    drop(a);
+
+    // A new server on the same targets: the image comes back from either target, and a volume
+    // restored from v1's backup restores its image first and reads as v1 did.
+    let b = Server::start(&tmp.path().join("b"));
+    b.cli(&["backup-target", "update", "default", "--url", &t1u]);
+    b.cli(&["backup-target", "create", "extra", "--url", &t2u]);
+    for t in ["default", "extra"] {
+        b.cli(&["backup-target", "sync", t]);
+    }
+    let listed = json_of(&b.cli(&["backup", "list", "-o", "json"]));
+    for name in [&bb1, &bb2, &vb] {
+        assert!(
+            listed
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| &x["metadata"]["name"] == name)),
+            "{name} not listed: {listed}"
+        );
+    }
+    b.cli(&[
+        "backing-image",
+        "create",
+        "copy2",
+        "--from-backup",
+        &bb2,
+        "--wait",
+    ]);
+    let c2 = json_of(&b.cli(&["backing-image", "get", "copy2", "-o", "json"]));
+    assert_eq!(c2["status"]["checksum"], sum.as_str());
+    let dl = tmp.path().join("copy2.raw");
+    b.cli(&[
+        "backing-image",
+        "download",
+        "copy2",
+        "--output",
+        dl.to_str().expect("utf8"),
+    ]);
+    assert_eq!(sha512(&dl), sum);
+    b.cli(&[
+        "volume",
+        "create",
+        "r1",
+        "--from-backup",
+        &vb,
+        "--replicas",
+        "1",
+        "--wait",
+    ]);
+    let img = json_of(&b.cli(&["backing-image", "get", "base", "-o", "json"]));
+    assert_eq!(img["status"]["state"], "ready");
+    assert_eq!(img["spec"]["source"]["kind"], "restore");
+    assert_eq!(img["spec"]["source"]["backup"], bb1.as_str());
+    let v = json_of(&b.cli(&["volume", "get", "r1", "-o", "json"]));
+    assert_eq!(v["spec"]["backingImage"], "base");
+    let ur = b.cli(&["volume", "attach", "r1"]).trim().to_string();
+    assert_eq!(volume_hash(tmp.path(), &ur), want, "r1 reads as v1 did");
+    // Deleting the image's backup keeps every block the volume's backup shares with it.
+    b.cli(&["backup", "delete", &bb1]);
+    assert!(
+        !t1.join("backing-images/base/backups")
+            .join(format!("{bb1}.manifest"))
+            .exists()
+    );
+    b.cli(&["backup", "verify", &vb, "--deep"]);
+}
