@@ -734,8 +734,12 @@ impl Manager {
         let Some(b) = store::get::<BackingImage>(s, image)? else {
             return Ok(None);
         };
+        let want = expected(&b);
         let ready = reports.iter().any(|r| {
-            r.name == image && r.uid == b.metadata.uid && r.state == BackingImageState::Ready
+            r.name == image
+                && r.uid == b.metadata.uid
+                && r.state == BackingImageState::Ready
+                && (want.is_empty() || r.checksum == want)
         });
         Ok(ready.then(|| copy_ref(&b)))
     }
@@ -1127,6 +1131,10 @@ impl Manager {
         Ok((addr, copy_ref(&img)))
     }
 }
+
+#[cfg(test)]
+#[path = "backing_images_tests.rs"]
+mod wiring_tests;
 
 #[cfg(test)]
 mod tests {

@@ -83,6 +83,9 @@ impl Dirty {
     }
 }
 
+/// How a volume's message starts while its replicas wait for backing-image copies.
+const IMAGE_WAIT: &str = "waiting for backing image ";
+
 impl Manager {
     /// Runs the reconcile loop until the process ends. A pass looks at the volumes that changed
     /// since the last one, and once a second those still settling and the next slice of volumes
@@ -598,6 +601,35 @@ impl Manager {
                     e.spec.node, e.status.message
                 )
             });
+        // Or its replicas wait for the nodes' copies of its backing image.
+        let image_wait = if v.spec.backing_image.is_empty() {
+            None
+        } else {
+            let img = store::get::<BackingImage>(s, &v.spec.backing_image)?;
+            let ready = |n: &str| {
+                img.as_ref().is_some_and(|b| {
+                    b.status
+                        .copies
+                        .iter()
+                        .any(|c| c.node == n && c.state == BackingImageState::Ready)
+                })
+            };
+            let mut nodes: Vec<&str> = live
+                .iter()
+                .filter(|r| r.status.address.is_none() && !ready(&r.spec.node))
+                .map(|r| r.spec.node.as_str())
+                .collect();
+            nodes.sort();
+            nodes.dedup();
+            (!nodes.is_empty()).then(|| {
+                format!(
+                    "{IMAGE_WAIT}{:?} on node(s) {}",
+                    v.spec.backing_image,
+                    nodes.join(", ")
+                )
+            })
+        };
+        let waiting_for = waiting_for.or(image_wait);
         let derive = |st: &mut VolumeStatus, replicas: u32| {
             st.state = state;
             st.last_backup = last_backup.clone();
@@ -610,7 +642,9 @@ impl Manager {
             }
             if let Some(m) = &waiting_for {
                 st.message = m.clone();
-            } else if st.message.starts_with("engine on node ") {
+            } else if st.message.starts_with("engine on node ")
+                || st.message.starts_with(IMAGE_WAIT)
+            {
                 st.message.clear();
             }
         };
