@@ -228,20 +228,29 @@ fn sources_checksums_uploads_clones_and_volumes_on_one_server() {
         ],
     );
     assert!(!ok && err.contains("404"), "{err}");
+    // An unreachable server, one answering 503, and one cutting every transfer short: each
+    // retried (1, 2, 4, 8 s apart), then failed with the reason, nothing left behind.
     let closed = format!("http://127.0.0.1:{}/x.raw", free_port());
-    let (ok, _, err) = zebu_cli(
-        &api,
-        &token,
-        &[
-            "backing-image",
-            "create",
-            "unreach",
-            "--url",
-            &closed,
-            "--wait",
-        ],
-    );
-    assert!(!ok && err.contains("after 5 attempts"), "{err}");
+    let failing = [
+        ("unreach", closed, "Connection refused"),
+        ("e503", url("fail503/base.raw"), "503"),
+        ("cut", url("cut/base.raw"), "transfer cut at byte"),
+    ];
+    for (name, u, _) in &failing {
+        srv.cli(&["backing-image", "create", name, "--url", u]);
+    }
+    for (name, _, why) in &failing {
+        let b = wait_state(&api, &token, name, "failed", 60);
+        let msg = b["status"]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains(why) && msg.contains("after 5 attempts"),
+            "{name}: {msg}"
+        );
+        assert!(
+            copy_of(&node_dir, name).is_none(),
+            "{name} left data behind"
+        );
+    }
     for bad in ["ftp://example.com/x.raw", "file:///etc/passwd", "not a url"] {
         let (ok, out, err) = zebu_cli(
             &api,
