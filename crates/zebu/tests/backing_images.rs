@@ -187,6 +187,19 @@ fn sources_checksums_uploads_clones_and_volumes_on_one_server() {
         "--wait",
     ]);
     assert_eq!(image(&api, &token, "q")["status"]["checksum"], sum.as_str());
+    // Redirects are followed.
+    srv.cli(&[
+        "backing-image",
+        "create",
+        "redir",
+        "--url",
+        &url("redirect/base.raw"),
+        "--wait",
+    ]);
+    assert_eq!(
+        image(&api, &token, "redir")["status"]["checksum"],
+        sum.as_str()
+    );
     assert_eq!(
         u(&image(&api, &token, "q")["status"]["virtualSize"]),
         48 << 20
