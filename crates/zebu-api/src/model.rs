@@ -235,6 +235,9 @@ pub struct VolumeStatus {
     pub revert: Option<RevertStatus>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// Unix seconds when it last became detached (nothing written since, while it stays so).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detached_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -616,6 +619,10 @@ pub struct BackupSpec {
     /// is missing, instead of taking unchanged blocks over from the previous backup.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub full: bool,
+    /// The volume may be detached: the manager runs an engine without a frontend for it (a
+    /// system backup's volume backups).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub offline: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -826,6 +833,232 @@ pub struct BackingImage {
 }
 object!(BackingImage, "backingimage");
 
+/// Which volumes a system backup backs up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeBackupPolicy {
+    /// Volumes without a completed backup of their current data.
+    #[default]
+    IfNotPresent,
+    Always,
+    /// None: each volume's newest completed backup is recorded.
+    Disabled,
+}
+
+impl VolumeBackupPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeBackupPolicy::IfNotPresent => "if-not-present",
+            VolumeBackupPolicy::Always => "always",
+            VolumeBackupPolicy::Disabled => "disabled",
+        }
+    }
+}
+
+/// A system backup's phases, in order, ending in `ready` or `error`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SystemBackupState {
+    #[default]
+    Pending,
+    /// Volume and backing-image backups it made are running.
+    CreatingBackups,
+    /// The document is being written to the target.
+    Writing,
+    Ready,
+    Error,
+}
+
+impl SystemBackupState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SystemBackupState::Pending => "pending",
+            SystemBackupState::CreatingBackups => "creating-backups",
+            SystemBackupState::Writing => "writing",
+            SystemBackupState::Ready => "ready",
+            SystemBackupState::Error => "error",
+        }
+    }
+
+    pub fn finished(self) -> bool {
+        matches!(self, SystemBackupState::Ready | SystemBackupState::Error)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SystemBackupSpec {
+    #[serde(default)]
+    pub volume_backup_policy: VolumeBackupPolicy,
+    /// Where the document is written (volume backups go to each volume's own target).
+    #[serde(default)]
+    pub target: String,
+}
+
+/// A volume as a system backup captures it, with the backup that restores it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SystemVolume {
+    pub name: String,
+    pub size: u64,
+    pub replicas: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backing_image: String,
+    pub backup_target: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub standby: bool,
+    /// A standby volume: the volume whose backups it follows, and the backup it came from.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backup_volume: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub from_backup: String,
+    /// The backup that restores it (empty: none; see `note`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backup: String,
+    /// Made by this system backup (waited for), rather than an existing one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub created: bool,
+    /// Its backup completed (or an existing one was chosen).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub done: bool,
+    /// BLAKE3 of the backup's manifest, read from the target before the document is written.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub manifest_checksum: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
+}
+
+/// A backing image as a system backup captures it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SystemImage {
+    pub name: String,
+    pub checksum: String,
+    pub min_copies: u32,
+    pub backup: String,
+    pub target: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub created: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub done: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub manifest_checksum: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SystemBackupStatus {
+    #[serde(default)]
+    pub state: SystemBackupState,
+    /// 0–100; 100 only once the document is on the target.
+    #[serde(default)]
+    pub progress: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// Unix seconds when it was written (ready).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<u64>,
+    /// Unix seconds when it started (its deadline counts from here).
+    #[serde(default)]
+    pub started_at: u64,
+    /// The Zebu version that wrote it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
+    /// Where the document is (`<target url>/system-backups/<name>/system-backup.json`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub url: String,
+    #[serde(default)]
+    pub volumes: Vec<SystemVolume>,
+    #[serde(default)]
+    pub backing_images: Vec<SystemImage>,
+    #[serde(default)]
+    pub settings: u32,
+    #[serde(default)]
+    pub targets: u32,
+}
+
+/// The cluster's definition and a backup of every volume's data, on a backup target.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SystemBackup {
+    pub metadata: Meta,
+    pub spec: SystemBackupSpec,
+    #[serde(default)]
+    pub status: SystemBackupStatus,
+}
+object!(SystemBackup, "systembackup");
+
+/// Where a system restore stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SystemRestoreState {
+    #[default]
+    Pending,
+    /// Objects created; restored volumes are receiving their data.
+    Restoring,
+    Completed,
+    Error,
+}
+
+impl SystemRestoreState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SystemRestoreState::Pending => "pending",
+            SystemRestoreState::Restoring => "restoring",
+            SystemRestoreState::Completed => "completed",
+            SystemRestoreState::Error => "error",
+        }
+    }
+
+    pub fn finished(self) -> bool {
+        matches!(
+            self,
+            SystemRestoreState::Completed | SystemRestoreState::Error
+        )
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SystemRestoreSpec {
+    pub system_backup: String,
+}
+
+/// What a system restore did with one object: `restored`, `restoring`, `skipped: exists`, or
+/// `failed: <reason>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreResult {
+    pub kind: String,
+    pub name: String,
+    pub result: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SystemRestoreStatus {
+    #[serde(default)]
+    pub state: SystemRestoreState,
+    #[serde(default)]
+    pub progress: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    #[serde(default)]
+    pub started_at: u64,
+    #[serde(default)]
+    pub results: Vec<RestoreResult>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SystemRestore {
+    pub metadata: Meta,
+    pub spec: SystemRestoreSpec,
+    #[serde(default)]
+    pub status: SystemRestoreStatus,
+}
+object!(SystemRestore, "systemrestore");
+
 /// Settings and their defaults.
 pub const SETTINGS: &[(&str, &str, &str)] = &[
     (
@@ -877,6 +1110,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "offline-replica-rebuilding",
         "true",
         "rebuild the replicas of a detached volume without waiting for it to be attached",
+    ),
+    (
+        "system-backup-timeout",
+        "3600",
+        "seconds a system backup or restore may wait for the backups it made or the volumes it restores before it ends in error",
     ),
     (
         "failed-backup-ttl",

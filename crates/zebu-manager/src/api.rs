@@ -136,11 +136,19 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("put", "/v1/backing-images/{name}/upload"),
     ("get", "/v1/backing-images/{name}/download"),
     ("post", "/v1/backing-images/{name}/backup"),
+    ("get", "/v1/system-backups"),
+    ("post", "/v1/system-backups"),
+    ("get", "/v1/system-backups/{name}"),
+    ("delete", "/v1/system-backups/{name}"),
+    ("get", "/v1/system-restores"),
+    ("post", "/v1/system-restores"),
+    ("get", "/v1/system-restores/{name}"),
+    ("delete", "/v1/system-restores/{name}"),
     ("get", "/metrics"),
 ];
 
 pub fn router(m: Arc<Manager>) -> Router {
-    crate::api_images::routes(Router::new())
+    crate::api_system::routes(crate::api_images::routes(Router::new()))
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/volumes", get(list_volumes).post(create_volume))

@@ -4,7 +4,7 @@
 //! rolled up from its copies, and the replica gate (a replica is sent to its node only once the
 //! node's copy is ready).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::ApiError;
 use crate::controller::{Manager, conflict, not_found};
@@ -751,6 +751,21 @@ impl Manager {
         name: &str,
         target: Option<&str>,
     ) -> Result<Backup, ApiError> {
+        let target = target.unwrap_or(DEFAULT_TARGET).to_string();
+        zebu_types::validate_name(&target)
+            .map_err(|e| ApiError::bad("InvalidName", e.to_string()))?;
+        let bname = format!("backup-{:016x}", rand::random::<u64>());
+        self.image_backup_named(name, &target, &bname, BTreeMap::new())
+    }
+
+    /// Records backup `bname` of image `name` to `target` with `labels` (plus the image's).
+    pub(crate) fn image_backup_named(
+        &self,
+        name: &str,
+        target: &str,
+        bname: &str,
+        mut labels: BTreeMap<String, String>,
+    ) -> Result<Backup, ApiError> {
         let s = &*self.store;
         let img =
             store::get::<BackingImage>(s, name)?.ok_or_else(|| not_found("backing image", name))?;
@@ -763,31 +778,25 @@ impl Manager {
                 ),
             ));
         }
-        let target = target.unwrap_or(DEFAULT_TARGET).to_string();
-        zebu_types::validate_name(&target)
-            .map_err(|e| ApiError::bad("InvalidName", e.to_string()))?;
-        let tr = self.available_target(&target)?;
+        let tr = self.available_target(target)?;
         let owner = zebu_types::image_owner(name);
-        let bname = format!("backup-{:016x}", rand::random::<u64>());
-        let labels = [
-            (IMAGE_LABEL.to_string(), name.to_string()),
-            (CHECKSUM_LABEL.to_string(), expected(&img)),
-        ]
-        .into();
+        labels.insert(IMAGE_LABEL.to_string(), name.to_string());
+        labels.insert(CHECKSUM_LABEL.to_string(), expected(&img));
         let b = Backup {
             metadata: Meta {
-                name: bname.clone(),
+                name: bname.to_string(),
                 labels,
                 ..Default::default()
             },
             spec: BackupSpec {
                 volume: owner.clone(),
                 snapshot: String::new(),
-                target,
+                target: target.to_string(),
                 full: false,
+                offline: false,
             },
             status: BackupStatus {
-                url: crate::backups::manifest_url(&tr.url, &owner, &bname),
+                url: crate::backups::manifest_url(&tr.url, &owner, bname),
                 ..Default::default()
             },
         };

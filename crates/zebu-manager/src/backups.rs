@@ -55,6 +55,16 @@ pub(crate) fn manifest_url(url: &str, volume: &str, backup: &str) -> String {
 }
 
 impl Manager {
+    /// Whether the volume has an unfinished backup that may run while it is detached.
+    pub(crate) fn offline_backup_pending(&self, volume: &str) -> bool {
+        store::list_by::<Backup>(&*self.store, store::Field::Volume, volume)
+            .map(|bs| {
+                bs.iter()
+                    .any(|b| b.spec.offline && !b.status.state.finished())
+            })
+            .unwrap_or(false)
+    }
+
     /// A target a new backup may go to: it exists and is available.
     pub(crate) fn available_target(&self, target: &str) -> Result<TargetRef, ApiError> {
         let tr = self.target_ref(target)?;
@@ -108,10 +118,29 @@ impl Manager {
         labels: BTreeMap<String, String>,
         full: bool,
     ) -> Result<Backup, ApiError> {
-        let s = &*self.store;
         check_labels(&labels)?;
         let v = self.attached_volume(volume, "backups")?;
-        let mut labels = labels;
+        let target = target.unwrap_or(volume_target(&v)).to_string();
+        let name = format!("backup-{:016x}", rand::random::<u64>());
+        self.new_backup(&v, &name, snapshot, &target, labels, full, false)
+    }
+
+    /// Records backup `name` of `v` to `target` (of `snapshot`, else of one taken now, named
+    /// like the backup); `offline`: the volume may be detached (an engine without a frontend is
+    /// run for it).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new_backup(
+        &self,
+        v: &Volume,
+        name: &str,
+        snapshot: Option<&str>,
+        target: &str,
+        mut labels: BTreeMap<String, String>,
+        full: bool,
+        offline: bool,
+    ) -> Result<Backup, ApiError> {
+        let s = &*self.store;
+        let volume = v.metadata.name.as_str();
         if !v.spec.backing_image.is_empty() {
             // A restore of it needs the same image under it.
             let img = store::get::<BackingImage>(s, &v.spec.backing_image)?;
@@ -126,9 +155,7 @@ impl Manager {
                 );
             }
         }
-        let target = target.unwrap_or(volume_target(&v)).to_string();
-        let tr = self.available_target(&target)?;
-        let name = format!("backup-{:016x}", rand::random::<u64>());
+        let tr = self.available_target(target)?;
         let snap = match snapshot {
             Some(sn) => {
                 zebu_types::validate_name(sn)
@@ -148,28 +175,32 @@ impl Manager {
                     },
                     spec: SnapshotSpec {
                         volume: volume.to_string(),
-                        name: name.clone(),
+                        name: name.to_string(),
                     },
                     status: SnapshotStatus::default(),
                 };
-                store::create(s, &sn)?;
-                name.clone()
+                match store::create(s, &sn) {
+                    Ok(_) | Err(store::StoreError::Exists { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                name.to_string()
             }
         };
         let b = Backup {
             metadata: Meta {
-                name: name.clone(),
+                name: name.to_string(),
                 labels,
                 ..Default::default()
             },
             spec: BackupSpec {
                 volume: volume.to_string(),
                 snapshot: snap,
-                target,
+                target: target.to_string(),
                 full,
+                offline,
             },
             status: BackupStatus {
-                url: manifest_url(&tr.url, volume, &name),
+                url: manifest_url(&tr.url, volume, name),
                 ..Default::default()
             },
         };
@@ -443,6 +474,8 @@ impl Manager {
                 ))
             } else {
                 match engine {
+                    // An engine without a frontend is started for it.
+                    None if b.spec.offline => None,
                     None => Some((
                         format!(
                             "volume {:?} was detached before the backup finished",
@@ -544,6 +577,7 @@ pub(crate) fn backup_from_manifest(target: &str, url: &str, m: &Manifest) -> Bac
             snapshot: m.snapshot.clone(),
             target: target.to_string(),
             full: false,
+            offline: false,
         },
         status: BackupStatus {
             state: BackupState::Completed,

@@ -105,6 +105,7 @@ impl Manager {
                 complete_copy_node(live, &up)
             } else {
                 self.offline_rebuild_node(v, live, &up)
+                    .or_else(|| self.offline_backup_node(v, live, &up))
             };
             let keep = current
                 .filter(|e| e.metadata.deletion_requested.is_none() && up(&e.spec.node))
@@ -161,6 +162,24 @@ impl Manager {
         // The setting is read only for volumes that need a rebuild (a store read per volume
         // per pass otherwise).
         if !needs || self.setting("offline-replica-rebuilding") != "true" {
+            return None;
+        }
+        complete_copy_node(live, up)
+    }
+
+    /// Where a detached volume is backed up (a system backup's backup of it): the node of a
+    /// complete copy, while such a backup is unfinished.
+    pub(crate) fn offline_backup_node(
+        &self,
+        v: &Volume,
+        live: &[Replica],
+        up: &dyn Fn(&str) -> bool,
+    ) -> Option<String> {
+        if v.spec.standby
+            || v.metadata.deletion_requested.is_some()
+            || !crate::backups::restore_done(v)
+            || !self.offline_backup_pending(&v.metadata.name)
+        {
             return None;
         }
         complete_copy_node(live, up)

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod api_images;
+pub mod api_system;
 // The object model and the client live in zebu-api (shared with node agents and the CLI).
 pub use zebu_api::{Error as ApiError, ErrorKind, body_message, client, model};
 pub mod backing_images;
@@ -18,6 +19,7 @@ pub mod reconcile;
 pub mod restores;
 pub mod revert;
 pub mod store;
+pub mod system_backups;
 pub mod targets;
 pub mod txn;
 pub mod volumes;

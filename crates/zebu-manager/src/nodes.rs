@@ -435,7 +435,10 @@ impl Manager {
             // Only engines serving an attached volume take or delete user snapshots: an engine
             // that reverts or rebuilds a detached volume must not re-create what a revert
             // discarded.
-            if e.spec.frontend && e.spec.revert.is_none() {
+            // (or an engine started to back up a detached volume).
+            if (e.spec.frontend || self.offline_backup_pending(&e.spec.volume))
+                && e.spec.revert.is_none()
+            {
                 for sn in store::list_by::<Snapshot>(s, Field::Volume, &e.spec.volume)? {
                     a.snapshots.push(SnapshotOp {
                         volume: sn.spec.volume.clone(),

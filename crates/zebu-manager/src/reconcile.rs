@@ -630,7 +630,11 @@ impl Manager {
             })
         };
         let waiting_for = waiting_for.or(image_wait);
+        let t = self.now_s();
         let derive = |st: &mut VolumeStatus, replicas: u32| {
+            if state == VolumeState::Detached && st.state != VolumeState::Detached {
+                st.detached_at = Some(t);
+            }
             st.state = state;
             st.last_backup = last_backup.clone();
             st.last_backup_at = last_backup_at;

@@ -665,6 +665,7 @@ impl Manager {
                             snapshot: String::new(),
                             target: name.to_string(),
                             full: false,
+                            offline: false,
                         },
                         status: BackupStatus {
                             state: BackupState::Error,
@@ -724,6 +725,7 @@ impl Manager {
         for vol in touched {
             self.refresh_backup_volume(&*self.store, name, &vol)?;
         }
+        self.sync_system_backups(name, &store).await?;
         store::modify::<BackupTarget>(&*self.store, name, |t| {
             t.status.available = true;
             t.status.message.clear();

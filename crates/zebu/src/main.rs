@@ -7,6 +7,7 @@ mod filehook;
 mod image_cli;
 mod node_http;
 mod services;
+mod system_cli;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +60,13 @@ enum Cmd {
     /// download.
     #[command(subcommand)]
     BackingImage(image_cli::ImageCmd),
+    /// System backups (settings, targets, backing images, every volume with its backup):
+    /// create, list, get, delete.
+    #[command(subcommand)]
+    SystemBackup(system_cli::SystemBackupCmd),
+    /// System restores from a system backup: create, list, get, delete.
+    #[command(subcommand)]
+    SystemRestore(system_cli::SystemRestoreCmd),
     /// Serve one replica of a volume over the replica protocol (bare data path, no manager).
     ReplicaServer {
         /// Directory holding the replica's files (created when missing).
@@ -181,6 +189,8 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::BackupTarget(c) => backup_cli::target(&cli.global, c).await,
         Cmd::Backup(c) => backup_cli::backup(&cli.global, c).await,
         Cmd::BackingImage(c) => image_cli::image(&cli.global, c).await,
+        Cmd::SystemBackup(c) => system_cli::system_backup(&cli.global, c).await,
+        Cmd::SystemRestore(c) => system_cli::system_restore(&cli.global, c).await,
         Cmd::ReplicaServer {
             dir,
             volume,

@@ -72,6 +72,7 @@ async fn start_manager(
     tokio::spawn(m.clone().run());
     tokio::spawn(m.clone().run_backup_sync());
     tokio::spawn(m.clone().run_wakeups());
+    tokio::spawn(m.clone().run_system_tasks());
     let l = bind_listener("--api-listen", api_listen).await?;
     let addr = l.local_addr()?.to_string();
     let app = zebu_manager::api::router(m.clone());
