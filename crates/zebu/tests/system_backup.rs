@@ -339,17 +339,28 @@ fn policies_standby_images_prefix_safe_delete_and_a_disaster_restore_on_a_fresh_
         .map(Vec::len)
         .unwrap_or(0)
     };
-    assert_eq!(made("sb-off"), 0);
-    // if-not-present: v2 (detached since its backup) keeps b2; v1 gets one; the standby
-    // volume none. The image is backed up once.
+    // Only the backing image's backup (images are backed up whatever the volume policy).
+    assert_eq!(made("sb-off"), 1);
+    assert_eq!(sb["status"]["backingImages"][0]["created"], true);
+    // if-not-present: v2 was written to after b2 (detached since then), v1 never backed up:
+    // both get one; the standby volume none; the image's backup is reused.
     c(&["system-backup", "create", "sb", "--wait"]);
     let sb = get(&api, &token, &["system-backup", "get", "sb", "-o", "json"]);
-    assert_eq!(system_backup_volume(&sb, "v2")["backup"], b2.as_str());
     assert_eq!(system_backup_volume(&sb, "v1")["created"], true);
+    assert_eq!(system_backup_volume(&sb, "v2")["created"], true);
     assert_eq!(system_backup_volume(&sb, "v2-dr")["standby"], true);
     assert_eq!(system_backup_volume(&sb, "v2-dr")["backup"], Value::Null);
-    assert_eq!(made("sb"), 2, "v1 and the image");
+    assert_eq!(made("sb"), 2, "v1 and v2: {sb}");
     assert_eq!(sb["status"]["backingImages"][0]["name"], "img");
+    assert_eq!(sb["status"]["backingImages"][0]["created"], Value::Null);
+    // Again: v2, detached since that backup, keeps it; v1 (attached) gets a new one.
+    c(&["system-backup", "create", "sb-again", "--wait"]);
+    let again = get(&api, &token, &["system-backup", "get", "sb-again", "-o", "json"]);
+    assert_eq!(
+        system_backup_volume(&again, "v2")["backup"],
+        system_backup_volume(&sb, "v2")["backup"]
+    );
+    assert_eq!(made("sb-again"), 1, "v1 only: {again}");
     // always: every volume but the standby one, and the image's backup is reused.
     c(&[
         "system-backup",
@@ -381,7 +392,7 @@ fn policies_standby_images_prefix_safe_delete_and_a_disaster_restore_on_a_fresh_
             .join("system-backup.json")
             .exists()
     );
-    for n in ["sb-1", "sb2", "sb-off"] {
+    for n in ["sb-1", "sb2", "sb-off", "sb-again"] {
         assert!(
             t1.join("system-backups")
                 .join(n)
@@ -404,7 +415,7 @@ fn policies_standby_images_prefix_safe_delete_and_a_disaster_restore_on_a_fresh_
                 .collect()
         })
         .unwrap_or_default();
-    assert_eq!(names, ["sb-1", "sb-off", "sb2"]);
+    assert_eq!(names, ["sb-1", "sb-again", "sb-off", "sb2"]);
     let (ok, _, err) = zebu_cli(&api, &token, &["system-backup", "create", "bad name"]);
     assert!(!ok && err.lines().count() == 1, "{err}");
     drop(a);
