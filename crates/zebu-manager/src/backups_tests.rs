@@ -173,6 +173,7 @@ fn failed(name: &str, at: Option<u64>, tag: &str) -> Backup {
             snapshot: String::new(),
             target: DEFAULT_TARGET.into(),
             full: false,
+            offline: false,
         },
         status: BackupStatus {
             state: BackupState::Error,

@@ -283,8 +283,8 @@ impl Manager {
                 }
                 _ => {
                     let child = child_name(sb, &v.metadata.name);
-                    if store::get::<Backup>(s, &child)?.is_none() {
-                        if let Err(err) = self.new_backup(
+                    if store::get::<Backup>(s, &child)?.is_none()
+                        && let Err(err) = self.new_backup(
                             &v,
                             &child,
                             None,
@@ -292,15 +292,15 @@ impl Manager {
                             labels.clone(),
                             false,
                             true,
-                        ) {
-                            return self.fail_sb(
-                                name,
-                                format!(
-                                    "cannot back up volume {:?}: {}",
-                                    v.metadata.name, err.message
-                                ),
-                            );
-                        }
+                        )
+                    {
+                        return self.fail_sb(
+                            name,
+                            format!(
+                                "cannot back up volume {:?}: {}",
+                                v.metadata.name, err.message
+                            ),
+                        );
                     }
                     e.backup = child;
                     e.created = true;
@@ -1011,9 +1011,9 @@ impl Manager {
                     None => r.result = "failed: the volume was deleted".into(),
                     Some(v) => {
                         let rs = v.status.restore.clone().unwrap_or_default();
-                        if v.spec.standby && !rs.last_restored_backup.is_empty() {
-                            r.result = "restored".into();
-                        } else if restore_done(&v) {
+                        let standby_following =
+                            v.spec.standby && !rs.last_restored_backup.is_empty();
+                        if standby_following || restore_done(&v) {
                             r.result = "restored".into();
                         } else if rs.state == RestoreState::Error {
                             r.result = format!("failed: {}", rs.error);
@@ -1096,6 +1096,10 @@ fn secrets_note(t: &TargetRecord) -> String {
 fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(crate::ErrorKind::Internal, "Internal", e.to_string())
 }
+
+#[cfg(test)]
+#[path = "system_backups_tests.rs"]
+mod policy_tests;
 
 #[cfg(test)]
 mod tests {

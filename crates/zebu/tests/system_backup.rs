@@ -355,7 +355,11 @@ fn policies_standby_images_prefix_safe_delete_and_a_disaster_restore_on_a_fresh_
     assert_eq!(sb["status"]["backingImages"][0]["created"], Value::Null);
     // Again: v2, detached since that backup, keeps it; v1 (attached) gets a new one.
     c(&["system-backup", "create", "sb-again", "--wait"]);
-    let again = get(&api, &token, &["system-backup", "get", "sb-again", "-o", "json"]);
+    let again = get(
+        &api,
+        &token,
+        &["system-backup", "get", "sb-again", "-o", "json"],
+    );
     assert_eq!(
         system_backup_volume(&again, "v2")["backup"],
         system_backup_volume(&sb, "v2")["backup"]
