@@ -442,6 +442,31 @@ fn policies_standby_images_prefix_safe_delete_and_a_disaster_restore_on_a_fresh_
         &["system-backup", "get", "sb-1", "-o", "json"],
     );
     assert_eq!(sb1["status"]["state"], "ready");
+    // The disabled one first: v1 had no backup then, so it is reported as not restorable and
+    // the restore ends in error naming it; the rest comes back.
+    let (ok, _, err) = zebu_cli(
+        &api,
+        &token,
+        &[
+            "system-restore",
+            "create",
+            "r0",
+            "--system-backup",
+            "sb-off",
+            "--wait",
+        ],
+    );
+    assert!(!ok && err.contains("volume \"v1\""), "{err}");
+    let r0 = get(&api, &token, &["system-restore", "get", "r0", "-o", "json"]);
+    let v1 = r0["status"]["results"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|x| x["kind"] == "volume" && x["name"] == "v1")
+        })
+        .map(|x| x["result"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default();
+    assert!(v1.starts_with("failed: no backup was recorded"), "{r0}");
     c(&[
         "system-restore",
         "create",
