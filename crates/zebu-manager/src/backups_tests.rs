@@ -2,43 +2,17 @@
 //! target in a temporary directory, manifests written straight into the target, an injected
 //! clock for retention.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
 use zebu_backupstore::backup::manifest_key;
 use zebu_backupstore::{BackupStore, FsStore};
 
 use super::*;
 use crate::controller::check_setting;
-use crate::store::RedbStore;
-
-struct Fixture {
-    m: Arc<Manager>,
-    dir: PathBuf,
-    target: PathBuf,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use crate::test_fixture::Fixture;
 
 async fn fixture() -> Fixture {
-    let dir = std::env::temp_dir().join(format!(
-        "zebu-backups-unit-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let store = Arc::new(RedbStore::open(&dir.join("store.redb")).expect("store"));
-    let m = Manager::new(store, "t".into(), None).expect("manager");
-    let target = dir.join("target");
-    let url = format!("file://{}", target.display());
-    m.update_target(DEFAULT_TARGET, Some(&url), None, BTreeMap::new(), false)
-        .await
-        .expect("set url");
-    Fixture { m, dir, target }
+    crate::test_fixture::fixture("backups").await
 }
 
 fn manifest(volume: &str, backup: &str, created: u64) -> Manifest {

@@ -21,5 +21,7 @@ pub mod revert;
 pub mod store;
 pub mod system_backups;
 pub mod targets;
+#[cfg(test)]
+mod test_fixture;
 pub mod txn;
 pub mod volumes;

@@ -1,43 +1,16 @@
 //! System backup policy without processes: a redb store and a directory target in a temporary
 //! directory, objects written straight into the store, an injected clock for deadlines.
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
 use zebu_backupstore::{BackupStore, FsStore};
 
 use super::*;
-use crate::store::RedbStore;
-
-struct Fixture {
-    m: Arc<Manager>,
-    dir: PathBuf,
-    target: PathBuf,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use crate::test_fixture::Fixture;
 
 async fn fixture() -> Fixture {
-    let dir = std::env::temp_dir().join(format!(
-        "zebu-sysbackup-unit-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let store = Arc::new(RedbStore::open(&dir.join("store.redb")).expect("store"));
-    let m = Manager::new(store, "t".into(), None).expect("manager");
-    m.set_clock(1_000);
-    let target = dir.join("target");
-    let url = format!("file://{}", target.display());
-    m.update_target(DEFAULT_TARGET, Some(&url), None, BTreeMap::new(), false)
-        .await
-        .expect("set url");
-    m.check_target(DEFAULT_TARGET, true).await.expect("check");
-    Fixture { m, dir, target }
+    let f = crate::test_fixture::fixture("sysbackup").await;
+    f.m.set_clock(1_000);
+    f.m.check_target(DEFAULT_TARGET, true).await.expect("check");
+    f
 }
 
 fn volume(m: &Manager, name: &str, state: VolumeState, detached_at: Option<u64>) {

@@ -197,6 +197,29 @@ pub(crate) fn client(g: &Global) -> Result<ApiClient> {
     Ok(ApiClient::new(&g.api, &token)?)
 }
 
+/// One object: as JSON with `-o json`, else through `show` (a table of one row).
+pub(crate) fn print_one<T: serde::Serialize>(
+    g: &Global,
+    v: T,
+    show: impl FnOnce(&Global, &[T]) -> Result<()>,
+) -> Result<()> {
+    if g.output == Output::Json {
+        print_json(&v)
+    } else {
+        show(g, &[v])
+    }
+}
+
+/// A deleted object: as JSON with `-o json`, else one line saying so.
+pub(crate) fn print_deleted<T: serde::Serialize>(g: &Global, v: &T, what: &str) -> Result<()> {
+    if g.output == Output::Json {
+        print_json(v)
+    } else {
+        println!("{what} deleted");
+        Ok(())
+    }
+}
+
 pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())

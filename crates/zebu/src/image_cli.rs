@@ -12,7 +12,7 @@ use sha2::{Digest, Sha512};
 use zebu_manager::client::ApiClient;
 use zebu_manager::model::{BackingImage, BackingImageState, Backup};
 
-use crate::cli::{Global, Output, bar, client, mib, print_json, table};
+use crate::cli::{Global, Output, bar, client, mib, print_deleted, print_json, print_one, table};
 
 #[derive(Subcommand)]
 pub enum ImageCmd {
@@ -313,11 +313,7 @@ pub async fn image(g: &Global, cmd: ImageCmd) -> Result<()> {
             if wait {
                 b = wait_ready(&api, &name).await?;
             }
-            if g.output == Output::Json {
-                print_json(&b)
-            } else {
-                show(g, &[b])
-            }
+            print_one(g, b, show)
         }
         ImageCmd::Upload { name, file } => {
             let b = upload(&api, &name, &file).await?;
@@ -326,11 +322,7 @@ pub async fn image(g: &Global, cmd: ImageCmd) -> Result<()> {
             } else {
                 wait_ready(&api, &name).await?
             };
-            if g.output == Output::Json {
-                print_json(&b)
-            } else {
-                show(g, &[b])
-            }
+            print_one(g, b, show)
         }
         ImageCmd::Backup { name, target, wait } => {
             let mut body = json!({});
@@ -356,11 +348,7 @@ pub async fn image(g: &Global, cmd: ImageCmd) -> Result<()> {
         }
         ImageCmd::Get { name } => {
             let b: BackingImage = api.get(&format!("/v1/backing-images/{name}")).await?;
-            if g.output == Output::Json {
-                print_json(&b)
-            } else {
-                show(g, &[b])
-            }
+            print_one(g, b, show)
         }
         ImageCmd::Update { name, min_copies } => {
             let b: BackingImage = api
@@ -369,20 +357,11 @@ pub async fn image(g: &Global, cmd: ImageCmd) -> Result<()> {
                     &json!({"minCopies": min_copies}),
                 )
                 .await?;
-            if g.output == Output::Json {
-                print_json(&b)
-            } else {
-                show(g, &[b])
-            }
+            print_one(g, b, show)
         }
         ImageCmd::Delete { name } => {
             let b: BackingImage = api.delete(&format!("/v1/backing-images/{name}")).await?;
-            if g.output == Output::Json {
-                print_json(&b)
-            } else {
-                println!("backing image {name} deleted");
-                Ok(())
-            }
+            print_deleted(g, &b, &format!("backing image {name}"))
         }
         ImageCmd::Download { name, file } => download(&api, &name, file.as_deref()).await,
     }

@@ -10,7 +10,7 @@ use serde_json::json;
 use zebu_manager::client::ApiClient;
 use zebu_manager::model::{SystemBackup, SystemBackupState, SystemRestore, SystemRestoreState};
 
-use crate::cli::{Global, Output, bar, client, print_json, table};
+use crate::cli::{Global, Output, bar, client, print_deleted, print_json, print_one, table};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Policy {
@@ -206,20 +206,11 @@ pub async fn system_backup(g: &Global, cmd: SystemBackupCmd) -> Result<()> {
         }
         SystemBackupCmd::Get { name } => {
             let b: SystemBackup = api.get(&format!("/v1/system-backups/{name}")).await?;
-            if g.output == Output::Json {
-                print_json(&b)
-            } else {
-                show_backups(g, &[b])
-            }
+            print_one(g, b, show_backups)
         }
         SystemBackupCmd::Delete { name } => {
             let b: SystemBackup = api.delete(&format!("/v1/system-backups/{name}")).await?;
-            if g.output == Output::Json {
-                print_json(&b)
-            } else {
-                println!("system backup {name} deleted");
-                Ok(())
-            }
+            print_deleted(g, &b, &format!("system backup {name}"))
         }
     }
 }
@@ -263,20 +254,11 @@ pub async fn system_restore(g: &Global, cmd: SystemRestoreCmd) -> Result<()> {
         }
         SystemRestoreCmd::Get { name } => {
             let r: SystemRestore = api.get(&format!("/v1/system-restores/{name}")).await?;
-            if g.output == Output::Json {
-                print_json(&r)
-            } else {
-                show_restores(g, &[r])
-            }
+            print_one(g, r, show_restores)
         }
         SystemRestoreCmd::Delete { name } => {
             let r: SystemRestore = api.delete(&format!("/v1/system-restores/{name}")).await?;
-            if g.output == Output::Json {
-                print_json(&r)
-            } else {
-                println!("system restore {name} deleted");
-                Ok(())
-            }
+            print_deleted(g, &r, &format!("system restore {name}"))
         }
     }
 }
