@@ -609,8 +609,7 @@ fn target_sync_every_second_and_manager_kills_never_leave_a_system_backup_or_res
     // run; every one reaches ready.
     for i in 0..20 {
         let name = format!("race-{i}");
-        // A new image backup every few rounds: the image's checksum is the same, so reuse is
-        // allowed; "always" makes a volume backup each time.
+        // "always" makes a volume backup each time.
         run(
             &c,
             &[
@@ -624,6 +623,18 @@ fn target_sync_every_second_and_manager_kills_never_leave_a_system_backup_or_res
         let sb = c.wait_final("system-backup", &name, &["ready", "error"], 120);
         assert_eq!(sb["status"]["state"], "ready", "{sb}");
         assert_eq!(sb["status"]["progress"], 100);
+        // The image's backup made this round goes, so the next round makes another one while
+        // the target syncs.
+        let ib = &sb["status"]["backingImages"][0];
+        assert_eq!(ib["created"], true, "{sb}");
+        run(
+            &c,
+            &[
+                "backup",
+                "delete",
+                ib["backup"].as_str().expect("image backup"),
+            ],
+        );
     }
     // The manager SIGKILLed at a random point of 10 system backups: each ends ready, or in
     // error with a reason, never stuck in a middle phase.
