@@ -834,11 +834,14 @@ fn three_nodes_hold_copies_follow_min_copies_and_keep_them_across_restarts() {
     let before = ino(&n2raw);
     let want = volume_hash(tmp.path(), &u1);
     c.restart(1);
+    // The restarted agent serves on a new port: wait for that one, not the old status.
+    let old = u1.clone();
     let u1 = wait_for("v1 attached again on n2", 90, || {
         let v = json_of(&c.cli(&["volume", "get", "v1", "-o", "json"]));
         (v["status"]["state"] == "attached")
             .then(|| v["status"]["nbdUri"].as_str().map(str::to_string))
             .flatten()
+            .filter(|u| *u != old)
     });
     assert_eq!(volume_hash(tmp.path(), &u1), want, "v1 after n2's restart");
     assert_eq!(ino(&n2raw), before, "n2's copy was fetched again");
