@@ -286,16 +286,40 @@ impl ReplicaService {
         result
     }
 
+    /// The store for reading, if session `generation` is still current; the check and the
+    /// read that follows happen under one lock acquisition.
+    fn read_fenced(
+        &self,
+        generation: Generation,
+    ) -> Result<RwLockReadGuard<'_, ReplicaStore>, Response> {
+        let s = self.read_store();
+        fence(s.generation(), generation)?;
+        Ok(s)
+    }
+
+    /// The store for writing, if session `generation` is still current: a newer session is
+    /// accepted under the same write lock, so a stale session's change can never land after it.
+    fn write_fenced(
+        &self,
+        generation: Generation,
+    ) -> Result<RwLockWriteGuard<'_, ReplicaStore>, Response> {
+        let s = self.write_store();
+        fence(s.generation(), generation)?;
+        Ok(s)
+    }
+
     /// Executes one request of a session of `generation`.
     pub fn execute(&self, generation: Generation, req: Request) -> Response {
-        // Fence: a newer engine session has taken over.
-        let current = self.read_store().generation();
-        if current > generation {
-            return Response::Error {
-                code: ErrorCode::StaleGeneration,
-                message: format!("session generation {generation} was superseded by {current}"),
-            };
-        }
+        self.execute_fenced(generation, req)
+            .unwrap_or_else(|refused| refused)
+    }
+
+    fn execute_fenced(&self, generation: Generation, req: Request) -> Result<Response, Response> {
+        let g = generation;
+        let too_large = || Response::Error {
+            code: ErrorCode::Invalid,
+            message: "read too large".into(),
+        };
         let res: Result<Response, StoreError> = match req {
             Request::Hello { .. } => Ok(Response::Error {
                 code: ErrorCode::Invalid,
@@ -303,29 +327,26 @@ impl ReplicaService {
             }),
             Request::Read { offset, len } => {
                 if len > MAX_BODY {
-                    return Response::Error {
-                        code: ErrorCode::Invalid,
-                        message: "read too large".into(),
-                    };
+                    return Err(too_large());
                 }
                 let mut buf = vec![0u8; len as usize];
-                self.read_store()
+                self.read_fenced(g)?
                     .read(offset, &mut buf)
                     .map(|_| Response::Data(Bytes::from(buf)))
             }
             Request::Write { offset, fua, data } => {
-                let mut s = self.write_store();
+                let mut s = self.write_fenced(g)?;
                 s.write(offset, &data)
                     .and_then(|_| if fua { s.flush() } else { Ok(()) })
                     .map(|_| Response::Ok)
             }
             Request::Zero { offset, len, fua } => {
-                let mut s = self.write_store();
+                let mut s = self.write_fenced(g)?;
                 s.zero(offset, len)
                     .and_then(|_| if fua { s.flush() } else { Ok(()) })
                     .map(|_| Response::Ok)
             }
-            Request::Flush => self.write_store().flush().map(|_| Response::Ok),
+            Request::Flush => self.write_fenced(g)?.flush().map(|_| Response::Ok),
             Request::Snapshot {
                 name,
                 new_head,
@@ -333,7 +354,7 @@ impl ReplicaService {
                 user_created,
                 in_sync,
             } => self
-                .write_store()
+                .write_fenced(g)?
                 .snapshot(&SnapshotSpec {
                     name,
                     new_head,
@@ -344,7 +365,7 @@ impl ReplicaService {
                 .map(|_| Response::Ok),
             Request::DeleteSnapshot { name } => {
                 let r = self
-                    .write_store()
+                    .write_fenced(g)?
                     .delete_snapshot(&name)
                     .map(|_| Response::Ok);
                 self.wake_merge();
@@ -355,31 +376,30 @@ impl ReplicaService {
                 new_head,
                 created,
             } => self
-                .write_store()
+                .write_fenced(g)?
                 .revert(&name, new_head, created)
                 .map(|_| Response::Ok),
-            Request::Expand { size } => self.write_store().expand(size).map(|_| Response::Ok),
-            Request::ListLayers => Ok(Response::Layers(self.read_store().layers())),
+            Request::Expand { size } => self.write_fenced(g)?.expand(size).map(|_| Response::Ok),
+            Request::ListLayers => Ok(Response::Layers(self.read_fenced(g)?.layers())),
             Request::Diff { from, to } => self
-                .read_store()
+                .read_fenced(g)?
                 .diff(&from, to.as_deref())
                 .map(Response::Runs),
             Request::Allocation { offset, len } => self
-                .read_store()
+                .read_fenced(g)?
                 .allocation(offset, len)
                 .map(Response::Extents),
-            Request::LayerRuns { layer } => self.read_store().layer_runs(layer).map(Response::Runs),
+            Request::LayerRuns { layer } => {
+                self.read_fenced(g)?.layer_runs(layer).map(Response::Runs)
+            }
             Request::ReadLayer {
                 layer,
                 cluster,
                 count,
             } => {
-                let s = self.read_store();
+                let s = self.read_fenced(g)?;
                 if count as u64 * s.cluster_size() > MAX_BODY as u64 {
-                    return Response::Error {
-                        code: ErrorCode::Invalid,
-                        message: "read too large".into(),
-                    };
+                    return Err(too_large());
                 }
                 s.read_layer(layer, cluster, count as u64)
                     .map(|b| Response::Data(Bytes::from(b)))
@@ -389,7 +409,7 @@ impl ReplicaService {
                 cluster,
                 data,
             } => self
-                .write_store()
+                .write_fenced(g)?
                 .write_layer(layer, cluster, &data)
                 .map(|_| Response::Ok),
             Request::ChecksumLayer {
@@ -397,7 +417,7 @@ impl ReplicaService {
                 cluster,
                 count,
             } => self
-                .read_store()
+                .read_fenced(g)?
                 .checksum_layer(layer, cluster, count as u64)
                 .map(Response::Checksums),
             Request::UnsetLayer {
@@ -405,37 +425,45 @@ impl ReplicaService {
                 cluster,
                 count,
             } => self
-                .write_store()
+                .write_fenced(g)?
                 .unset_layer(layer, cluster, count as u64)
                 .map(|_| Response::Ok),
             Request::MarkInSync { layer, rev } => self
-                .write_store()
+                .write_fenced(g)?
                 .mark_in_sync(layer, rev)
                 .map(|_| Response::Ok),
             Request::ResetChain { layers } => {
                 let r = self
-                    .write_store()
+                    .write_fenced(g)?
                     .reset_chain(&layers)
                     .map(|_| Response::Ok);
                 self.wake_merge();
                 r
             }
-            Request::Status => Ok(Response::Status(self.read_store().status())),
+            Request::Status => Ok(Response::Status(self.read_fenced(g)?.status())),
             Request::ReadSnapshot { name, offset, len } => {
                 if len > MAX_BODY {
-                    return Response::Error {
-                        code: ErrorCode::Invalid,
-                        message: "read too large".into(),
-                    };
+                    return Err(too_large());
                 }
                 let mut buf = vec![0u8; len as usize];
-                self.read_store()
+                self.read_fenced(g)?
                     .read_snapshot(&name, offset, &mut buf)
                     .map(|_| Response::Data(Bytes::from(buf)))
             }
         };
-        res.unwrap_or_else(|e| store_error(&e))
+        Ok(res.unwrap_or_else(|e| store_error(&e)))
     }
+}
+
+/// Refuses a session older than the one the replica accepted last.
+fn fence(current: Generation, mine: Generation) -> Result<(), Response> {
+    if current > mine {
+        return Err(Response::Error {
+            code: ErrorCode::StaleGeneration,
+            message: format!("session generation {mine} was superseded by {current}"),
+        });
+    }
+    Ok(())
 }
 
 fn merge_loop(svc: std::sync::Weak<ReplicaService>, wake: stdmpsc::Receiver<()>) {
