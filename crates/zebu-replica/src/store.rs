@@ -110,8 +110,13 @@ pub struct ReplicaStore {
     flush_seq: u64,
     layers: Vec<Layer>,
     /// A delete of the snapshot right below the head, done by folding the (smaller) head down into
-    /// it: the snapshot's id and the head clusters already copied (and not rewritten since).
-    merge_down: Option<(LayerId, ClusterMap)>,
+    /// it: the snapshot's id, the head clusters already copied (and not rewritten since), and
+    /// the cluster the scan goes on from (a rewrite below it moves it back).
+    merge_down: Option<(LayerId, ClusterMap, u64)>,
+    /// A merge of a deleted snapshot into the layer above: the snapshot's id and the cluster its
+    /// scan goes on from (every cluster of it below is in the layer above), so that each step
+    /// costs its own clusters, not a rescan from the start.
+    merge_cursor: Option<(LayerId, u64)>,
     base: Option<Base>,
 }
 
@@ -271,6 +276,7 @@ impl ReplicaStore {
             flush_seq: meta.flush_seq.max(head_seq),
             layers,
             merge_down: None,
+            merge_cursor: None,
             base,
         };
         store.scrub_head()?;
@@ -557,10 +563,11 @@ impl ReplicaStore {
 
     /// Head clusters rewritten during a fold-down must be copied again.
     fn touch_merge_down(&mut self, first: u64, end: u64) {
-        if let Some((_, copied)) = self.merge_down.as_mut() {
+        if let Some((_, copied, cursor)) = self.merge_down.as_mut() {
             for c in first..end {
                 copied.clear(c);
             }
+            *cursor = (*cursor).min(first);
         }
     }
 
@@ -612,6 +619,7 @@ impl ReplicaStore {
     /// Seals the head as snapshot `spec.name` and starts an empty head. O(1): no data is copied.
     pub fn snapshot(&mut self, spec: &SnapshotSpec) -> Result<()> {
         self.merge_down = None;
+        self.merge_cursor = None;
         if spec.name.is_empty() || spec.name.len() > 255 {
             return Err(StoreError::Invalid(
                 "snapshot name must be 1–255 bytes".into(),
@@ -692,16 +700,21 @@ impl ReplicaStore {
         let folding = self
             .merge_down
             .as_ref()
-            .is_some_and(|(id, _)| *id == self.layers[s].meta.id);
+            .is_some_and(|(id, _, _)| *id == self.layers[s].meta.id);
         if c_idx == head && (folding || self.layers[head].map.count() <= self.layers[s].map.count())
         {
             return self.fold_down_step(s, budget);
         }
         self.merge_down = None;
         let cs = self.cs;
+        let sid = self.layers[s].meta.id;
+        let from = match self.merge_cursor {
+            Some((id, c)) if id == sid => c,
+            _ => 0,
+        };
         let mut todo = Vec::new();
-        for r in self.layers[s].map.runs_in(0, u64::MAX) {
-            for c in r.start..r.end() {
+        for r in self.layers[s].map.runs_in(from, u64::MAX) {
+            for c in r.start.max(from)..r.end() {
                 if !self.layers[c_idx].map.get(c) {
                     todo.push(c);
                     if todo.len() as u64 >= budget.max(1) {
@@ -713,6 +726,7 @@ impl ReplicaStore {
                 break;
             }
         }
+        self.merge_cursor = todo.last().map(|c| (sid, c + 1));
         if !todo.is_empty() {
             let mut buf = vec![0u8; cs as usize];
             for c in todo {
@@ -745,21 +759,26 @@ impl ReplicaStore {
     fn fold_down_step(&mut self, s: usize, budget: u64) -> Result<bool> {
         let h = s + 1;
         let sid = self.layers[s].meta.id;
-        if self.merge_down.as_ref().is_none_or(|(id, _)| *id != sid) {
-            self.merge_down = Some((sid, ClusterMap::new()));
+        if self.merge_down.as_ref().is_none_or(|(id, _, _)| *id != sid) {
+            self.merge_down = Some((sid, ClusterMap::new(), 0));
         }
         let cs = self.cs;
         let todo: Vec<u64> = {
-            let copied = self.merge_down.as_ref().map(|(_, c)| c);
+            let (copied, from) = match self.merge_down.as_ref() {
+                Some((_, c, f)) => (Some(c), *f),
+                None => (None, 0),
+            };
             self.layers[h]
                 .map
-                .runs()
-                .into_iter()
-                .flat_map(|r| r.start..r.end())
+                .runs_in(from, u64::MAX)
+                .flat_map(|r| r.start.max(from)..r.end())
                 .filter(|c| !copied.is_some_and(|m| m.get(*c)))
                 .take(budget.max(1) as usize)
                 .collect()
         };
+        if let (Some(last), Some((_, _, cursor))) = (todo.last(), self.merge_down.as_mut()) {
+            *cursor = last + 1;
+        }
         if !todo.is_empty() {
             let mut buf = vec![0u8; cs as usize];
             for c in todo {
@@ -772,7 +791,7 @@ impl ReplicaStore {
                     push_change(&mut dst.pending, c, true);
                 }
                 dst.dirty = true;
-                if let Some((_, copied)) = self.merge_down.as_mut() {
+                if let Some((_, copied, _)) = self.merge_down.as_mut() {
                     copied.set(c);
                 }
             }
@@ -813,6 +832,7 @@ impl ReplicaStore {
     /// discarded and an empty head on top of `name` takes their place.
     pub fn revert(&mut self, name: &str, new_head: LayerId, created: u64) -> Result<()> {
         self.merge_down = None;
+        self.merge_cursor = None;
         let i = self.snapshot_index(name)?;
         if self.layers[i].meta.deleting {
             return Err(StoreError::Invalid(format!(
@@ -971,6 +991,11 @@ impl ReplicaStore {
 
     /// Writes whole clusters into a sealed layer (rebuild). Durable after [`Self::sync_layer`].
     pub fn write_layer(&mut self, id: LayerId, cluster: u64, data: &[u8]) -> Result<()> {
+        // A rebuild changes sealed layers: merges scan again from the start.
+        self.merge_cursor = None;
+        if let Some((_, _, c)) = self.merge_down.as_mut() {
+            *c = 0;
+        }
         if !(data.len() as u64).is_multiple_of(self.cs) {
             return Err(StoreError::Invalid(
                 "layer writes are whole clusters".into(),
@@ -999,6 +1024,10 @@ impl ReplicaStore {
 
     /// Deallocates clusters of a sealed layer (rebuild).
     pub fn unset_layer(&mut self, id: LayerId, cluster: u64, count: u64) -> Result<()> {
+        self.merge_cursor = None;
+        if let Some((_, _, c)) = self.merge_down.as_mut() {
+            *c = 0;
+        }
         self.check_clusters(cluster, count)?;
         let i = self.layer_index(id)?;
         if i == self.layers.len() - 1 {
@@ -1050,6 +1079,7 @@ impl ReplicaStore {
     /// the rest are dropped.
     pub fn reset_chain(&mut self, specs: &[LayerMeta]) -> Result<()> {
         self.merge_down = None;
+        self.merge_cursor = None;
         if specs.is_empty() {
             return Err(StoreError::Invalid(
                 "a chain needs at least one layer".into(),
