@@ -31,11 +31,17 @@ pub enum ClientError {
 
 type Waiter = oneshot::Sender<Result<Response, ClientError>>;
 
+/// A request for a local replica's executor thread, with where its answer goes.
+type LocalJob = (Request, Waiter);
+
 /// A connected replica: over TCP, or called directly when it runs in this process.
 pub struct ReplicaClient {
     addr: String,
     timeout: Duration,
     local: Option<(Arc<ReplicaService>, Generation)>,
+    /// A local replica's changes run on a thread of their own, in submission order: the
+    /// engine's submit lock is held only to enqueue, and no runtime worker waits on file I/O.
+    local_queue: Option<std::sync::mpsc::Sender<LocalJob>>,
     tx: mpsc::UnboundedSender<(u8, u64, Bytes)>,
     pending: Arc<Mutex<HashMap<u64, Waiter>>>,
     next_id: AtomicU64,
@@ -107,10 +113,30 @@ impl ReplicaClient {
                     message: e.to_string(),
                 })?;
             let (tx, _) = mpsc::unbounded_channel();
+            let (qtx, qrx) = std::sync::mpsc::channel::<LocalJob>();
+            let (s3, g3) = (svc.clone(), generation);
+            std::thread::Builder::new()
+                .name("zebu-local-io".into())
+                .spawn(move || {
+                    // Ends when the client (the sender) goes.
+                    while let Ok((req, reply)) = qrx.recv() {
+                        let resp = if s3.is_stopped() {
+                            Err(ClientError::Closed)
+                        } else {
+                            Ok(s3.execute(g3, req))
+                        };
+                        let _ = reply.send(resp);
+                    }
+                })
+                .map_err(|e| ClientError::Connect {
+                    addr: addr.to_string(),
+                    message: format!("cannot start the local replica's I/O thread: {e}"),
+                })?;
             return Ok(Arc::new(ReplicaClient {
                 addr: addr.to_string(),
                 timeout,
                 local: Some((svc, generation)),
+                local_queue: Some(qtx),
                 tx,
                 pending: Arc::new(Mutex::new(HashMap::new())),
                 next_id: AtomicU64::new(1),
@@ -168,6 +194,7 @@ impl ReplicaClient {
             addr: addr.to_string(),
             timeout,
             local: None,
+            local_queue: None,
             tx,
             pending,
             next_id: AtomicU64::new(1),
@@ -202,7 +229,9 @@ impl ReplicaClient {
         self.local.is_some()
     }
 
-    /// Runs a request on a local replica now, in order with every other submit.
+    /// Runs a request on a local replica in order with every other submit: reads at once (a
+    /// read in flight with a write may see either, as over the wire), everything that changes
+    /// the replica on its I/O thread, in submission order.
     fn execute_local(
         &self,
         svc: &ReplicaService,
@@ -212,12 +241,31 @@ impl ReplicaClient {
         if svc.is_stopped() {
             return Err(ClientError::Closed);
         }
+        let read_only = matches!(
+            req,
+            Request::Read { .. }
+                | Request::ReadSnapshot { .. }
+                | Request::Status
+                | Request::ListLayers
+                | Request::Diff { .. }
+                | Request::Allocation { .. }
+                | Request::LayerRuns { .. }
+                | Request::ReadLayer { .. }
+                | Request::ChecksumLayer { .. }
+        );
+        if !read_only && let Some(q) = &self.local_queue {
+            let (wtx, rx) = oneshot::channel();
+            q.send((req, wtx)).map_err(|_| ClientError::Closed)?;
+            return Ok(Pending {
+                rx: Some(rx),
+                ready: None,
+                timeout: self.timeout,
+            });
+        }
         let quick = matches!(
             req,
             Request::Read { .. }
                 | Request::ReadSnapshot { .. }
-                | Request::Write { fua: false, .. }
-                | Request::Zero { fua: false, .. }
                 | Request::Status
                 | Request::ListLayers
         );
