@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Data-path benchmark: fio's nbd engine against a Zebu volume with 1 and 3 replicas and against
-# qemu-nbd serving a raw file on the same disk, in one run. Prints a markdown table of IOPS,
-# bandwidth and ratios to qemu-nbd.
+# Data-path benchmark: fio's nbd engine against a Zebu volume with 1 and 3 replicas (`zebu
+# server`) and against qemu-nbd serving a raw file on the same disk with --cache=none
+# --aio=native (as VMs use it; ratios are to this one) and in writeback mode (a second column),
+# in one run. Prints a markdown table of IOPS and ratios.
 #
 # usage: bench/fio.sh [RUNTIME_SECONDS]   (default 15; needs a release build: cargo build --release)
 set -euo pipefail
@@ -35,7 +36,9 @@ side=j["read"] if j["read"]["io_bytes"]>0 else j["write"]
 print(side["iops"], side["bw"], side["lat_ns"]["mean"]/1000)' "$WORK/fio.json"
 }
 
-prefill() { fio --name=fill --ioengine=nbd --uri="$1" --rw=write --bs=1M --iodepth=16 --size=1G >/dev/null 2>&1; }
+# The prefill's dirty pages are written back before measuring (`sync`), so no peer measures
+# the writeback of its own prefill.
+prefill() { fio --name=fill --ioengine=nbd --uri="$1" --rw=write --bs=1M --iodepth=16 --size=1G >/dev/null 2>&1; sync; }
 
 declare -A R
 measure() { # label uri
@@ -47,11 +50,15 @@ measure() { # label uri
   done
 }
 
-# qemu-nbd on a raw file on the same disk.
+# qemu-nbd on a raw file on the same disk: O_DIRECT with native AIO, then writeback.
 truncate -s 1G "$WORK/raw.img"
-qemu-nbd -f raw -t -b 127.0.0.1 -p 10901 -x exp "$WORK/raw.img" & PIDS+=($!)
+qemu-nbd -f raw -t --cache=none --aio=native -b 127.0.0.1 -p 10901 -x exp "$WORK/raw.img" & PIDS+=($!)
 wait_port 10901
 measure qemu "nbd://127.0.0.1:10901/exp"
+truncate -s 1G "$WORK/rawwb.img"
+qemu-nbd -f raw -t -b 127.0.0.1 -p 10902 -x exp "$WORK/rawwb.img" & PIDS+=($!)
+wait_port 10902
+measure qemuwb "nbd://127.0.0.1:10902/exp"
 
 for n in ${REPLICAS:-1 3}; do
   mkdir -p "$WORK/z$n"
@@ -65,14 +72,15 @@ for n in ${REPLICAS:-1 3}; do
   measure "zebu$n" "$uri"
 done
 
-echo "| job | qemu-nbd IOPS | Zebu 1 replica IOPS | ratio | Zebu 3 replicas IOPS | ratio | qemu-nbd lat µs | Zebu 1r lat µs | Zebu 3r lat µs |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| job | qemu-nbd none/native IOPS | qemu-nbd writeback IOPS | Zebu 1 replica IOPS | ratio | Zebu 3 replicas IOPS | ratio | qemu-nbd lat µs | Zebu 1r lat µs | Zebu 3r lat µs |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 for j in "${JOBS[@]}"; do
   set -- $j
-  read -r qi qb ql <<<"${R[qemu/$1]}"; read -r ai ab al <<<"${R[zebu1/$1]}"; read -r ci cb cl <<<"${R[zebu3/$1]}"
-  python3 - "$1" "$qi" "$ai" "$ci" "$ql" "$al" "$cl" <<'PY'
+  read -r qi qb ql <<<"${R[qemu/$1]}"; read -r wi wb wl <<<"${R[qemuwb/$1]}"
+  read -r ai ab al <<<"${R[zebu1/$1]:-0 0 0}"; read -r ci cb cl <<<"${R[zebu3/$1]:-0 0 0}"
+  python3 - "$1" "$qi" "$wi" "$ai" "$ci" "$ql" "$al" "$cl" <<'PY'
 import sys
-n,q,a,c,ql,al,cl=sys.argv[1],*map(float,sys.argv[2:])
-print(f"| {n} | {q:,.0f} | {a:,.0f} | {a/q:.2f}× | {c:,.0f} | {c/q:.2f}× | {ql:,.0f} | {al:,.0f} | {cl:,.0f} |")
+n,q,w,a,c,ql,al,cl=sys.argv[1],*map(float,sys.argv[2:])
+print(f"| {n} | {q:,.0f} | {w:,.0f} | {a:,.0f} | {a/q:.2f}× | {c:,.0f} | {c/q:.2f}× | {ql:,.0f} | {al:,.0f} | {cl:,.0f} |")
 PY
 done

@@ -42,6 +42,8 @@ pub struct ReplicaClient {
     /// A local replica's changes run on a thread of their own, in submission order: the
     /// engine's submit lock is held only to enqueue, and no runtime worker waits on file I/O.
     local_queue: Option<std::sync::mpsc::Sender<LocalJob>>,
+    /// Changes queued to the local I/O thread and not yet answered.
+    local_inflight: Arc<AtomicU64>,
     tx: mpsc::UnboundedSender<(u8, u64, Bytes)>,
     pending: Arc<Mutex<HashMap<u64, Waiter>>>,
     next_id: AtomicU64,
@@ -114,7 +116,8 @@ impl ReplicaClient {
                 })?;
             let (tx, _) = mpsc::unbounded_channel();
             let (qtx, qrx) = std::sync::mpsc::channel::<LocalJob>();
-            let (s3, g3) = (svc.clone(), generation);
+            let inflight = Arc::new(AtomicU64::new(0));
+            let (s3, g3, f3) = (svc.clone(), generation, inflight.clone());
             std::thread::Builder::new()
                 .name("zebu-local-io".into())
                 .spawn(move || {
@@ -126,6 +129,7 @@ impl ReplicaClient {
                             Ok(s3.execute(g3, req))
                         };
                         let _ = reply.send(resp);
+                        f3.fetch_sub(1, Ordering::SeqCst);
                     }
                 })
                 .map_err(|e| ClientError::Connect {
@@ -137,6 +141,7 @@ impl ReplicaClient {
                 timeout,
                 local: Some((svc, generation)),
                 local_queue: Some(qtx),
+                local_inflight: inflight,
                 tx,
                 pending: Arc::new(Mutex::new(HashMap::new())),
                 next_id: AtomicU64::new(1),
@@ -195,6 +200,7 @@ impl ReplicaClient {
             timeout,
             local: None,
             local_queue: None,
+            local_inflight: Arc::new(AtomicU64::new(0)),
             tx,
             pending,
             next_id: AtomicU64::new(1),
@@ -238,6 +244,26 @@ impl ReplicaClient {
         generation: Generation,
         req: Request,
     ) -> Result<Pending, ClientError> {
+        self.execute_local_as(svc, generation, req, false)
+    }
+
+    /// Like [`ReplicaClient::submit_request`] for a local replica: with `alone` (no other
+    /// submitter waiting) and nothing queued, a write runs in place, saving the hand-off to
+    /// the I/O thread; otherwise it is queued (order kept either way: nothing is queued ahead).
+    pub fn submit_local(&self, req: &Request, alone: bool) -> Result<Pending, ClientError> {
+        match &self.local {
+            Some((svc, generation)) => self.execute_local_as(svc, *generation, req.clone(), alone),
+            None => self.submit_request(req),
+        }
+    }
+
+    fn execute_local_as(
+        &self,
+        svc: &ReplicaService,
+        generation: Generation,
+        req: Request,
+        alone: bool,
+    ) -> Result<Pending, ClientError> {
         if svc.is_stopped() {
             return Err(ClientError::Closed);
         }
@@ -253,9 +279,22 @@ impl ReplicaClient {
                 | Request::ReadLayer { .. }
                 | Request::ChecksumLayer { .. }
         );
-        if !read_only && let Some(q) = &self.local_queue {
+        let in_place = alone
+            && self.local_inflight.load(Ordering::SeqCst) == 0
+            && matches!(
+                req,
+                Request::Write { fua: false, .. } | Request::Zero { fua: false, .. }
+            );
+        if !read_only
+            && !in_place
+            && let Some(q) = &self.local_queue
+        {
             let (wtx, rx) = oneshot::channel();
-            q.send((req, wtx)).map_err(|_| ClientError::Closed)?;
+            self.local_inflight.fetch_add(1, Ordering::SeqCst);
+            if q.send((req, wtx)).is_err() {
+                self.local_inflight.fetch_sub(1, Ordering::SeqCst);
+                return Err(ClientError::Closed);
+            }
             return Ok(Pending {
                 rx: Some(rx),
                 ready: None,

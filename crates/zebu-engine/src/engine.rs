@@ -201,6 +201,9 @@ pub struct Engine {
     set: RwLock<Arc<Vec<Arc<ReplicaSlot>>>>,
     /// Held while requests are queued to every replica, so all replicas see the same order.
     submit: Mutex<()>,
+    /// Broadcasts waiting for `submit`: when some wait, local replicas queue their changes
+    /// instead of running them under the lock.
+    submit_waiters: std::sync::atomic::AtomicUsize,
     /// I/O holds it shared; snapshots and rebuild joins hold it exclusively (a consistent point).
     gate: tokio::sync::RwLock<()>,
     /// Held exclusively while a membership change is persisted; I/O takes it shared before it
@@ -258,6 +261,7 @@ impl Engine {
             cfg,
             set: RwLock::new(Arc::new(slots)),
             submit: Mutex::new(()),
+            submit_waiters: std::sync::atomic::AtomicUsize::new(0),
             gate: tokio::sync::RwLock::new(()),
             membership: tokio::sync::RwLock::new(()),
             control: tokio::sync::Mutex::new(()),
@@ -413,12 +417,16 @@ impl Engine {
         let slots = self.slots();
         let mut waits = Vec::with_capacity(slots.len());
         {
+            self.submit_waiters.fetch_add(1, Ordering::Relaxed);
             let _s = lock(&self.submit);
+            self.submit_waiters.fetch_sub(1, Ordering::Relaxed);
+            // Alone: a local replica may run the request in place (no hand-off to its thread).
+            let alone = self.submit_waiters.load(Ordering::Relaxed) == 0;
             let mut shared: Option<(u8, Bytes)> = None;
             for slot in slots.iter().filter(|s| s.mode() != Mode::ERR) {
                 let req = make(slot);
                 if slot.client.is_local() {
-                    waits.push((slot.clone(), slot.client.submit_request(&req)));
+                    waits.push((slot.clone(), slot.client.submit_local(&req, alone)));
                     continue;
                 }
                 // Identical requests are encoded once.
