@@ -207,14 +207,38 @@ async fn upload(api: &ApiClient, name: &str, path: &std::path::Path) -> Result<B
             }
         }
     });
-    let resp = http()?
+    // Refused before any byte is sent when it cannot be taken (a server that refuses early
+    // closes the connection mid-body, which hides its answer).
+    let cur: BackingImage = api.get(&format!("/v1/backing-images/{name}")).await?;
+    if cur.status.state == BackingImageState::Ready {
+        bail!("backing image {name:?} is already uploaded");
+    }
+    let sent = http()?
         .put(format!("{}/v1/backing-images/{name}/upload", api.base()))
         .bearer_auth(api.token())
         .header("content-length", size)
         .body(reqwest::Body::wrap_stream(stream))
         .send()
-        .await
-        .with_context(|| format!("uploading to {}", api.base()))?;
+        .await;
+    let resp = match sent {
+        Ok(r) => r,
+        Err(e) => {
+            // The connection may have gone after the server took (or refused) the upload.
+            let now: BackingImage = api.get(&format!("/v1/backing-images/{name}")).await?;
+            if now.status.state == BackingImageState::Ready {
+                return Ok(now);
+            }
+            bail!(
+                "uploading to {}: {e}{}",
+                api.base(),
+                if now.status.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", now.status.message)
+                }
+            );
+        }
+    };
     if tty {
         eprintln!();
     }
