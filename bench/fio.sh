@@ -5,11 +5,14 @@
 # in one run. Prints a markdown table of IOPS and ratios.
 #
 # usage: bench/fio.sh [RUNTIME_SECONDS]   (default 15; needs a release build: cargo build --release)
+#   MODE=cluster: a manager and three `zebu node` processes instead of `zebu server`; the
+#   1-replica volume's replica is kept off the engine's node (n1), so it is reached over TCP;
+#   the 3-replica volume has one replica on each node. ZEBU=PATH picks another binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNTIME=${1:-15}
 SIZE=1GiB
-ZEBU=target/release/zebu
+ZEBU=${ZEBU:-target/release/zebu}
 [ -x "$ZEBU" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/zebu-bench.XXXXXX")
 PIDS=()
@@ -60,17 +63,39 @@ qemu-nbd -f raw -t -b 127.0.0.1 -p 10902 -x exp "$WORK/rawwb.img" & PIDS+=($!)
 wait_port 10902
 measure qemuwb "nbd://127.0.0.1:10902/exp"
 
-for n in ${REPLICAS:-1 3}; do
-  mkdir -p "$WORK/z$n"
-  "$ZEBU" server --data-dir "$WORK/z$n" --api-listen 127.0.0.1:1092$n --nbd-listen 127.0.0.1:1091$n >/dev/null 2>"$WORK/z$n.log" & PIDS+=($!)
-  wait_port 1092$n
-  export ZEBU_API=http://127.0.0.1:1092$n ZEBU_TOKEN=$(cat "$WORK/z$n/api-token")
-  "$ZEBU" volume create "b$n" --size $SIZE --replicas $n --wait >/dev/null
-  uri=$("$ZEBU" volume attach "b$n")
-  # Every replica in the set before measuring.
-  for _ in $(seq 100); do "$ZEBU" volume get "b$n" -o json | grep -q '"robustness": "healthy"' && break; sleep 0.1; done
-  measure "zebu$n" "$uri"
-done
+healthy() { for _ in $(seq 300); do "$ZEBU" volume get "$1" -o json | grep -q '"robustness": "healthy"' && return 0; sleep 0.1; done; }
+
+if [ "${MODE:-server}" = cluster ]; then
+  mkdir -p "$WORK/m"
+  "$ZEBU" manager --data-dir "$WORK/m" --api-listen 127.0.0.1:10930 >/dev/null 2>"$WORK/m.log" & PIDS+=($!)
+  wait_port 10930
+  export ZEBU_API=http://127.0.0.1:10930 ZEBU_TOKEN=$(cat "$WORK/m/api-token")
+  for i in 1 2 3; do
+    "$ZEBU" node --manager "$ZEBU_API" --data-dir "$WORK/n$i" --name "n$i" --nbd-listen 127.0.0.1:1094$i \
+      --metrics-listen 127.0.0.1:1095$i >/dev/null 2>"$WORK/n$i.log" & PIDS+=($!)
+  done
+  for _ in $(seq 200); do [ "$("$ZEBU" node list -o json | grep -c '"state": "up"')" = 3 ] && break; sleep 0.1; done
+  for n in ${REPLICAS:-3 1}; do
+    # The 1-replica volume's replica goes to n2 or n3: reached over TCP from the engine on n1.
+    [ "$n" = 1 ] && "$ZEBU" node update n1 --scheduling false >/dev/null
+    "$ZEBU" volume create "b$n" --size $SIZE --replicas $n --wait >/dev/null
+    uri=$("$ZEBU" volume attach "b$n" --node n1)
+    healthy "b$n"
+    measure "zebu$n" "$uri"
+  done
+else
+  for n in ${REPLICAS:-1 3}; do
+    mkdir -p "$WORK/z$n"
+    "$ZEBU" server --data-dir "$WORK/z$n" --api-listen 127.0.0.1:1092$n --nbd-listen 127.0.0.1:1091$n >/dev/null 2>"$WORK/z$n.log" & PIDS+=($!)
+    wait_port 1092$n
+    export ZEBU_API=http://127.0.0.1:1092$n ZEBU_TOKEN=$(cat "$WORK/z$n/api-token")
+    "$ZEBU" volume create "b$n" --size $SIZE --replicas $n --wait >/dev/null
+    uri=$("$ZEBU" volume attach "b$n")
+    # Every replica in the set before measuring.
+    healthy "b$n"
+    measure "zebu$n" "$uri"
+  done
+fi
 
 echo "| job | qemu-nbd none/native IOPS | qemu-nbd writeback IOPS | Zebu 1 replica IOPS | ratio | Zebu 3 replicas IOPS | ratio | qemu-nbd lat µs | Zebu 1r lat µs | Zebu 3r lat µs |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
