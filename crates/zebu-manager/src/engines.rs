@@ -148,10 +148,7 @@ impl Manager {
         live: &[Replica],
         up: &dyn Fn(&str) -> bool,
     ) -> Option<String> {
-        if v.spec.standby
-            || v.metadata.deletion_requested.is_some()
-            || !crate::backups::restore_done(v)
-        {
+        if !detached_work(v) {
             return None;
         }
         let running = |r: &&Replica| r.status.address.is_some() && up(&r.spec.node);
@@ -175,11 +172,7 @@ impl Manager {
         live: &[Replica],
         up: &dyn Fn(&str) -> bool,
     ) -> Option<String> {
-        if v.spec.standby
-            || v.metadata.deletion_requested.is_some()
-            || !crate::backups::restore_done(v)
-            || !self.offline_backup_pending(&v.metadata.name)
-        {
+        if !detached_work(v) || !self.offline_backup_pending(&v.metadata.name) {
             return None;
         }
         complete_copy_node(live, up)
@@ -303,4 +296,10 @@ impl Manager {
         }
         Ok(())
     }
+}
+
+/// Whether a detached volume may get an engine without a frontend for work of its own (an
+/// offline rebuild or backup): not a standby volume, not being deleted, restored.
+fn detached_work(v: &Volume) -> bool {
+    !v.spec.standby && v.metadata.deletion_requested.is_none() && crate::backups::restore_done(v)
 }

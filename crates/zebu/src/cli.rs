@@ -197,6 +197,44 @@ pub(crate) fn client(g: &Global) -> Result<ApiClient> {
     Ok(ApiClient::new(&g.api, &token)?)
 }
 
+/// Polls `path` until `status` says it is done, with a progress bar (0–100) and its line on
+/// stderr; gives up after `secs`, naming the last state.
+pub(crate) async fn wait_progress<T: serde::de::DeserializeOwned>(
+    api: &ApiClient,
+    path: &str,
+    secs: u64,
+    status: impl Fn(&T) -> (bool, u32, String),
+) -> Result<T> {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stderr().is_terminal();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut last = String::new();
+    loop {
+        let o: T = api.get(path).await?;
+        let (done, progress, line) = status(&o);
+        if done {
+            if tty {
+                eprintln!();
+            }
+            return Ok(o);
+        }
+        let line = format!("{line} {}", bar(u64::from(progress), 100));
+        if line != last {
+            if tty {
+                eprint!("\r{line}\x1b[K");
+            } else {
+                eprintln!("{line}");
+            }
+            let _ = std::io::stderr().flush();
+            last = line;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("gave up waiting after {secs} s: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// One object: as JSON with `-o json`, else through `show` (a table of one row).
 pub(crate) fn print_one<T: serde::Serialize>(
     g: &Global,

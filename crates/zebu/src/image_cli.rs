@@ -12,7 +12,9 @@ use sha2::{Digest, Sha512};
 use zebu_manager::client::ApiClient;
 use zebu_manager::model::{BackingImage, BackingImageState, Backup};
 
-use crate::cli::{Global, Output, bar, client, mib, print_deleted, print_json, print_one, table};
+use crate::cli::{
+    Global, Output, bar, client, mib, print_deleted, print_json, print_one, table, wait_progress,
+};
 
 #[derive(Subcommand)]
 pub enum ImageCmd {
@@ -119,49 +121,24 @@ fn show(g: &Global, imgs: &[BackingImage]) -> Result<()> {
 
 /// Waits until the image is ready (or failed: an error), with a progress bar on stderr.
 async fn wait_ready(api: &ApiClient, name: &str) -> Result<BackingImage> {
-    let tty = std::io::stderr().is_terminal();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
-    let mut last = String::new();
-    loop {
-        let b: BackingImage = api.get(&format!("/v1/backing-images/{name}")).await?;
-        match b.status.state {
-            BackingImageState::Ready => {
-                if tty {
-                    eprintln!();
-                }
-                return Ok(b);
-            }
-            BackingImageState::Failed => {
-                if tty {
-                    eprintln!();
-                }
-                bail!("backing image {name} failed: {}", b.status.message);
-            }
-            _ => {}
-        }
-        let line = format!(
-            "{name}: {} {} {}",
-            b.status.state.as_str(),
-            bar(u64::from(b.status.progress), 100),
-            b.status.message
-        );
-        if line != last {
-            if tty {
-                eprint!("\r{line}\x1b[K");
-            } else {
-                eprintln!("{line}");
-            }
-            let _ = std::io::stderr().flush();
-            last = line;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!(
-                "gave up waiting for backing image {name} after an hour: {}",
-                b.status.state.as_str()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = wait_progress(
+        api,
+        &format!("/v1/backing-images/{name}"),
+        3600,
+        |b: &BackingImage| {
+            let st = b.status.state;
+            (
+                st == BackingImageState::Ready || st == BackingImageState::Failed,
+                b.status.progress,
+                format!("{name}: {} {}", st.as_str(), b.status.message),
+            )
+        },
+    )
+    .await?;
+    if b.status.state == BackingImageState::Failed {
+        bail!("backing image {name} failed: {}", b.status.message);
     }
+    Ok(b)
 }
 
 fn http() -> Result<reqwest::Client> {

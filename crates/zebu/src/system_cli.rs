@@ -1,16 +1,14 @@
 //! The `zebu system-backup` and `zebu system-restore` commands: create (with `--wait` and a
 //! progress bar on stderr), list, get, delete; `-o json` prints objects as the API returns them.
 
-use std::io::{IsTerminal, Write};
-use std::time::Duration;
-
 use anyhow::{Result, bail};
 use clap::{Subcommand, ValueEnum};
 use serde_json::json;
-use zebu_manager::client::ApiClient;
 use zebu_manager::model::{SystemBackup, SystemBackupState, SystemRestore, SystemRestoreState};
 
-use crate::cli::{Global, Output, bar, client, print_deleted, print_json, print_one, table};
+use crate::cli::{
+    Global, Output, client, print_deleted, print_json, print_one, table, wait_progress,
+};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Policy {
@@ -123,42 +121,6 @@ fn show_restores(g: &Global, v: &[SystemRestore]) -> Result<()> {
     Ok(())
 }
 
-/// Polls `path` until `done` says so, with a progress bar on stderr; gives up after `secs`.
-async fn wait<T: serde::de::DeserializeOwned>(
-    api: &ApiClient,
-    path: &str,
-    secs: u64,
-    status: impl Fn(&T) -> (bool, u32, String),
-) -> Result<T> {
-    let tty = std::io::stderr().is_terminal();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    let mut last = String::new();
-    loop {
-        let o: T = api.get(path).await?;
-        let (done, progress, line) = status(&o);
-        if done {
-            if tty {
-                eprintln!();
-            }
-            return Ok(o);
-        }
-        let line = format!("{line} {}", bar(u64::from(progress), 100));
-        if line != last {
-            if tty {
-                eprint!("\r{line}\x1b[K");
-            } else {
-                eprintln!("{line}");
-            }
-            let _ = std::io::stderr().flush();
-            last = line;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!("gave up waiting after {secs} s: {last}");
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
 pub async fn system_backup(g: &Global, cmd: SystemBackupCmd) -> Result<()> {
     let api = client(g)?;
     match cmd {
@@ -181,7 +143,7 @@ pub async fn system_backup(g: &Global, cmd: SystemBackupCmd) -> Result<()> {
             }
             let mut sb: SystemBackup = api.post("/v1/system-backups", &body).await?;
             if w {
-                sb = wait(
+                sb = wait_progress(
                     &api,
                     &format!("/v1/system-backups/{name}"),
                     86400,
@@ -226,7 +188,7 @@ pub async fn system_restore(g: &Global, cmd: SystemRestoreCmd) -> Result<()> {
             let body = json!({"name": name, "systemBackup": system_backup});
             let mut sr: SystemRestore = api.post("/v1/system-restores", &body).await?;
             if w {
-                sr = wait(
+                sr = wait_progress(
                     &api,
                     &format!("/v1/system-restores/{name}"),
                     86400,
